@@ -1,0 +1,1 @@
+"""gptoss_model"""
