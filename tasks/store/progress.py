@@ -1,0 +1,69 @@
+"""Progress reporting for long transfers, shared by the CLI and flows."""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class ProgressSink:
+    """Receives byte counts from many transfer threads. Subclasses render them."""
+
+    def __init__(self, min_interval: float = 0.0):
+        self._lock = threading.Lock()
+        self.total = 0
+        self.done = 0
+        self.description = ""
+        self._min_interval = min_interval
+        self._last_render = 0.0
+
+    def start(self, total: int, description: str) -> None:
+        with self._lock:
+            self.total, self.done, self.description = total, 0, description
+        self.render(force=True)
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            now = time.monotonic()
+            due = now - self._last_render >= self._min_interval
+            if due:
+                self._last_render = now
+        if due:
+            self.render(force=False)
+
+    def finish(self) -> None:
+        self.render(force=True)
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.total == 0 else min(1.0, self.done / self.total)
+
+    def render(self, force: bool) -> None:  # noqa: ARG002 - the null sink shows nothing
+        pass
+
+
+class RichProgress(ProgressSink):
+    """A progress bar on the terminal (the `gptoss` CLI)."""
+
+    def __init__(self):
+        super().__init__(min_interval=0.1)
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                             TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+        self._task = None
+
+    def start(self, total: int, description: str) -> None:
+        if self._task is None:
+            self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+        super().start(total, description)
+
+    def render(self, force: bool) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, completed=self.done)
+
+    def finish(self) -> None:
+        super().finish()
+        self._bar.stop()

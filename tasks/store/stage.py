@@ -1,0 +1,103 @@
+"""The stage helper every pipeline stage runs through.
+
+version from inputs and parameters -> committed? return it (no work) ->
+else claim the version, build into a local staging dir, upload, commit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .fingerprint import fingerprint
+from .manifest import InputRef, Manifest, Producer, git_sha, package_version
+from .progress import ProgressSink
+from .store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+class StageTimeout(TimeoutError):
+    pass
+
+
+@dataclass(frozen=True)
+class StageResult:
+    manifest: Manifest
+    cache_hit: bool
+
+    @property
+    def spec(self) -> str:
+        return self.manifest.spec
+
+
+def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str, name: str,
+              params: Any, build: Callable[[Path], dict | None],
+              inputs: Iterable[Manifest | InputRef] = (), workdir: str | Path | None = None,
+              progress: ProgressSink | None = None, wait_timeout: float | None = None,
+              poll_interval: float = 1.0, refs: Iterable[str] = ("latest",)) -> StageResult:
+    """Run `build(staging_dir) -> metrics` once per distinct (stage, code, params, inputs).
+
+    Concurrent callers with the same inputs end with one committed version:
+    one builds, the others wait for its manifest and return it as a cache hit.
+    """
+    input_refs = [i.ref if isinstance(i, Manifest) else i for i in inputs]
+    version = fingerprint(stage, code_version, params, [r.model_dump() for r in input_refs])
+    spec = f"{kind}/{name}@{version}"
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    waiting_logged = False
+    while True:
+        manifest = store.get_manifest(kind, name, version)
+        if manifest is not None:
+            log.info("stage %s: %s already committed, reusing it", stage, spec)
+            _set_refs(store, manifest, refs)
+            return StageResult(manifest, cache_hit=True)
+        claim = store.claim(kind, name, version)
+        if claim.try_acquire():
+            break
+        if not waiting_logged:
+            log.info("stage %s: %s is being produced by %s; waiting for its commit", stage, spec, claim.holder())
+            waiting_logged = True
+        if deadline is not None and time.monotonic() > deadline:
+            raise StageTimeout(f"stage {stage}: gave up waiting for {spec} held by {claim.holder()}")
+        time.sleep(poll_interval)
+
+    try:
+        manifest = store.get_manifest(kind, name, version)
+        if manifest is not None:  # committed between our check and our claim
+            _set_refs(store, manifest, refs)
+            return StageResult(manifest, cache_hit=True)
+        removed = store.clear_incomplete(kind, name, version)
+        if removed:
+            log.info("stage %s: removed %d files of an interrupted attempt at %s", stage, removed, spec)
+        base = Path(workdir or os.environ.get("GPTOSS_WORKDIR") or tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{stage}-{version}-", dir=base))
+        try:
+            started = time.time()
+            metrics = dict(build(staging) or {})
+            metrics.setdefault("build_seconds", round(time.time() - started, 3))
+            producer = Producer(stage=stage, code_version=code_version,
+                                package_version=package_version(), git_sha=git_sha())
+            manifest, won = store.commit(staging, kind=kind, name=name, version=version, producer=producer,
+                                         parameters=params, inputs=input_refs, metrics=metrics,
+                                         progress=progress, claim=claim)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        claim.release()
+    log.info("stage %s: committed %s (%d files, %d bytes)", stage, spec, len(manifest.files),
+             manifest.total_bytes)
+    _set_refs(store, manifest, refs)
+    return StageResult(manifest, cache_hit=not won)
+
+
+def _set_refs(store: ArtifactStore, manifest: Manifest, refs: Iterable[str]) -> None:
+    for ref in refs:
+        store.set_ref(manifest.kind, manifest.name, ref, manifest.version)

@@ -1,0 +1,272 @@
+"""The versioned artifact store (see ARCHITECTURE.md, "The artifact contract").
+
+Layout under the store root:
+    {kind}/{name}/{version}/...files...      immutable once MANIFEST.json exists
+    {kind}/{name}/{version}/MANIFEST.json    written last: the commit point
+    {kind}/{name}/refs/{ref}                 mutable pointers ('latest', tags)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .backends import LocalBackend, PreconditionFailed, backend_for_url
+from .claims import CLAIM_FILE, LOCK_DIR, claim_for
+from .fingerprint import public_params
+from .manifest import MANIFEST_FILE, FileEntry, InputRef, Manifest, Producer
+from .names import (VERSION_RE, InvalidNameError, parse_artifact_spec, validate_kind, validate_name,
+                    validate_ref, validate_relpath, validate_version)
+from .progress import ProgressSink
+
+log = logging.getLogger(__name__)
+DEFAULT_STORE = "file://.gptoss/store"
+
+
+class ArtifactNotFound(LookupError):
+    pass
+
+
+class ConcurrentWriterError(RuntimeError):
+    """Another writer holds the claim on the version being committed."""
+
+
+class IntegrityError(RuntimeError):
+    """A pulled file does not match its manifest (size or sha256)."""
+
+
+class ArtifactStore:
+    def __init__(self, url: str | None = None, *, s3_endpoint_url: str | None = None,
+                 s3_credentials: dict | None = None, storage_options: dict | None = None,
+                 max_workers: int = 8):
+        self.backend = backend_for_url(url or os.environ.get("GPTOSS_STORE") or DEFAULT_STORE,
+                                       s3_endpoint_url=s3_endpoint_url, s3_credentials=s3_credentials,
+                                       storage_options=storage_options)
+        self.url = self.backend.url
+        self.max_workers = max_workers
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # -- keys -------------------------------------------------------------
+    @staticmethod
+    def prefix(kind: str, name: str, version: str) -> str:
+        return f"{validate_kind(kind)}/{validate_name(name)}/{validate_version(version)}"
+
+    def uri(self, kind: str, name: str, version: str) -> str:
+        return f"{self.url}/{self.prefix(kind, name, version)}"
+
+    # -- reading ----------------------------------------------------------
+    def get_manifest(self, kind: str, name: str, version: str) -> Manifest | None:
+        key = f"{self.prefix(kind, name, version)}/{MANIFEST_FILE}"
+        data = self.backend.get_bytes(key)
+        return None if data is None else Manifest.from_json(data, where=f"{self.url}/{key}")
+
+    def resolve(self, kind: str, name: str, selector: str | None = None) -> Manifest:
+        """A committed version by version, ref, or (default) the 'latest' ref."""
+        selector = selector or "latest"
+        version = selector if VERSION_RE.match(selector) else self.get_ref(kind, name, selector)
+        manifest = self.get_manifest(kind, name, version) if version else None
+        if manifest is None:
+            raise ArtifactNotFound(f"no committed artifact {kind}/{name}@{selector} in {self.url}")
+        return manifest
+
+    def resolve_spec(self, spec: str) -> Manifest:
+        return self.resolve(*parse_artifact_spec(spec))
+
+    def list(self, kind: str | None = None) -> list[Manifest]:
+        prefix = f"{validate_kind(kind)}/" if kind else ""
+        found = []
+        for info in self.backend.list(prefix):
+            if info.key.endswith("/" + MANIFEST_FILE) and not info.key.startswith(LOCK_DIR + "/"):
+                data = self.backend.get_bytes(info.key)
+                if data is not None:
+                    found.append(Manifest.from_json(data, where=f"{self.url}/{info.key}"))
+        return sorted(found, key=lambda m: (m.kind, m.name, m.created_at))
+
+    def lineage(self, manifest: Manifest) -> dict[str, Any]:
+        """The manifest's inputs, recursively, as a tree of specs."""
+        children = []
+        for ref in manifest.inputs:
+            parent = self.get_manifest(ref.kind, ref.name, ref.version)
+            children.append(self.lineage(parent) if parent else
+                            {"spec": f"{ref.kind}/{ref.name}@{ref.version}", "missing": True, "inputs": []})
+        return {"spec": manifest.spec, "stage": manifest.producer.stage, "inputs": children}
+
+    # -- refs -------------------------------------------------------------
+    def get_ref(self, kind: str, name: str, ref: str) -> str | None:
+        data = self.backend.get_bytes(f"{validate_kind(kind)}/{validate_name(name)}/refs/{validate_ref(ref)}")
+        return None if data is None else json.loads(data)["version"]
+
+    def set_ref(self, kind: str, name: str, ref: str, version: str) -> None:
+        if self.get_manifest(kind, name, version) is None:
+            raise ArtifactNotFound(f"cannot point {kind}/{name}@{ref} at uncommitted version {version}")
+        body = {"version": version, "updated_at": datetime.now(timezone.utc).isoformat()}
+        self.backend.put_bytes(f"{kind}/{name}/refs/{validate_ref(ref)}", json.dumps(body).encode())
+
+    # -- writing ----------------------------------------------------------
+    def claim(self, kind: str, name: str, version: str, *, ttl: float = 300.0):
+        return claim_for(self.backend, self.prefix(kind, name, version), ttl=ttl)
+
+    def clear_incomplete(self, kind: str, name: str, version: str) -> int:
+        """Remove a previous, uncommitted attempt's files (the caller holds the claim)."""
+        prefix = self.prefix(kind, name, version)
+        keys = [o.key for o in self.backend.list(prefix + "/") if not o.key.endswith("/" + CLAIM_FILE)]
+        if any(k.endswith("/" + MANIFEST_FILE) for k in keys):
+            raise RuntimeError(f"refusing to clear committed version {self.url}/{prefix}")
+        self.backend.delete(keys)
+        return len(keys)
+
+    def upload_dir(self, src: Path, prefix: str, progress: ProgressSink | None = None) -> list[FileEntry]:
+        src = Path(src)
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        rels = [validate_relpath(p.relative_to(src).as_posix()) for p in files]
+        sizes = [p.stat().st_size for p in files]
+        progress = progress or ProgressSink()
+        progress.start(sum(sizes), f"upload {prefix}")
+
+        def one(i: int) -> FileEntry:
+            digest = self.backend.upload_file(files[i], f"{prefix}/{rels[i]}", progress.advance)
+            return FileEntry(path=rels[i], size=sizes[i], sha256=digest)
+
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="upload") as pool:
+            entries = list(pool.map(one, range(len(files))))
+        progress.finish()
+        return entries
+
+    def commit(self, src: Path, *, kind: str, name: str, version: str, producer: Producer,
+               parameters: Any = None, inputs: Iterable[InputRef | Manifest] = (),
+               metrics: dict | None = None, progress: ProgressSink | None = None,
+               claim=None) -> tuple[Manifest, bool]:
+        """Upload `src` as kind/name@version and write its manifest last.
+
+        Returns (manifest, won). won is False when another writer committed
+        the version first; its manifest is returned and ours is dropped.
+        """
+        prefix = self.prefix(kind, name, version)
+        own_claim = None
+        if claim is None:
+            # Without a claim a concurrent writer could overwrite our files
+            # after we commit; refuse rather than risk a corrupt version.
+            own_claim = claim = self.claim(kind, name, version)
+            if not claim.try_acquire():
+                raise ConcurrentWriterError(
+                    f"{kind}/{name}@{version} is being written by {claim.holder()}")
+        try:
+            return self._commit(src, prefix, kind=kind, name=name, version=version, producer=producer,
+                                parameters=parameters, inputs=inputs, metrics=metrics,
+                                progress=progress, claim=claim)
+        finally:
+            if own_claim is not None:
+                own_claim.release()
+
+    def _commit(self, src, prefix, *, kind, name, version, producer, parameters, inputs, metrics,
+                progress, claim) -> tuple[Manifest, bool]:
+        entries = self.upload_dir(src, prefix, progress)
+        manifest = Manifest(kind=kind, name=name, version=version, producer=producer,
+                            parameters=public_params(parameters or {}),
+                            inputs=[i.ref if isinstance(i, Manifest) else i for i in inputs],
+                            files=entries, metrics=metrics or {})
+        claim.ensure_held()
+        try:
+            self.backend.put_bytes(f"{prefix}/{MANIFEST_FILE}", manifest.to_json(), if_absent=True)
+        except PreconditionFailed:
+            winner = self.get_manifest(kind, name, version)
+            log.info("version %s/%s@%s was committed by another writer; reusing it", kind, name, version)
+            return winner, False
+        return manifest, True
+
+    # -- pulling ----------------------------------------------------------
+    def download(self, manifest: Manifest, dest: Path, progress: ProgressSink | None = None) -> Path:
+        """Pull every file of a committed version into `dest`, verifying size and sha256."""
+        dest = Path(dest)
+        prefix = self.prefix(manifest.kind, manifest.name, manifest.version)
+        progress = progress or ProgressSink()
+        progress.start(manifest.total_bytes, f"download {manifest.spec}")
+
+        def one(entry: FileEntry) -> None:
+            target = dest / validate_relpath(entry.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = self.backend.download_file(f"{prefix}/{entry.path}", target, entry.size, progress.advance)
+            size = target.stat().st_size
+            if size != entry.size or digest != entry.sha256:
+                target.unlink(missing_ok=True)
+                raise IntegrityError(
+                    f"{manifest.spec}: file {entry.path!r} does not match its manifest "
+                    f"(size {size} vs {entry.size}, sha256 {digest[:16]}... vs {entry.sha256[:16]}...)")
+
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="download") as pool:
+            list(pool.map(one, manifest.files))
+        progress.finish()
+        return dest
+
+    def local_path(self, manifest: Manifest, cache_dir: Path | None = None,
+                   progress: ProgressSink | None = None) -> Path:
+        """A local directory holding the version, verified.
+
+        On a local store that is the version directory itself (sizes checked;
+        full hashing of tens of GB on every read is not "cheap"); elsewhere a
+        download into a cache that is reused once complete.
+        """
+        if isinstance(self.backend, LocalBackend):
+            root = self.backend.path(self.prefix(manifest.kind, manifest.name, manifest.version))
+            for entry in manifest.files:
+                p = root / entry.path
+                if not p.is_file() or p.stat().st_size != entry.size:
+                    raise IntegrityError(f"{manifest.spec}: file {entry.path!r} is missing or has the wrong size")
+            return root
+        cache_dir = Path(cache_dir or os.environ.get("GPTOSS_CACHE") or Path.home() / ".cache" / "gptoss")
+        dest = cache_dir / manifest.kind / manifest.name / manifest.version
+        marker = dest / ".complete"
+        if marker.is_file() and marker.read_text() == manifest.version:
+            return dest
+        self.download(manifest, dest, progress)
+        marker.write_text(manifest.version)
+        return dest
+
+    # -- housekeeping -----------------------------------------------------
+    def incomplete_versions(self) -> dict[str, float]:
+        """Uncommitted version prefixes -> newest object time."""
+        newest: dict[str, float] = {}
+        committed: set[str] = set()
+        for info in self.backend.list(""):
+            parts = info.key.split("/")
+            if parts[0] == LOCK_DIR:
+                continue
+            for i in range(2, len(parts) - 1):
+                if VERSION_RE.match(parts[i]):
+                    prefix = "/".join(parts[: i + 1])
+                    newest[prefix] = max(newest.get(prefix, 0.0), info.mtime)
+                    if parts[i + 1] == MANIFEST_FILE and i + 2 == len(parts):
+                        committed.add(prefix)
+                    break
+        return {p: t for p, t in newest.items() if p not in committed}
+
+    def gc(self, older_than_s: float, *, dry_run: bool = False) -> list[str]:
+        """Delete uncommitted versions untouched for `older_than_s` seconds."""
+        cutoff = time.time() - older_than_s
+        removed = []
+        for prefix, mtime in sorted(self.incomplete_versions().items()):
+            if mtime > cutoff:
+                continue
+            kind, *name, version = prefix.split("/")
+            claim = self.claim(kind, "/".join(name), version)
+            if not claim.try_acquire():
+                continue  # a live writer is still on it
+            try:
+                if not dry_run:
+                    self.clear_incomplete(kind, "/".join(name), version)
+                    self.backend.delete([f"{prefix}/{CLAIM_FILE}"])
+                removed.append(prefix)
+            finally:
+                claim.release()
+        return removed
+
+
+__all__ = ["ArtifactStore", "ArtifactNotFound", "ConcurrentWriterError", "IntegrityError", "InvalidNameError", "DEFAULT_STORE"]

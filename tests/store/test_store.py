@@ -1,0 +1,192 @@
+"""The artifact store against file:// and moto S3 over HTTP (same tests, both backends)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.store import (ArtifactNotFound, ArtifactStore, IntegrityError, InvalidNameError, Manifest,
+                         Producer, run_stage)
+from tasks.store.backends import LocalBackend, S3Backend
+from tasks.store.names import parse_artifact_spec, validate_name, validate_relpath
+
+WRITER = Path(__file__).with_name("writer.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def commit_tree(store, tmp_path, files, name="org/model", version="0123456789abcdef0123", **kw):
+    src = make_tree(tmp_path / f"src-{version}", files)
+    manifest, won = store.commit(src, kind="hf-checkpoint", name=name, version=version,
+                                 producer=Producer(stage="test", code_version="1"), **kw)
+    assert won
+    return manifest
+
+
+def tamper(store: ArtifactStore, manifest: Manifest, rel: str) -> None:
+    key = f"{store.prefix(manifest.kind, manifest.name, manifest.version)}/{rel}"
+    if isinstance(store.backend, LocalBackend):
+        p = store.backend.path(key)
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    else:
+        be: S3Backend = store.backend
+        data = bytearray(be.client.get_object(Bucket=be.bucket, Key=be._k(key))["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        be.client.put_object(Bucket=be.bucket, Key=be._k(key), Body=bytes(data))
+
+
+def test_commit_download_roundtrip_and_listing(store, tmp_path):
+    files = {"config.json": b'{"a": 1}', "shards/model-00001.safetensors": os.urandom(300_000),
+             "shards/model-00002.safetensors": b""}
+    m = commit_tree(store, tmp_path, files, metrics={"params": 7})
+    assert {f.path for f in m.files} == set(files)
+    assert store.get_manifest("hf-checkpoint", "org/model", m.version) == m
+    out = store.download(m, tmp_path / "out")
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == data
+    assert [x.spec for x in store.list()] == [m.spec]
+    assert store.list("megatron-checkpoint") == []
+    with pytest.raises(ArtifactNotFound):
+        store.resolve("hf-checkpoint", "org/model")  # no 'latest' ref yet
+    store.set_ref("hf-checkpoint", "org/model", "latest", m.version)
+    assert store.resolve_spec("hf-checkpoint/org/model").version == m.version
+    assert store.resolve_spec(f"hf-checkpoint/org/model@{m.version}").metrics == {"params": 7}
+    local = store.local_path(m, cache_dir=tmp_path / "cache")
+    assert (local / "config.json").read_bytes() == files["config.json"]
+
+
+def test_multipart_transfer(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(S3Backend, "MULTIPART_THRESHOLD", 4 << 20)
+    monkeypatch.setattr(S3Backend, "MIN_PART", 5 << 20)
+    data = os.urandom(12 << 20)
+    m = commit_tree(store, tmp_path, {"big.bin": data})
+    assert (store.download(m, tmp_path / "out") / "big.bin").read_bytes() == data
+
+
+def test_stage_cache_hit_and_lineage(store, tmp_path):
+    calls = []
+
+    def build(out: Path):
+        calls.append(1)
+        (out / "tokens.bin").write_bytes(b"x" * 100)
+        return {"tokens": 100}
+
+    parent = commit_tree(store, tmp_path, {"config.json": b"{}"})
+    kw = dict(stage="preprocess", code_version="3", kind="dataset", name="demo",
+              params={"seq": 8}, inputs=[parent], build=build)
+    first = run_stage(store, **kw)
+    second = run_stage(store, **kw)
+    assert (first.cache_hit, second.cache_hit, len(calls)) == (False, True, 1)
+    assert first.manifest == second.manifest
+    assert first.manifest.producer.package_version is not None
+    assert store.resolve("dataset", "demo").version == first.manifest.version
+    other = run_stage(store, **{**kw, "params": {"seq": 16}})
+    assert other.manifest.version != first.manifest.version and len(calls) == 2
+    tree = store.lineage(first.manifest)
+    assert tree["inputs"][0]["spec"] == parent.spec
+
+
+def test_tampered_file_is_detected_on_download(store, tmp_path):
+    m = commit_tree(store, tmp_path, {"a.bin": os.urandom(1000), "weights/b.bin": os.urandom(5000)})
+    tamper(store, m, "weights/b.bin")
+    with pytest.raises(IntegrityError, match=r"weights/b\.bin"):
+        store.download(m, tmp_path / "out")
+    assert not (tmp_path / "out" / "weights" / "b.bin").exists()
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/../../b", "/abs", "a//b", "a b", "a?b", "refs", "x/" + "0" * 20,
+                                 "a/b/c/d/e", "", "ü"])
+def test_bad_names_are_rejected(bad):
+    with pytest.raises(InvalidNameError, match="invalid artifact name"):
+        validate_name(bad)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/../../x", "/etc/passwd", "C:/x", "a\\b", "a//b", "./a", "MANIFEST.json",
+                                 "a\nb"])
+def test_bad_file_paths_are_rejected(bad):
+    with pytest.raises(InvalidNameError, match="invalid file path"):
+        validate_relpath(bad)
+
+
+def test_bad_specs_and_keys_are_rejected(store):
+    for spec in ["Hf/x", "hf-checkpoint/../x", "hf-checkpoint/x@../y", "hf-checkpoint/x@"]:
+        with pytest.raises(InvalidNameError):
+            parse_artifact_spec(spec) if not spec.endswith("@") else store.resolve_spec(spec + "..")
+    with pytest.raises(InvalidNameError, match="version"):
+        store.get_manifest("hf-checkpoint", "org/model", "../../etc")
+
+
+def _run_writer(url: str, mode: str, start_at: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(WRITER), url, mode, str(start_at)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_kill_9_before_manifest_leaves_version_invisible_and_rerun_commits(store_url, tmp_path):
+    proc = _run_writer(store_url, "hang-before-manifest")
+    assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    store = ArtifactStore(store_url)
+    assert store.list() == []
+    leftovers = store.incomplete_versions()
+    assert len(leftovers) == 1  # the data is there, without a manifest
+    rerun = _result(_run_writer(store_url, "race"))
+    assert rerun["cache_hit"] is False
+    m = Manifest.model_validate(rerun["manifest"])
+    out = store.download(m, tmp_path / "out")  # verifies every sha256
+    assert json.loads((out / "config.json").read_text())["writer"] == m.metrics["writer_pid"]
+    assert store.incomplete_versions() == {}
+
+
+def test_two_concurrent_writers_end_with_one_version(store_url, tmp_path):
+    start_at = time.time() + 4.0  # both interpreters are up by then
+    procs = [_run_writer(store_url, "race", start_at) for _ in range(2)]
+    results = [_result(p) for p in procs]
+    manifests = [Manifest.model_validate(r["manifest"]) for r in results]
+    assert manifests[0] == manifests[1]
+    assert sorted(r["cache_hit"] for r in results) == [False, True]
+    store = ArtifactStore(store_url)
+    keys = [o.key for o in store.backend.list("") if o.key.endswith("MANIFEST.json")]
+    assert len(keys) == 1
+    store.download(manifests[0], tmp_path / "out")
+
+
+def test_gc_removes_only_stale_uncommitted_versions(store, tmp_path):
+    committed = commit_tree(store, tmp_path, {"a": b"1"})
+    orphan = "1111111111aaaaaaaaaa"
+    prefix = store.prefix("hf-checkpoint", "org/model", orphan)
+    store.backend.put_bytes(f"{prefix}/half-written.bin", b"partial")
+    assert store.gc(older_than_s=3600) == []  # too young
+    held = store.claim("hf-checkpoint", "org/model", orphan)
+    assert held.try_acquire()
+    try:
+        assert store.gc(older_than_s=0) == []  # a live writer holds it
+    finally:
+        held.release()
+    assert store.gc(older_than_s=0, dry_run=True) == [prefix]
+    assert store.gc(older_than_s=0) == [prefix]
+    assert store.incomplete_versions() == {}
+    assert store.get_manifest("hf-checkpoint", "org/model", committed.version) == committed

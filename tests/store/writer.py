@@ -1,0 +1,51 @@
+"""A stage writer run as a separate process by the crash and race tests.
+
+usage: python writer.py STORE_URL MODE START_AT
+  MODE=hang-before-manifest  upload the data, print READY, then hang where the
+                             manifest would be written (the test kill -9s us)
+  MODE=race                  wait until START_AT (unix time), then run the stage
+                             with a slow build; print the resulting manifest
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tasks.store import ArtifactStore, run_stage
+from tasks.store.manifest import MANIFEST_FILE
+
+PARAMS = {"size": 3_000_000, "label": "crash-and-race"}
+
+
+def build(out: Path) -> dict:
+    (out / "weights").mkdir()
+    # Content depends on the writer so that a mix of two writers' files would
+    # not verify against either manifest.
+    payload = (f"pid={os.getpid()};" * 200_000).encode()[: PARAMS["size"]]
+    (out / "weights" / "shard-0.bin").write_bytes(payload)
+    (out / "config.json").write_text(json.dumps({"writer": os.getpid()}))
+    if MODE == "race":
+        time.sleep(1.5)
+    return {"writer_pid": os.getpid()}
+
+
+if __name__ == "__main__":
+    url, MODE, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    store = ArtifactStore(url)
+    if MODE == "hang-before-manifest":
+        original = store.backend.put_bytes
+
+        def put_bytes(key, data, **kw):
+            if key.endswith("/" + MANIFEST_FILE):
+                print("READY", flush=True)
+                time.sleep(3600)
+            return original(key, data, **kw)
+
+        store.backend.put_bytes = put_bytes
+    while time.time() < start_at:
+        time.sleep(0.005)
+    result = run_stage(store, stage="writer-test", code_version="1", kind="blob", name="demo/crash",
+                       params=PARAMS, build=build, poll_interval=0.2)
+    print("RESULT " + json.dumps({"cache_hit": result.cache_hit, "manifest": result.manifest.model_dump()}),
+          flush=True)
