@@ -143,8 +143,11 @@ class S3Backend:
     (environment, profile, instance role); they are held only by the client.
     """
 
-    MULTIPART_THRESHOLD = 32 << 20
-    MIN_PART = 16 << 20
+    # Same shape as boto3's transfer manager (8 MiB parts, CRC32 per part),
+    # which measured fastest against S3-compatible servers here.
+    MULTIPART_THRESHOLD = 16 << 20
+    MIN_PART = 8 << 20
+    CHECKSUM = {"ChecksumAlgorithm": "CRC32"}
     MAX_PARTS = 10_000
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
@@ -249,21 +252,25 @@ class S3Backend:
         size = src.stat().st_size
         if size <= self.MULTIPART_THRESHOLD:
             data = src.read_bytes()
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **self.CHECKSUM)
             progress(size)
             return hashlib.sha256(data).hexdigest()
         part = self._part_size(size)
-        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key))["UploadId"]
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key),
+                                                        **self.CHECKSUM)["UploadId"]
         try:
             fd = os.open(src, os.O_RDONLY)
             try:
                 def send(number: int) -> dict:
                     offset = (number - 1) * part
                     body = os.pread(fd, min(part, size - offset), offset)
-                    etag = self.client.upload_part(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
-                                                   PartNumber=number, Body=body)["ETag"]
+                    resp = self.client.upload_part(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
+                                                   PartNumber=number, Body=body, **self.CHECKSUM)
                     progress(len(body))
-                    return {"PartNumber": number, "ETag": etag}
+                    done = {"PartNumber": number, "ETag": resp["ETag"]}
+                    if resp.get("ChecksumCRC32"):
+                        done["ChecksumCRC32"] = resp["ChecksumCRC32"]
+                    return done
 
                 futures = [self.parts_pool.submit(send, n) for n in range(1, -(-size // part) + 1)]
                 # Hash in this thread while the parts travel; the pages are hot.

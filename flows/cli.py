@@ -1,0 +1,123 @@
+"""The `gptoss` command: artifacts in the store, and the demo pipeline."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+app = typer.Typer(help="GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Face, as Prefect flows.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+artifacts = typer.Typer(help="Inspect and maintain the artifact store.", no_args_is_help=True)
+app.add_typer(artifacts, name="artifacts")
+console = Console()
+
+StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="GPTOSS_STORE",
+                                                 help="Store URL (file://... or s3://bucket/prefix).")]
+EndpointOpt = Annotated[Optional[str], typer.Option("--s3-endpoint-url", envvar="GPTOSS_S3_ENDPOINT_URL",
+                                                    help="S3-compatible endpoint URL.")]
+
+
+def _store(url: str | None, endpoint: str | None):
+    from tasks.common import StoreSettings
+
+    settings = StoreSettings()
+    return StoreSettings(url=url or settings.url, s3_endpoint_url=endpoint or settings.s3_endpoint_url).open()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '24h', '7d' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise typer.BadParameter(f"duration {text!r}: use a number with s, m, h or d (e.g. 24h)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@artifacts.command("ls")
+def ls(kind: Annotated[Optional[str], typer.Argument(help="Only this kind, e.g. hf-checkpoint.")] = None,
+       store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
+    """List committed artifact versions."""
+    st = _store(store, s3_endpoint_url)
+    table = Table(title=f"artifacts in {st.url}")
+    for col in ("kind", "name", "version", "stage", "created", "files", "size"):
+        table.add_column(col, justify="right" if col in ("files", "size") else "left")
+    for m in st.list(kind):
+        created = datetime.fromisoformat(m.created_at).strftime("%Y-%m-%d %H:%M")
+        table.add_row(m.kind, m.name, m.version, m.producer.stage, created, str(len(m.files)), _size(m.total_bytes))
+    console.print(table)
+
+
+@artifacts.command("show")
+def show(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF] (default ref: latest).")],
+         store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest only.")] = False) -> None:
+    """Show a version's manifest and its lineage."""
+    st = _store(store, s3_endpoint_url)
+    m = st.resolve_spec(spec)
+    if as_json:
+        typer.echo(m.model_dump_json(indent=2))
+        return
+    head = {k: v for k, v in m.model_dump().items() if k != "files"}
+    console.print_json(json.dumps(head))
+    files = Table(title=f"{len(m.files)} files, {_size(m.total_bytes)}")
+    for col in ("path", "size", "sha256"):
+        files.add_column(col)
+    for f in m.files:
+        files.add_row(f.path, _size(f.size), f.sha256[:16] + "...")
+    console.print(files)
+
+    def grow(node: Tree, lineage: dict) -> None:
+        for child in lineage["inputs"]:
+            label = f"{child['spec']}" + (" [red](missing)[/red]" if child.get("missing") else
+                                          f" [dim]({child['stage']})[/dim]")
+            grow(node.add(label), child)
+
+    tree = Tree(f"[bold]{m.spec}[/bold] [dim]({m.producer.stage})[/dim]")
+    grow(tree, st.lineage(m))
+    console.print("lineage:", tree)
+
+
+@artifacts.command("pull")
+def pull(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF].")],
+         dest: Annotated[Path, typer.Argument(help="Local directory to write into.")],
+         store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
+    """Download a version with a progress bar, verifying every file's sha256."""
+    from tasks.store import RichProgress
+
+    st = _store(store, s3_endpoint_url)
+    m = st.resolve_spec(spec)
+    st.download(m, dest, progress=RichProgress())
+    console.print(f"{m.spec}: {len(m.files)} files verified in {dest}")
+
+
+@artifacts.command("gc")
+def gc(older_than: Annotated[str, typer.Option(help="Only versions untouched this long (e.g. 30m, 24h).")] = "24h",
+       dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
+       store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
+    """Remove uncommitted leftovers (versions without a manifest) of crashed writers."""
+    st = _store(store, s3_endpoint_url)
+    removed = st.gc(parse_duration(older_than), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for prefix in removed:
+        console.print(f"{verb} {prefix}")
+    console.print(f"{verb} {len(removed)} incomplete version(s)")
+
+
+
+
+if __name__ == "__main__":
+    app()
