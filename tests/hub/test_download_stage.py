@@ -1,0 +1,121 @@
+"""The download stage (tasks/download.py, flows/download.py) against the local Hub."""
+
+import asyncio
+import json
+import logging
+
+import pytest
+from pydantic import SecretStr
+
+from tasks.common import StoreSettings
+from tasks.download import DownloadParams, run_download
+from tasks.store import ArtifactStore
+
+MB = 1 << 20
+
+
+def _params(hub, tmp_path, **kw) -> DownloadParams:
+    return DownloadParams(endpoint=hub.endpoint, workdir=str(tmp_path / "work"),
+                          store=StoreSettings(url=(tmp_path / "store").as_uri()), **kw)
+
+
+def test_stage_commits_pinned_version_and_reuses_it(hub, payload, tmp_path):
+    files = {"config.json": b'{"a": 1}', "model.safetensors": payload(2 * MB, 1), "README.md": b"hi"}
+    sha = hub.add_repo("openai/tiny", files, tags=["v1"])
+    store = ArtifactStore((tmp_path / "store").as_uri())
+
+    first = run_download(_params(hub, tmp_path, repo_id="openai/tiny", revision="v1",
+                                 ignore_patterns=["*.md"]), store)
+    m = first.manifest
+    assert not first.cache_hit and m.kind == "hf-checkpoint" and m.name == "openai/tiny"
+    assert m.parameters == {"repo_id": "openai/tiny", "commit": sha, "allow_patterns": None,
+                            "ignore_patterns": ["*.md"]}
+    assert {f.path for f in m.files} == {"config.json", "model.safetensors"}
+    assert m.metrics["commit"] == sha and m.metrics["revision"] == "v1"
+    assert m.metrics["bytes_fetched"] == 2 * MB + len(files["config.json"])
+    local = store.local_path(m)
+    assert (local / "model.safetensors").read_bytes() == files["model.safetensors"]
+    # The work copy is gone once committed (only the tiny lock file stays).
+    assert not [p for p in (tmp_path / "work" / "hf-downloads").iterdir() if p.is_dir()]
+
+    # The same commit by branch name: same version, nothing fetched.
+    hub.reset_counters()
+    again = run_download(_params(hub, tmp_path, repo_id="openai/tiny", revision="main",
+                                 ignore_patterns=["*.md"]), store)
+    assert again.cache_hit and again.manifest.version == m.version
+    assert sum(hub.bytes_served.values()) == 0
+
+    # main moves on: a new version.
+    hub.add_repo("openai/tiny", {**files, "config.json": b'{"a": 2}'}, branches=["main"])
+    moved = run_download(_params(hub, tmp_path, repo_id="openai/tiny", ignore_patterns=["*.md"]), store)
+    assert not moved.cache_hit and moved.manifest.version != m.version
+
+
+def test_stage_resumes_after_a_failed_attempt_and_keeps_token_out(hub, payload, tmp_path, caplog):
+    secret = "hf_StageSecretToken42"
+    files = {"w.safetensors": payload(3 * MB, 2)}
+    hub.add_repo("org/private", files, token=secret)
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    caplog.set_level(logging.DEBUG)
+    hub.corrupt("org/private", "w.safetensors", offset=10, times=2)  # attempt 1 fails verification
+    with pytest.raises(Exception, match="w.safetensors"):
+        run_download(_params(hub, tmp_path, repo_id="org/private", hf_token=SecretStr(secret)), store)
+    hub.drop("org/private", "w.safetensors", after=MB, times=1)
+    hub.reset_counters()
+    ok = run_download(_params(hub, tmp_path, repo_id="org/private", hf_token=SecretStr(secret)), store)
+    assert ok.manifest.files[0].size == 3 * MB
+    assert secret not in json.dumps(ok.manifest.model_dump()) and secret not in caplog.text
+
+
+def test_stage_from_local_mirror(payload, tmp_path):
+    src = tmp_path / "mirror" / "gpt-oss-tiny"
+    src.mkdir(parents=True)
+    (src / "config.json").write_bytes(b"{}")
+    (src / "model.safetensors").write_bytes(payload(MB, 3))
+    params = DownloadParams(source_url=src.as_uri(), workdir=str(tmp_path / "work"),
+                            store=StoreSettings(url=(tmp_path / "store").as_uri()))
+    first = run_download(params)
+    assert first.manifest.name == "gpt-oss-tiny" and len(first.manifest.files) == 2
+    assert "content_sha256" in first.manifest.parameters
+    assert run_download(params).cache_hit
+
+
+@pytest.mark.prefect
+def test_flow_with_secret_block(prefect_harness, hub, payload, tmp_path):
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    from flows.download import download_flow
+
+    secret = "hf_BlockSecretToken77"
+    Secret(value=secret).save("hf-token-test", overwrite=True)
+    files = {"config.json": b"{}", "w.safetensors": payload(MB, 4)}
+    hub.add_repo("org/gated", files, token=secret)
+    params = _params(hub, tmp_path, repo_id="org/gated", hf_token_block="hf-token-test")
+    state = download_flow(params, return_state=True)
+    manifest = state.result()
+    assert {f.path for f in manifest.files} == set(files)
+
+    async def fetch():
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+            arts = await client.read_artifacts()
+            return run, arts
+
+    run, arts = asyncio.run(fetch())
+    assert secret not in str(run.parameters) + " ".join(str(a.data) for a in arts)
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(90)
+def test_flow_fails_fast_on_permanent_errors(prefect_harness, hub, tmp_path):
+    """A 404 is not retried (the task's retry delays are 10/60/300 s)."""
+    import time
+
+    from flows.download import download_flow
+
+    t0 = time.monotonic()
+    state = download_flow(_params(hub, tmp_path, repo_id="org/missing"), return_state=True)
+    assert state.is_failed() and time.monotonic() - t0 < 8
+    with pytest.raises(Exception, match="org/missing"):
+        state.result()
