@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,8 @@ app = typer.Typer(help="GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Fa
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 artifacts = typer.Typer(help="Inspect and maintain the artifact store.", no_args_is_help=True)
 app.add_typer(artifacts, name="artifacts")
-console = Console()
+# Piped output (logs, CI) gets a wide console so versions are never cut.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="GPTOSS_STORE",
                                                  help="Store URL (file://... or s3://bucket/prefix).")]
@@ -54,7 +56,8 @@ def ls(kind: Annotated[Optional[str], typer.Argument(help="Only this kind, e.g. 
     st = _store(store, s3_endpoint_url)
     table = Table(title=f"artifacts in {st.url}")
     for col in ("kind", "name", "version", "stage", "created", "files", "size"):
-        table.add_column(col, justify="right" if col in ("files", "size") else "left")
+        table.add_column(col, justify="right" if col in ("files", "size") else "left",
+                         no_wrap=True)
     for m in st.list(kind):
         created = datetime.fromisoformat(m.created_at).strftime("%Y-%m-%d %H:%M")
         table.add_row(m.kind, m.name, m.version, m.producer.stage, created, str(len(m.files)), _size(m.total_bytes))
@@ -117,6 +120,32 @@ def gc(older_than: Annotated[str, typer.Option(help="Only versions untouched thi
     console.print(f"{verb} {len(removed)} incomplete version(s)")
 
 
+
+
+@app.command("demo")
+def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Path("configs/demo.yaml"),
+         store: StoreOpt = None) -> None:
+    """Run the demo pipeline end to end on a random tiny GPT-OSS checkpoint (CPU, local store)."""
+    import os
+
+    # Ephemeral Prefect in a project-local home, without telemetry.
+    os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve()))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if store:
+        os.environ["GPTOSS_STORE"] = store
+    from flows.pipeline import PipelineParams, gptoss_pipeline
+    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+
+    params = PipelineParams.from_yaml(config)
+    source = params.download.source_url
+    if source and "://" not in source and not (Path(source) / "config.json").is_file():
+        write_tiny_checkpoint(Path(source), dtype="bfloat16", seed=0)
+        console.print(f"wrote a random tiny GPT-OSS checkpoint to {source}")
+    outputs = gptoss_pipeline(params)
+    for kind, spec in outputs.items():
+        console.print(f"[green]{kind}[/green]: {spec}")
+    ls(kind=None, store=store, s3_endpoint_url=None)
 
 
 if __name__ == "__main__":

@@ -169,8 +169,15 @@ def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect'
     return not isinstance(getattr(state, "data", None), _PERMANENT)
 
 
+def _task_run_name() -> str:
+    from prefect.runtime import task_run
+
+    params = task_run.parameters["params"]
+    return f"download {params.source_url or f'{params.repo_id}@{params.revision}'}"
+
+
 @task(name="download-hf-checkpoint", retries=3, retry_delay_seconds=[10, 60, 300],
-      retry_condition_fn=_retry_worthwhile, task_run_name="download {params.repo_id}")
+      retry_condition_fn=_retry_worthwhile, task_run_name=_task_run_name)
 def download_checkpoint(params: DownloadParams):
     """Prefect task: the hf-checkpoint manifest (a cache hit when already committed).
     Retries resume from the bytes already on disk."""

@@ -1,0 +1,40 @@
+"""The end-to-end pipeline flow: each stage is its own flow, run here as a subflow.
+
+Stages land one issue at a time; today the chain is download -> hf-checkpoint.
+Every stage is a cache hit when its inputs did not change, so a rerun after a
+crash resumes at the first stage without a committed output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.download import download_flow
+from tasks.download import DownloadParams
+
+
+class PipelineParams(BaseModel):
+    download: DownloadParams = Field(default_factory=DownloadParams)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PipelineParams":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            return cls.model_validate(data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+@flow(name="gptoss-pipeline")
+def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
+    """Run every stage in order and return the artifact spec each produced."""
+    params = params or PipelineParams()
+    checkpoint = download_flow(params.download)
+    return {"hf-checkpoint": checkpoint.spec}
