@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -151,7 +152,7 @@ class S3Backend:
     MAX_PARTS = 10_000
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str | None = None, credentials: dict | None = None, max_concurrency: int = 16):
+                 region: str | None = None, credentials: dict | None = None, max_concurrency: int = 10):
         import boto3
         from botocore.config import Config
 
@@ -170,6 +171,7 @@ class S3Backend:
                 s3={"addressing_style": "path"} if self.endpoint_url else {},
             ),
         )
+        self.max_concurrency = max_concurrency
         self.parts_pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="s3-part")
 
     def _k(self, key: str) -> str:
@@ -258,26 +260,33 @@ class S3Backend:
         part = self._part_size(size)
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key),
                                                         **self.CHECKSUM)["UploadId"]
+        # One sequential read feeds both the sha256 and the parts in flight;
+        # the semaphore bounds memory to a few parts per worker.
+        in_flight = threading.BoundedSemaphore(self.max_concurrency + 2)
         try:
-            fd = os.open(src, os.O_RDONLY)
-            try:
-                def send(number: int) -> dict:
-                    offset = (number - 1) * part
-                    body = os.pread(fd, min(part, size - offset), offset)
+            def send(number: int, body: bytes) -> dict:
+                try:
                     resp = self.client.upload_part(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
                                                    PartNumber=number, Body=body, **self.CHECKSUM)
-                    progress(len(body))
-                    done = {"PartNumber": number, "ETag": resp["ETag"]}
-                    if resp.get("ChecksumCRC32"):
-                        done["ChecksumCRC32"] = resp["ChecksumCRC32"]
-                    return done
+                finally:
+                    in_flight.release()
+                progress(len(body))
+                done = {"PartNumber": number, "ETag": resp["ETag"]}
+                if resp.get("ChecksumCRC32"):
+                    done["ChecksumCRC32"] = resp["ChecksumCRC32"]
+                return done
 
-                futures = [self.parts_pool.submit(send, n) for n in range(1, -(-size // part) + 1)]
-                # Hash in this thread while the parts travel; the pages are hot.
-                digest = hash_file(src)
-                parts = [f.result() for f in futures]
-            finally:
-                os.close(fd)
+            h = hashlib.sha256()
+            futures = []
+            with open(src, "rb") as f:
+                number = 0
+                while body := f.read(part):
+                    h.update(body)
+                    number += 1
+                    in_flight.acquire()
+                    futures.append(self.parts_pool.submit(send, number, body))
+            digest = h.hexdigest()
+            parts = [fut.result() for fut in futures]
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts})
         except BaseException:

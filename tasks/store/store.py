@@ -44,7 +44,7 @@ class IntegrityError(RuntimeError):
 class ArtifactStore:
     def __init__(self, url: str | None = None, *, s3_endpoint_url: str | None = None,
                  s3_credentials: dict | None = None, storage_options: dict | None = None,
-                 max_workers: int = 8):
+                 max_workers: int = 4):
         self.backend = backend_for_url(url or os.environ.get("GPTOSS_STORE") or DEFAULT_STORE,
                                        s3_endpoint_url=s3_endpoint_url, s3_credentials=s3_credentials,
                                        storage_options=storage_options)
