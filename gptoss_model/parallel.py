@@ -1,0 +1,125 @@
+"""torch.distributed + megatron parallel_state set-up, from torchrun's environment.
+
+One entry point, `initialize(layout)`: gloo on CPU, nccl with CUDA. Without
+torchrun (plain `python`, pytest) it starts a world of one on a free local
+port, so the same code path serves tests, the demo and a 1000-GPU job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the model is split. Data parallel is whatever is left of the world."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # GPT-OSS experts carry biases, which megatron-core only supports at ETP=1.
+    expert_tensor_parallel_size: int = 1
+    context_parallel_size: int = 1
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Join the process group described by torchrun's env vars (or make a world of one)."""
+    if dist.is_initialized():
+        return
+    backend = backend or default_backend()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" not in os.environ:  # plain python / pytest: a private world of one
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
+        return
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
+def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None = None) -> None:
+    """Init torch.distributed and megatron's parallel groups for `layout`.
+
+    Re-initialising with a different layout in the same process is allowed
+    (tests do it): megatron's groups are destroyed and rebuilt.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from gptoss_model import cpu_patches
+
+    cpu_patches.apply()
+    init_distributed(backend)
+    world = dist.get_world_size()
+    if world % layout.model_parallel_size():
+        raise ValueError(
+            f"world size {world} is not divisible by TP*PP*CP = {layout.model_parallel_size()} ({layout})"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.context_parallel_size,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+    )
+    # Seeds the tracked RNG states (TP/EP-aware dropout and init). On CPU the
+    # tracker is the CPU one installed by cpu_patches.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron groups and the process group (end of a run or a test)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,0 +1,72 @@
+"""The public API: AutoBridge.from_hf_pretrained -> provider -> provide_distributed_model (world 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_model import AutoBridge, bridge
+from gptoss_model.config import tiny
+
+from . import _parity as P
+from .conftest import LOGIT_TOL
+
+pytestmark = pytest.mark.usefixtures("world1")
+
+
+def test_seed_snippet_at_world_1(tiny_ckpt, reference):
+    b = AutoBridge.from_hf_pretrained(str(tiny_ckpt))
+    assert b.config == tiny()
+    provider = b.to_megatron_provider()
+    provider.tensor_model_parallel_size = 1
+    provider.pipeline_model_parallel_size = 1
+    provider.expert_model_parallel_size = 1
+    provider.sequence_parallel = False
+    provider.finalize()
+    model = provider.provide_distributed_model(wrap_with_ddp=False)
+    assert isinstance(model, list) and len(model) == 1
+    ids, _ = P.make_batch(512, seq=40, seed=5)
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert (P.megatron_logits(model[0], ids) - want).abs().max().item() < LOGIT_TOL
+
+
+def test_wrap_with_ddp_and_megatron_state_dict_names(tiny_ckpt):
+    from megatron.core.distributed import DistributedDataParallel
+
+    (model,) = AutoBridge.from_hf_pretrained(tiny_ckpt).to_megatron_provider().provide_distributed_model()
+    assert isinstance(model, DistributedDataParallel)
+    keys = set(model.module.state_dict())
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in keys
+    assert "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight" in keys
+    assert "decoder.layers.0.self_attention.core_attention.softmax_offset" in keys
+
+
+def test_without_weights_nothing_is_read(tmp_path):
+    (tmp_path / "config.json").write_text(__import__("json").dumps(tiny().to_hf_config()))
+    provider = AutoBridge.from_hf_pretrained(tmp_path).to_megatron_provider(load_weights=False)
+    (model,) = provider.provide_distributed_model(wrap_with_ddp=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # megatron's own init
+
+
+def test_repo_id_goes_through_the_hub_cache(tiny_ckpt, monkeypatch):
+    """A repo id is resolved by huggingface_hub.snapshot_download (cache, HF_ENDPOINT, offline mode)."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tiny_ckpt)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    b = AutoBridge.from_hf_pretrained("openai/gpt-oss-20b", revision="main")
+    assert b.checkpoint_dir == tiny_ckpt and calls[0][:2] == ("openai/gpt-oss-20b", "main")
+    assert "*.safetensors" in calls[0][2] and "config.json" in calls[0][2]
+
+
+def test_a_file_is_not_a_checkpoint(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        bridge.resolve_checkpoint(f)
