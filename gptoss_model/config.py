@@ -253,7 +253,7 @@ def tiny() -> GptOssModelConfig:
         num_layers=4, hidden_size=64, intermediate_size=48, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, num_experts=8, experts_per_token=4,
         vocab_size=512, sliding_window=8, rope_original_max_position_embeddings=32,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
     )
 
 

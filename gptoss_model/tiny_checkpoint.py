@@ -66,7 +66,7 @@ TINY_HF_CONFIG: dict = {
         "truncate": False,
         "rope_theta": 150000.0,
     },
-    "max_position_embeddings": 256,
+    "max_position_embeddings": 1024,  # original 32 x yarn factor 32, as in the real models
     "swiglu_limit": 7.0,
     "rms_norm_eps": 1e-5,
     "attention_bias": True,

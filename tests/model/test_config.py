@@ -63,7 +63,7 @@ def test_tiny_preset_has_the_fixture_factory_sizes(tiny_ckpt):
     assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_experts, t.experts_per_token,
             t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.vocab_size, t.sliding_window,
             t.rope_original_max_position_embeddings, t.max_position_embeddings) == (
-        64, 48, 4, 8, 4, 4, 2, 16, 512, 8, 32, 256)
+        64, 48, 4, 8, 4, 4, 2, 16, 512, 8, 32, 1024)
 
 
 @pytest.mark.parametrize("make", [tiny, gpt_oss_20b, gpt_oss_120b])
