@@ -1,6 +1,7 @@
 """The end-to-end pipeline flow: each stage is its own flow, run here as a subflow.
 
-Stages land one issue at a time; today the chain is download -> hf-checkpoint.
+Stages land one issue at a time; today the chain is
+download -> hf-checkpoint -> convert (with its logit parity gate) -> megatron-checkpoint.
 Every stage is a cache hit when its inputs did not change, so a rerun after a
 crash resumes at the first stage without a committed output.
 """
@@ -12,12 +13,19 @@ import yaml
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.convert import convert_flow
 from flows.download import download_flow
+from tasks.convert import ConvertParams
 from tasks.download import DownloadParams
+
+
+class PipelineConvertParams(ConvertParams):
+    source: str | None = Field(None, description="default: the version the download stage produced")
 
 
 class PipelineParams(BaseModel):
     download: DownloadParams = Field(default_factory=DownloadParams)
+    convert: PipelineConvertParams = Field(default_factory=PipelineConvertParams)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PipelineParams":
@@ -37,4 +45,7 @@ def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
     """Run every stage in order and return the artifact spec each produced."""
     params = params or PipelineParams()
     checkpoint = download_flow(params.download)
-    return {"hf-checkpoint": checkpoint.spec}
+    convert = ConvertParams.model_validate(
+        {**params.convert.model_dump(), "source": params.convert.source or checkpoint.spec})
+    megatron = convert_flow(convert)
+    return {"hf-checkpoint": checkpoint.spec, "megatron-checkpoint": megatron.spec}

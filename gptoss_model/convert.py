@@ -1,0 +1,381 @@
+"""HF GPT-OSS checkpoint -> megatron-core torch_dist checkpoint, streamed tensor by tensor.
+
+    report = convert_hf_to_megatron("/ckpt/gpt-oss-20b", "/out/megatron", dtype="bfloat16")
+
+Output layout (what Megatron-LM's `load_checkpoint` expects):
+
+    out/latest_checkpointed_iteration.txt      "0"
+    out/iter_0000000/                           megatron-core dist_checkpointing, torch_dist backend
+        metadata.json  common.pt  .metadata  __0_0.distcp
+
+The state dict is Megatron-LM's: {"model": model.sharded_state_dict(),
+"checkpoint_version": 3.0, "iteration": 0}; it loads at any TP/PP/EP layout
+(dist_checkpointing reshards on load).
+
+How it streams, without materialising the model:
+  1. The model is built on the *meta* device at world size 1 (local spec): its
+     `sharded_state_dict()` gives every ShardedTensor's key, global shape,
+     offset and dtype, and holds no data.
+  2. megatron's torch_dist strategy translates that into a torch.distributed
+     checkpoint (DCP) plan, as for a normal save (so the files are exactly
+     what `dist_checkpointing.load` reads).
+  3. The plan is written by torch's `FileSystemWriter` with one thread, which
+     asks the planner for each item's data (`resolve_data`) one at a time,
+     just before writing it. Our planner answers by reading that one tensor
+     (one expert's slice for experts, q/k/v of one layer for QKV) from the
+     safetensors files with `safe_open`, transforming it with `name_map`, and
+     casting it. Memory held is one megatron tensor (the largest is the
+     embedding / lm_head) plus its HF source, never the model. Measured on a
+     154M-parameter synthetic GPT-OSS (295 MB bf16 source): anonymous memory
+     rose 22 MB (bf16 output) / 25 MB (fp32 output, 589 MB written); process
+     RSS also counts the safetensors pages mmapped while reading (file-backed,
+     reclaimable), about the size of the source, whatever the output dtype.
+
+The tracker file is written last: a crash leaves an `iter_0000000/` without
+`latest_checkpointed_iteration.txt`, which Megatron-LM never loads (and the
+stage never commits).
+
+Pre-flight rejects non-GPT-OSS configs (`config.NotGptOssConfigError`),
+missing/misshaped tensors and unknown tensors (`load_hf.CheckpointError`)
+before anything is written.
+
+No Prefect here: tasks/convert.py wraps this in a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gptoss_model import name_map as nm
+from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
+from gptoss_model.load_hf import CheckpointError, HFCheckpoint, _read_for_param
+
+log = logging.getLogger(__name__)
+
+ITER_DIR = "iter_0000000"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ConversionError(RuntimeError):
+    """The conversion itself went wrong (output dir not empty, parity gate failed...)."""
+
+
+# ----------------------------------------------------------------- pre-flight
+def preflight(hf_dir: str | Path) -> HFCheckpoint:
+    """Open and validate a HF checkpoint dir; raise before any output is written.
+
+    NotGptOssConfigError: config.json is not GPT-OSS (model_type/architecture/fields).
+    CheckpointError: a tensor is missing, has the wrong shape, or is not part of GPT-OSS.
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"{hf_dir}: no config.json; not a Hugging Face checkpoint directory")
+    raw = json.loads((hf_dir / "config.json").read_text())
+    model_type, archs = raw.get("model_type"), raw.get("architectures")
+    # Stricter than the config reader (which accepts either): both must say GPT-OSS when present.
+    if (model_type is not None and model_type != "gpt_oss") or (archs and "GptOssForCausalLM" not in archs):
+        raise NotGptOssConfigError(f"{hf_dir / 'config.json'}: not a GPT-OSS checkpoint (model_type="
+                                   f"{model_type!r}, architectures={archs!r}); the converter needs "
+                                   "model_type 'gpt_oss' and architecture 'GptOssForCausalLM'")
+    cfg = GptOssModelConfig.from_hf_config(hf_dir)  # NotGptOssConfigError on anything else
+    ckpt = HFCheckpoint(hf_dir, cfg)
+    ckpt.validate()
+    unknown = ckpt.unknown_tensors()
+    if unknown:
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise CheckpointError(f"checkpoint {hf_dir} holds tensors that are not part of GPT-OSS: "
+                              f"{unknown[:5]}{more}; refusing to convert (they would be dropped)")
+    return ckpt
+
+
+# ------------------------------------------------------------- world of one
+class _WorldOfOne:
+    """torch.distributed + megatron parallel state at world 1 for the duration, if nobody set them up."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from gptoss_model import parallel
+
+        self.created = False
+        if dist.is_initialized():
+            if dist.get_world_size() != 1:
+                raise ConversionError("conversion runs in a single process (world size 1); "
+                                      f"this one is rank {dist.get_rank()} of {dist.get_world_size()}")
+            if (not ps.model_parallel_is_initialized()
+                    or ps.get_tensor_model_parallel_world_size() != 1
+                    or ps.get_pipeline_model_parallel_world_size() != 1
+                    or ps.get_expert_model_parallel_world_size() != 1):
+                parallel.initialize(parallel.ParallelLayout())
+        else:
+            parallel.initialize(parallel.ParallelLayout())
+            self.created = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.created:
+            from gptoss_model import parallel
+
+            parallel.destroy()
+
+
+def build_model(cfg: GptOssModelConfig, dtype: torch.dtype, device: str = "cpu"):
+    """A world-1 GPTModel (local spec), uninitialised; on "meta" it holds no memory."""
+    from gptoss_model import build
+    from gptoss_model.parallel import ParallelLayout
+
+    opts = build.BuildOptions(params_dtype=dtype, use_te=False, perform_initialization=False)
+    with torch.device(device):
+        return build.build_gpt_model(cfg, ParallelLayout(), opts)
+
+
+def megatron_state_dict(model) -> dict:
+    """What Megatron-LM saves and loads for a model-only checkpoint (no optimizer, no RNG)."""
+    return {"model": model.sharded_state_dict(), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+
+
+# --------------------------------------------------------- streaming writer
+def _streaming_strategy(sources: dict, ckpt: HFCheckpoint, on_item: Callable[[str, torch.Tensor], None]):
+    """A torch_dist save strategy whose tensor data is read from the HF checkpoint on demand."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class StreamingPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            idx = write_item.index
+            key = (idx.fqn, tuple(int(o) for o in idx.offset))
+            if key not in sources:
+                raise ConversionError(f"no HF source for checkpoint item {idx.fqn} at offset {list(idx.offset)}")
+            src = sources[key]
+            full = _full_tensor(src)
+            # The item is a view of the megatron parameter (all of it, or e.g. the gate or
+            # up half of a GLU fc1): take the same view of the converted tensor.
+            part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
+            td = write_item.tensor_data
+            sizes = tuple(td.chunk.sizes)
+            out = part.to(td.properties.dtype).reshape(sizes).contiguous()
+            on_item(src.name, out)
+            return out
+
+    cache: dict = {}
+
+    def _full_tensor(src: "_Source") -> torch.Tensor:
+        """The whole megatron tensor for src.name (1-entry cache: fc1's gate and up halves come in a row)."""
+        if cache.get("name") != src.name:
+            cache.clear()
+            value = _read_for_param(ckpt, src.match, src.param_shape, 0, 1).contiguous()  # world 1: whole
+            if tuple(value.shape) != src.param_shape:
+                raise CheckpointError(f"{ckpt.where(src.match.hf_names()[0])}: {list(src.match.hf_names())} -> "
+                                      f"{src.name} gives shape {list(value.shape)}, the model expects "
+                                      f"{list(src.param_shape)}")
+            cache.update(name=src.name, value=value)
+        return cache["value"]
+
+    class StreamingTorchDistSave(TorchDistSaveShardedStrategy):
+        def __init__(self):
+            super().__init__("torch_dist", 1, thread_count=1)
+
+        def save(self, sharded_state_dict, checkpoint_dir):  # synchronous, lazy data
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_sd = mcore_to_pyt_state_dict(sd, False)
+            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
+                                      sync_files=True)
+            dcp_save(pyt_sd, storage_writer=writer,
+                     planner=StreamingPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+    return StreamingTorchDistSave()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one checkpoint item's data comes from: a view of one megatron parameter."""
+
+    name: str  # megatron (world-1, global) parameter name
+    match: nm.Match
+    param_shape: tuple[int, ...]
+    size: tuple[int, ...]  # the item's view of the parameter (without prepended axes)
+    stride: tuple[int, ...]
+    storage_offset: int
+
+
+def _item_sources(model_sd: dict, params: dict) -> dict:
+    """{(sharded key, global offset): _Source} for every ShardedTensor of the (factory-applied) state dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sources = {}
+    for local_name, value in model_sd.items():
+        items = list(nested_values(value)) if isinstance(value, (dict, list)) else [value]
+        for sh in items:
+            if not isinstance(sh, ShardedTensor):  # ShardedObject (_extra_state): saved as is
+                continue
+            match = nm.match_megatron(local_name, "local")
+            if match is None or local_name not in params:
+                raise ConversionError(f"megatron tensor {local_name!r} has no HF source in name_map.RULES")
+            p = params[local_name]
+            d = sh.data
+            if d.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() and d.device.type != "meta":
+                raise ConversionError(f"{local_name}: checkpoint item is not a view of the parameter")
+            sources[(sh.key, tuple(int(o) for o in sh.global_offset))] = _Source(
+                local_name, match, tuple(p.shape), tuple(d.shape), tuple(d.stride()),
+                d.storage_offset() - p.storage_offset())
+    return sources
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return round(psutil.Process().memory_info().rss / 2**20, 1)
+    except ImportError:  # pragma: no cover
+        return float("nan")
+
+
+@torch.no_grad()
+def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
+                           source_sha: str | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> dict:
+    """Convert `hf_dir` into a Megatron-LM style torch_dist checkpoint under `out_dir`.
+
+    `out_dir` must be empty or absent. Returns the conversion report (for the manifest):
+    tensors, params, bytes, dtype, source_sha, seconds, rss/peak RSS in MB.
+    `progress(done, total)` is called after each tensor is written.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    started = time.time()
+    rss_before = _rss_mb()
+    ckpt = preflight(hf_dir)
+    cfg = ckpt.cfg
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConversionError(f"output directory {out_dir} is not empty")
+    iter_dir = out_dir / ITER_DIR
+
+    stats = {"tensors": 0, "params": 0, "bytes": 0}
+    with _WorldOfOne():
+        model = build_model(cfg, DTYPES[dtype], device="meta")
+        state = megatron_state_dict(model)
+        apply_factories(state["model"])  # e.g. GLU fc1 -> separate gate and up items
+        sources = _item_sources(state["model"], dict(model.state_dict(keep_vars=True)))
+        total = len(sources)
+
+        def on_item(name: str, t: torch.Tensor) -> None:
+            stats["tensors"] += 1
+            stats["params"] += t.numel()
+            stats["bytes"] += t.numel() * t.element_size()
+            if progress is not None:
+                progress(stats["tensors"], total)
+
+        strategy = _streaming_strategy(sources, ckpt, on_item)
+        iter_dir.mkdir(parents=True)
+        dist_checkpointing.save(state, str(iter_dir), sharded_strategy=strategy)
+        del model, state
+    ckpt.close()
+    if stats["tensors"] != total:
+        raise ConversionError(f"wrote {stats['tensors']} of {total} tensors")
+    (out_dir / TRACKER_FILE).write_text("0")
+    report = {
+        "format": "megatron-core torch_dist", "layout": f"{TRACKER_FILE} + {ITER_DIR}/",
+        "dtype": dtype, "tensors": stats["tensors"], "params": stats["params"], "bytes": stats["bytes"],
+        "source_sha": source_sha, "source_mxfp4": any(ckpt.is_mxfp4(n) for n in nm.expected_hf_shapes(cfg)),
+        "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+        "seconds": round(time.time() - started, 3),
+        "rss_before_mb": rss_before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
+    }
+    (out_dir / "conversion_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, stats["tensors"],
+             stats["params"], report["seconds"])
+    return report
+
+
+# -------------------------------------------------------------- read back
+def checkpoint_iter_dir(megatron_dir: str | Path) -> Path:
+    """The iteration directory named by latest_checkpointed_iteration.txt."""
+    megatron_dir = Path(megatron_dir)
+    tracker = megatron_dir / TRACKER_FILE
+    if not tracker.is_file():
+        raise ConversionError(f"{megatron_dir}: no {TRACKER_FILE}")
+    it = tracker.read_text().strip()
+    return megatron_dir / ("release" if it == "release" else f"iter_{int(it):07d}")
+
+
+def load_megatron_checkpoint(model, megatron_dir: str | Path):
+    """Load a converted checkpoint into this rank's model chunk (any layout; parallel state must exist)."""
+    from megatron.core import dist_checkpointing
+
+    state = megatron_state_dict(model)
+    loaded = dist_checkpointing.load(state, str(checkpoint_iter_dir(megatron_dir)))
+    model.load_state_dict(loaded["model"], strict=True)
+    return model
+
+
+def fixed_batch(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 1234) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab_size, (batch, seq), generator=g)  # id 0 (pad) never an input
+
+
+@torch.no_grad()
+def parity_check(megatron_dir: str | Path, hf_dir: str | Path, dtype: str = "float32",
+                 batch: int = 2, seq: int = 32) -> dict:
+    """Logits of the converted checkpoint vs transformers' GptOssForCausalLM, at world 1, in fp32.
+
+    `dtype` is the checkpoint's storage dtype. The megatron model computes in fp32 (the
+    stored values, upcast), so the gate measures the conversion, not bf16 arithmetic:
+      * max_abs_logit_diff: against the reference whose weights are rounded to `dtype`
+        exactly as the converter rounds them (norm weights stay fp32, as in a megatron
+        bf16 model), so the same numbers go in and it is ~1e-6 when the conversion is right;
+      * max_rel_logit_diff: against the full-precision fp32 reference, divided by
+        max |reference logit| (the cost of storing in `dtype`; 0-ish for float32).
+    """
+    from gptoss_model.tiny_checkpoint import load_reference_model
+
+    cfg = GptOssModelConfig.from_hf_config(hf_dir)
+    ids = fixed_batch(cfg.vocab_size, batch, seq)
+    started = time.time()
+    with _WorldOfOne():
+        model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        got = model(ids, pos, None).float()
+        del model
+    ref_model = load_reference_model(hf_dir, dtype=torch.float32)
+    want_full = ref_model(ids).logits.float()
+    if DTYPES[dtype] != torch.float32:
+        # megatron keeps RMSNorm weights in fp32 in a bf16 model, so they are stored in fp32.
+        for name, p in ref_model.named_parameters():
+            if "norm" not in name:
+                p.data = p.data.to(DTYPES[dtype]).float()
+        want = ref_model(ids).logits.float()
+    else:
+        want = want_full
+    del ref_model
+    scale = want_full.abs().max().item()
+    rel = (got - want_full).abs().max().item()
+    return {"parity_dtype": dtype, "parity_batch": [batch, seq],
+            "max_abs_logit_diff": (got - want).abs().max().item(),
+            "max_rel_logit_diff": rel / scale if scale else float("inf"),
+            "parity_seconds": round(time.time() - started, 3)}

@@ -1,0 +1,126 @@
+"""Convert stage: `hf-checkpoint` -> `megatron-checkpoint` (megatron-core torch_dist), with a parity gate.
+
+flows/convert.py -> here -> gptoss_model/convert.py
+
+The input is pulled with `store.local_path` (the version dir itself on a
+file:// store; a verified download cache elsewhere), converted tensor by
+tensor into the stage's staging dir, then (for models small enough to run
+here) loaded back at world size 1 and its logits compared with transformers'
+on a fixed batch: over tolerance, the stage fails and nothing is committed.
+
+The version is a fingerprint of the input's version and the parameters
+below, so converting the same checkpoint the same way twice is a cache hit.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+from pydantic import BaseModel, Field
+
+from gptoss_model.config import NotGptOssConfigError
+from gptoss_model.convert import ConversionError, convert_hf_to_megatron, parity_check
+from gptoss_model.load_hf import CheckpointError
+from tasks.common import StoreSettings, progress_sink, run_logged_stage
+from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+
+log = logging.getLogger(__name__)
+
+STAGE = "convert"
+KIND = "megatron-checkpoint"
+INPUT_KIND = "hf-checkpoint"
+CODE_VERSION = "1"  # bump when what lands in the artifact changes for the same inputs
+
+
+class ParityError(ValueError):
+    """The converted checkpoint's logits are too far from transformers'."""
+
+
+class ConvertParams(BaseModel):
+    source: str = Field(..., description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
+    name: str | None = Field(None, description="output artifact name; default: the input's name")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="storage dtype of the weights "
+                                                  "(RMSNorm weights stay fp32, as in a megatron bf16 model)")
+    parity: bool = Field(True, description="run the logit parity gate (skipped above parity_max_params)")
+    parity_max_params: int = Field(2_000_000_000, ge=0, description="largest model the gate runs on here")
+    parity_tolerance: float = Field(1e-4, gt=0, description="max |logit diff| vs transformers with the "
+                                    "same (dtype-rounded) weights")
+    workdir: str | None = Field(None, description="where the staging dir goes; default GPTOSS_WORKDIR / temp")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+    def fingerprint_params(self) -> dict:
+        """What defines the output: the storage dtype and the gate it had to pass."""
+        return {"dtype": self.dtype, "layer_spec": "local", "parity": self.parity,
+                "parity_max_params": self.parity_max_params, "parity_tolerance": self.parity_tolerance}
+
+
+def resolve_source(store: ArtifactStore, spec: str):
+    kind, name, selector = parse_artifact_spec(spec)
+    if kind != INPUT_KIND:
+        raise InvalidNameError(f"convert needs an {INPUT_KIND} artifact, got {spec!r} (kind {kind!r})")
+    return store.resolve(kind, name, selector)
+
+
+def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> StageResult:
+    """The whole stage without Prefect's task machinery (tests, the CLI)."""
+    store = store or params.store.open()
+    source = resolve_source(store, params.source)
+
+    def build(staging: Path) -> dict:
+        hf_dir = store.local_path(source)
+        sink = progress_sink()
+        started = [False]
+
+        def progress(done: int, total: int) -> None:
+            if not started[0]:
+                sink.start(total, f"convert {source.spec}")
+                started[0] = True
+            sink.advance(1)
+
+        report = convert_hf_to_megatron(hf_dir, staging, dtype=params.dtype, source_sha=source.version,
+                                        progress=progress)
+        sink.finish()
+        metrics = {**report, "source": source.spec}
+        if params.parity and report["params"] <= params.parity_max_params:
+            gate = parity_check(staging, hf_dir, dtype=params.dtype)
+            metrics.update(gate, parity_tolerance=params.parity_tolerance)
+            if not gate["max_abs_logit_diff"] <= params.parity_tolerance:
+                raise ParityError(
+                    f"parity gate failed for {source.spec} -> {KIND} ({params.dtype}): max |logit diff| "
+                    f"{gate['max_abs_logit_diff']:.3g} > {params.parity_tolerance:g} "
+                    f"(relative to fp32 weights: {gate['max_rel_logit_diff']:.3g})")
+            log.info("parity gate passed: max |logit diff| %.3g", gate["max_abs_logit_diff"])
+        else:
+            metrics["parity_skipped"] = ("disabled" if not params.parity else
+                                         f"{report['params']} params > parity_max_params")
+        return metrics
+
+    stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
+                             name=params.name or source.name, params=params.fingerprint_params(),
+                             build=build, inputs=[source], workdir=params.workdir)
+    log.info("%s: %s (%s)", STAGE, stage.spec, "cache hit" if stage.cache_hit else "committed")
+    return stage
+
+
+# Failures a retry cannot fix: fail the task at once instead of backing off.
+_PERMANENT = (NotGptOssConfigError, CheckpointError, ConversionError, ParityError, ValueError, LookupError)
+
+
+def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    return not isinstance(getattr(state, "data", None), _PERMANENT)
+
+
+def _task_run_name() -> str:
+    from prefect.runtime import task_run
+
+    params = task_run.parameters["params"]
+    return f"convert {params.source} ({params.dtype})"
+
+
+@task(name="convert-to-megatron", retries=2, retry_delay_seconds=[30, 120],
+      retry_condition_fn=_retry_worthwhile, task_run_name=_task_run_name)
+def convert_checkpoint(params: ConvertParams):
+    """Prefect task: the megatron-checkpoint manifest (a cache hit when already committed)."""
+    return run_convert(params).manifest

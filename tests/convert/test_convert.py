@@ -1,0 +1,254 @@
+"""The convert stage: HF GPT-OSS (bf16/fp32/MXFP4) -> megatron-core torch_dist, streamed, parity-gated."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from gptoss_model import convert
+from gptoss_model.config import NotGptOssConfigError
+from gptoss_model.load_hf import CheckpointError
+from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+
+LOGIT_TOL = 1e-4  # fp32 compute, same weights as the reference
+BF16_REL_TOL = 2e-2  # relative to max |logit| of the full-precision reference
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "fp32": write_tiny_checkpoint(root / "fp32", dtype="float32", seed=0),
+        "bf16": write_tiny_checkpoint(root / "bf16", dtype="bfloat16", seed=3),
+        "mxfp4": write_tiny_checkpoint(root / "mxfp4", dtype="bfloat16", mxfp4=True, seed=1),
+    }
+
+
+@pytest.mark.parametrize("source,dtype", [("fp32", "float32"), ("bf16", "float32"), ("bf16", "bfloat16"),
+                                          ("mxfp4", "float32"), ("mxfp4", "bfloat16")])
+def test_convert_load_and_logits_match_transformers(sources, tmp_path, source, dtype):
+    out = tmp_path / "megatron"
+    report = convert.convert_hf_to_megatron(sources[source], out, dtype=dtype, source_sha="abc123")
+    print(f"\n{source}->{dtype}: {report}")
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "0"
+    it = out / "iter_0000000"
+    assert {"metadata.json", "common.pt", ".metadata"} <= {p.name for p in it.iterdir()}
+    assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    cfg = json.loads((sources[source] / "config.json").read_text())
+    from gptoss_model.tiny_checkpoint import num_params
+
+    assert report["params"] == num_params(cfg)
+    assert report["dtype"] == dtype and report["source_sha"] == "abc123"
+    assert report["source_mxfp4"] == (source == "mxfp4")
+    assert report["peak_rss_mb"] > 0 and report["seconds"] > 0
+    # bf16 storage halves the bytes (RMSNorm weights stay fp32).
+    elems = report["bytes"] / (2 if dtype == "bfloat16" else 4)
+    assert elems == pytest.approx(report["params"], rel=0.01)
+
+    gate = convert.parity_check(out, sources[source], dtype=dtype)
+    print(gate)
+    assert gate["max_abs_logit_diff"] < LOGIT_TOL
+    # The sources hold bf16-representable values (bf16, or MXFP4 + bf16), so even the
+    # bf16 output is within bf16 tolerance of the full-precision reference.
+    assert gate["max_rel_logit_diff"] < (BF16_REL_TOL if dtype == "bfloat16" else LOGIT_TOL)
+
+
+def test_streaming_reads_one_tensor_at_a_time(sources, tmp_path, monkeypatch):
+    """Every item is read from safetensors on demand, while DCP writes: never the whole model."""
+    from gptoss_model import load_hf
+
+    seen, live = [], []
+    real = load_hf.HFCheckpoint.read
+
+    def spy(self, name, **kw):
+        seen.append(name)
+        return real(self, name, **kw)
+
+    monkeypatch.setattr(load_hf.HFCheckpoint, "read", spy)
+    import torch.distributed.checkpoint.filesystem as fs
+
+    real_write = fs._write_item
+
+    def write_spy(transforms, stream, data, item, *a, **k):
+        live.append(len(seen))
+        return real_write(transforms, stream, data, item, *a, **k)
+
+    monkeypatch.setattr(fs, "_write_item", write_spy)
+    convert.convert_hf_to_megatron(sources["fp32"], tmp_path / "m", dtype="float32")
+    # Reads interleave with writes: by the first tensor written, at most one group was read.
+    tensor_writes = [n for n in live if n > 0]
+    assert tensor_writes[0] <= 3 and tensor_writes[-1] == len(seen)
+    assert len(set(tensor_writes)) > 100
+
+
+def test_non_gpt_oss_config_is_rejected_before_writing(sources, tmp_path):
+    bad = tmp_path / "llama"
+    shutil.copytree(sources["fp32"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NotGptOssConfigError, match="llama|GPT-OSS|gpt_oss"):
+        convert.convert_hf_to_megatron(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_or_missing_tensors_are_rejected(sources, tmp_path):
+    from safetensors.torch import save_file
+
+    extra = tmp_path / "extra"
+    shutil.copytree(sources["fp32"], extra)
+    save_file({"model.vision_tower.weight": torch.zeros(2)}, str(extra / "model-extra.safetensors"))
+    index = json.loads((extra / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.vision_tower.weight"] = "model-extra.safetensors"
+    (extra / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not part of GPT-OSS.*vision_tower"):
+        convert.convert_hf_to_megatron(extra, tmp_path / "out")
+    del index["weight_map"]["model.layers.1.self_attn.sinks"]
+    (extra / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="sinks.*missing"):
+        convert.convert_hf_to_megatron(extra, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------- the stage
+def _commit_hf(store, path, name="tiny/gpt-oss"):
+    from tasks.store import run_stage
+
+    def build(staging):
+        shutil.copytree(path, staging, dirs_exist_ok=True)
+        return {}
+
+    return run_stage(store, stage="download", code_version="test", kind="hf-checkpoint", name=name,
+                     params={"source": str(path)}, build=build).manifest
+
+
+def test_stage_commits_then_cache_hit(sources, tmp_path):
+    from tasks.common import StoreSettings
+    from tasks.convert import ConvertParams, run_convert
+    from tasks.store import ArtifactStore
+
+    url = (tmp_path / "store").as_uri()
+    store = ArtifactStore(url)
+    hf = _commit_hf(store, sources["mxfp4"])
+    params = ConvertParams(source="hf-checkpoint/tiny/gpt-oss", workdir=str(tmp_path / "work"),
+                           store=StoreSettings(url=url))
+    first = run_convert(params, store)
+    m = first.manifest
+    assert not first.cache_hit and m.kind == "megatron-checkpoint" and m.name == "tiny/gpt-oss"
+    assert [(i.kind, i.name, i.version) for i in m.inputs] == [("hf-checkpoint", "tiny/gpt-oss", hf.version)]
+    files = {f.path for f in m.files}
+    assert {"latest_checkpointed_iteration.txt", "iter_0000000/.metadata", "iter_0000000/common.pt",
+            "iter_0000000/metadata.json"} <= files
+    assert m.metrics["max_abs_logit_diff"] < LOGIT_TOL and m.metrics["source_sha"] == hf.version
+    assert m.metrics["dtype"] == "bfloat16" and m.metrics["tensors"] > 0
+    print(f"\nstage metrics: {m.metrics}")
+
+    # The committed artifact loads like any megatron checkpoint.
+    gate = convert.parity_check(store.local_path(m), store.local_path(hf), dtype="bfloat16")
+    assert gate["max_abs_logit_diff"] < LOGIT_TOL
+
+    again = run_convert(params, store)
+    assert again.cache_hit and again.manifest.version == m.version
+    # By explicit version too.
+    pinned = run_convert(params.model_copy(update={"source": f"hf-checkpoint/tiny/gpt-oss@{hf.version}"}), store)
+    assert pinned.cache_hit and pinned.manifest.version == m.version
+
+
+def test_stage_fails_its_parity_gate_and_commits_nothing(sources, tmp_path):
+    from tasks.convert import ConvertParams, ParityError, run_convert
+    from tasks.store import ArtifactStore
+
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    _commit_hf(store, sources["fp32"])
+    params = ConvertParams(source="hf-checkpoint/tiny/gpt-oss", dtype="bfloat16", parity_tolerance=1e-12,
+                           workdir=str(tmp_path / "work"))
+    with pytest.raises(ParityError, match="parity gate failed"):
+        run_convert(params, store)
+    assert store.list("megatron-checkpoint") == []
+
+
+def test_stage_rejects_wrong_input_kind_and_non_gpt_oss(sources, tmp_path):
+    from tasks.convert import ConvertParams, run_convert
+    from tasks.store import ArtifactStore, InvalidNameError
+
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    with pytest.raises(InvalidNameError, match="hf-checkpoint"):
+        run_convert(ConvertParams(source="dataset/tiny"), store)
+    bad = tmp_path / "bad"
+    shutil.copytree(sources["fp32"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "mixtral"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _commit_hf(store, bad, name="not/gpt-oss")
+    with pytest.raises(NotGptOssConfigError):
+        run_convert(ConvertParams(source="hf-checkpoint/not/gpt-oss", workdir=str(tmp_path / "w")), store)
+    assert store.list("megatron-checkpoint") == []
+
+
+# ------------------------------------------------------- resharding on load
+@pytest.mark.distributed
+def test_world1_checkpoint_loads_at_ep2_tp2_pp2(sources, tmp_path):
+    """One torchrun launch (2 CPU processes, gloo): the world-1 conversion loads at other layouts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "megatron"
+    convert.convert_hf_to_megatron(sources["mxfp4"], out, dtype="bfloat16")
+    result = tmp_path / "dist.json"
+    worker = Path(__file__).with_name("dist_load_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "--max-restarts", "0", str(worker), str(out), str(sources["mxfp4"]), str(result)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    data = json.loads(result.read_text())
+    print("\n" + json.dumps(data, indent=1))
+    assert set(data) == {"ep2", "tp2_sp", "pp2", "tp2_sp_ep2"}
+    for r in data.values():
+        assert r["max_abs_logit_diff"] < LOGIT_TOL, r
+
+
+# ------------------------------------------------------------------- the flow
+@pytest.mark.prefect
+@pytest.mark.timeout(120)
+def test_flow_converts_then_fails_fast_on_non_gpt_oss(prefect_harness, sources, tmp_path):
+    """The Prefect flow commits the artifact; a permanent error is not retried (delays 30/120 s)."""
+    import time
+
+    from flows.convert import convert_flow
+    from tasks.common import StoreSettings
+    from tasks.convert import ConvertParams
+    from tasks.store import ArtifactStore
+
+    url = (tmp_path / "store").as_uri()
+    store = ArtifactStore(url)
+    _commit_hf(store, sources["bf16"])
+    params = ConvertParams(source="hf-checkpoint/tiny/gpt-oss", workdir=str(tmp_path / "w"),
+                           store=StoreSettings(url=url))
+    manifest = convert_flow(params)
+    assert manifest.kind == "megatron-checkpoint" and manifest.metrics["max_abs_logit_diff"] < LOGIT_TOL
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sources["bf16"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["architectures"] = ["MixtralForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _commit_hf(store, bad, name="not/gpt-oss")
+    t0 = time.monotonic()
+    state = convert_flow(params.model_copy(update={"source": "hf-checkpoint/not/gpt-oss"}), return_state=True)
+    assert state.is_failed() and time.monotonic() - t0 < 20
+    with pytest.raises(NotGptOssConfigError, match="not a GPT-OSS checkpoint"):
+        state.result()
