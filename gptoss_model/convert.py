@@ -44,9 +44,11 @@ No Prefect here: tasks/convert.py wraps this in a stage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +58,18 @@ import torch
 
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
-from gptoss_model.load_hf import CheckpointError, HFCheckpoint, _read_for_param
+from gptoss_model.convert_plan import Chunk, CheckpointPlan, describe, input_fingerprint, plan_checkpoint
+from gptoss_model.convert_writer import (canonical_results, deterministic_writer, finished_chunks,
+                                          write_chunks)
+from gptoss_model.load_hf import CheckpointError, HFCheckpoint
 
 log = logging.getLogger(__name__)
 
 ITER_DIR = "iter_0000000"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+REPORT_FILE = "conversion_report.json"
+STATE_DIR = ".convert"  # progress of an unfinished conversion; removed once it completes
+PLAN_FILE = "plan.json"
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -145,102 +153,9 @@ def megatron_state_dict(model) -> dict:
     return {"model": model.sharded_state_dict(), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
 
 
-# --------------------------------------------------------- streaming writer
-def _streaming_strategy(sources: dict, ckpt: HFCheckpoint, on_item: Callable[[str, torch.Tensor], None]):
-    """A torch_dist save strategy whose tensor data is read from the HF checkpoint on demand."""
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.planner import WriteItemType
-
-    class StreamingPlanner(MCoreSavePlanner):
-        def resolve_data(self, write_item):
-            if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
-            idx = write_item.index
-            key = (idx.fqn, tuple(int(o) for o in idx.offset))
-            if key not in sources:
-                raise ConversionError(f"no HF source for checkpoint item {idx.fqn} at offset {list(idx.offset)}")
-            src = sources[key]
-            full = _full_tensor(src)
-            # The item is a view of the megatron parameter (all of it, or e.g. the gate or
-            # up half of a GLU fc1): take the same view of the converted tensor.
-            part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
-            td = write_item.tensor_data
-            sizes = tuple(td.chunk.sizes)
-            out = part.to(td.properties.dtype).reshape(sizes).contiguous()
-            on_item(src.name, out)
-            return out
-
-    cache: dict = {}
-
-    def _full_tensor(src: "_Source") -> torch.Tensor:
-        """The whole megatron tensor for src.name (1-entry cache: fc1's gate and up halves come in a row)."""
-        if cache.get("name") != src.name:
-            cache.clear()
-            value = _read_for_param(ckpt, src.match, src.param_shape, 0, 1).contiguous()  # world 1: whole
-            if tuple(value.shape) != src.param_shape:
-                raise CheckpointError(f"{ckpt.where(src.match.hf_names()[0])}: {list(src.match.hf_names())} -> "
-                                      f"{src.name} gives shape {list(value.shape)}, the model expects "
-                                      f"{list(src.param_shape)}")
-            cache.update(name=src.name, value=value)
-        return cache["value"]
-
-    class StreamingTorchDistSave(TorchDistSaveShardedStrategy):
-        def __init__(self):
-            super().__init__("torch_dist", 1, thread_count=1)
-
-        def save(self, sharded_state_dict, checkpoint_dir):  # synchronous, lazy data
-            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-            pyt_sd = mcore_to_pyt_state_dict(sd, False)
-            writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
-                                      sync_files=True)
-            dcp_save(pyt_sd, storage_writer=writer,
-                     planner=StreamingPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
-
-    return StreamingTorchDistSave()
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where one checkpoint item's data comes from: a view of one megatron parameter."""
-
-    name: str  # megatron (world-1, global) parameter name
-    match: nm.Match
-    param_shape: tuple[int, ...]
-    size: tuple[int, ...]  # the item's view of the parameter (without prepended axes)
-    stride: tuple[int, ...]
-    storage_offset: int
-
-
-def _item_sources(model_sd: dict, params: dict) -> dict:
-    """{(sharded key, global offset): _Source} for every ShardedTensor of the (factory-applied) state dict."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    sources = {}
-    for local_name, value in model_sd.items():
-        items = list(nested_values(value)) if isinstance(value, (dict, list)) else [value]
-        for sh in items:
-            if not isinstance(sh, ShardedTensor):  # ShardedObject (_extra_state): saved as is
-                continue
-            match = nm.match_megatron(local_name, "local")
-            if match is None or local_name not in params:
-                raise ConversionError(f"megatron tensor {local_name!r} has no HF source in name_map.RULES")
-            p = params[local_name]
-            d = sh.data
-            if d.untyped_storage().data_ptr() != p.untyped_storage().data_ptr() and d.device.type != "meta":
-                raise ConversionError(f"{local_name}: checkpoint item is not a view of the parameter")
-            sources[(sh.key, tuple(int(o) for o in sh.global_offset))] = _Source(
-                local_name, match, tuple(p.shape), tuple(d.shape), tuple(d.stride()),
-                d.storage_offset() - p.storage_offset())
-    return sources
-
-
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+# ------------------------------------------------------------------ convert
+def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _rss_mb() -> float:
@@ -252,64 +167,126 @@ def _rss_mb() -> float:
         return float("nan")
 
 
+def _finalizing_strategy(plan: CheckpointPlan, results: dict[int, list]):
+    """megatron's torch_dist save strategy, reduced to its last step: the chunks are already written."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    class FinalizeChunks(TorchDistSaveShardedStrategy):
+        def __init__(self):
+            super().__init__("torch_dist", 1, thread_count=1)
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            writer = deterministic_writer(Path(checkpoint_dir))
+            writer.set_up_storage_writer(True)
+            writer.finish(plan.metadata, canonical_results(plan.chunks, results))
+
+    return FinalizeChunks()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _prepare_out_dir(out_dir: Path, plan: CheckpointPlan, resume: bool) -> str:
+    """'new', 'resume' (a partial attempt of this very plan) or 'complete'; refuses anything else."""
+    state_dir = out_dir / STATE_DIR
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return "new"
+    report_file = out_dir / REPORT_FILE
+    if resume and (out_dir / TRACKER_FILE).is_file() and report_file.is_file():
+        if json.loads(report_file.read_text()).get("input_fingerprint") == plan.fingerprint:
+            return "complete"
+    if resume and (state_dir / PLAN_FILE).is_file() and (state_dir / PLAN_FILE).read_text() == describe(plan):
+        return "resume"
+    raise ConversionError(f"output directory {out_dir} is not empty and holds no resumable attempt of "
+                          f"this conversion (same input, dtype and code); use an empty directory")
+
+
 @torch.no_grad()
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
-                           source_sha: str | None = None,
+                           source_sha: str | None = None, workers: int = 1, resume: bool = True,
                            progress: Callable[[int, int], None] | None = None) -> dict:
     """Convert `hf_dir` into a Megatron-LM style torch_dist checkpoint under `out_dir`.
 
-    `out_dir` must be empty or absent. Returns the conversion report (for the manifest):
-    tensors, params, bytes, dtype, source_sha, seconds, rss/peak RSS in MB.
-    `progress(done, total)` is called after each tensor is written.
+    `workers` processes write disjoint chunks (1: this process). `out_dir` must be empty,
+    absent, or (with `resume`) a previous attempt at the same conversion, whose finished
+    chunks are kept. Returns the conversion report (for the manifest): tensors, params,
+    bytes, dtype, source_sha, chunks (written / resumed), seconds, RSS in MB.
+    `progress(done, total)` counts tensors (per tensor with 1 worker, per chunk otherwise).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     started = time.time()
     rss_before = _rss_mb()
     ckpt = preflight(hf_dir)
-    cfg = ckpt.cfg
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConversionError(f"output directory {out_dir} is not empty")
-    iter_dir = out_dir / ITER_DIR
+    ckpt.close()
+    cfg, hf_dir, out_dir = ckpt.cfg, Path(hf_dir), Path(out_dir)
+    iter_dir, state_dir = out_dir / ITER_DIR, out_dir / STATE_DIR
 
-    stats = {"tensors": 0, "params": 0, "bytes": 0}
     with _WorldOfOne():
         model = build_model(cfg, DTYPES[dtype], device="meta")
         state = megatron_state_dict(model)
         apply_factories(state["model"])  # e.g. GLU fc1 -> separate gate and up items
-        sources = _item_sources(state["model"], dict(model.state_dict(keep_vars=True)))
-        total = len(sources)
-
-        def on_item(name: str, t: torch.Tensor) -> None:
-            stats["tensors"] += 1
-            stats["params"] += t.numel()
-            stats["bytes"] += t.numel() * t.element_size()
+        plan = plan_checkpoint({"model": state["model"]}, dict(model.state_dict(keep_vars=True)),
+                               cfg.num_layers, dtype, input_fingerprint(hf_dir, ckpt.file_of, dtype))
+        mode = _prepare_out_dir(out_dir, plan, resume)
+        summary = {
+            "format": "megatron-core torch_dist", "layout": f"{TRACKER_FILE} + {ITER_DIR}/",
+            "dtype": dtype, "tensors": plan.num_items - sum(len(c.byte_data) for c in plan.chunks),
+            "params": plan.params, "bytes": plan.nbytes, "chunks": len(plan.chunks),
+            "source_sha": source_sha, "input_fingerprint": plan.fingerprint,
+            "source_mxfp4": any(ckpt.is_mxfp4(n) for n in nm.expected_hf_shapes(cfg)),
+            "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+        }
+        done: dict[int, list] = {}
+        if mode != "complete":
+            state_dir.mkdir(parents=True, exist_ok=True)
+            iter_dir.mkdir(exist_ok=True)
+            (state_dir / PLAN_FILE).write_text(describe(plan))
+            done = finished_chunks(state_dir, iter_dir) if mode == "resume" else {}
+            todo = [c for c in plan.chunks if c.index not in done]
+            total, counter = summary["tensors"], [sum(len(c.sources) for c in plan.chunks if c.index in done)]
             if progress is not None:
-                progress(stats["tensors"], total)
+                progress(counter[0], total)
 
-        strategy = _streaming_strategy(sources, ckpt, on_item)
-        iter_dir.mkdir(parents=True)
-        dist_checkpointing.save(state, str(iter_dir), sharded_strategy=strategy)
+            def on_item() -> None:
+                counter[0] += 1
+                progress(counter[0], total)
+
+            def on_chunk(chunk: Chunk) -> None:
+                if workers > 1 and progress is not None:
+                    counter[0] += len(chunk.sources)
+                    progress(counter[0], total)
+
+            log.info("converting %s: %d chunks (%d done by an earlier attempt), %d workers",
+                     hf_dir, len(plan.chunks), len(done), workers)
+            results = {**done, **write_chunks(todo, hf_dir, iter_dir, state_dir, workers, on_chunk,
+                                              on_item if progress is not None and workers == 1 else None)}
+            # megatron warns "Overwriting old incomplete / corrupted checkpoint" as the chunk files are there.
+            with _quiet("megatron.core.dist_checkpointing.serialization"):
+                dist_checkpointing.save(state, str(iter_dir), sharded_strategy=_finalizing_strategy(plan, results))
+            (out_dir / REPORT_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            (out_dir / TRACKER_FILE).write_text("0")  # last: from here on, Megatron-LM loads it
+        shutil.rmtree(state_dir, ignore_errors=True)
         del model, state
-    ckpt.close()
-    if stats["tensors"] != total:
-        raise ConversionError(f"wrote {stats['tensors']} of {total} tensors")
-    (out_dir / TRACKER_FILE).write_text("0")
-    report = {
-        "format": "megatron-core torch_dist", "layout": f"{TRACKER_FILE} + {ITER_DIR}/",
-        "dtype": dtype, "tensors": stats["tensors"], "params": stats["params"], "bytes": stats["bytes"],
-        "source_sha": source_sha, "source_mxfp4": any(ckpt.is_mxfp4(n) for n in nm.expected_hf_shapes(cfg)),
-        "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
-        "seconds": round(time.time() - started, 3),
-        "rss_before_mb": rss_before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
-    }
-    (out_dir / "conversion_report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, stats["tensors"],
-             stats["params"], report["seconds"])
+    report = {**summary, "workers": workers, "chunks_resumed": len(done) if mode == "resume" else 0,
+              "already_complete": mode == "complete", "seconds": round(time.time() - started, 3),
+              "rss_before_mb": rss_before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
+              "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if workers > 1 else None}
+    log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, report["tensors"],
+             report["params"], report["seconds"])
     return report
 
 

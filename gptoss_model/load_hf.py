@@ -32,6 +32,17 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 class HFCheckpoint:
     """Read-only view of a HF checkpoint directory (sharded or single-file safetensors).
 
@@ -39,8 +50,15 @@ class HFCheckpoint:
     storage (plain or MXFP4), optionally just one expert / a row or column range.
     """
 
-    def __init__(self, path: str | Path, cfg: GptOssModelConfig | None = None):
+    def __init__(self, path: str | Path, cfg: GptOssModelConfig | None = None, *,
+                 max_mapped_bytes: int | None = None):
         self.path = Path(path)
+        # safetensors mmaps each file; pages a read touched stay resident (and in RSS) until the
+        # file is unmapped. With a limit, handles are dropped once that many bytes were read,
+        # and a larger tensor is read in row blocks, so a full pass over a 120B checkpoint
+        # keeps at most ~limit of it mapped.
+        self.max_mapped_bytes = max_mapped_bytes
+        self._mapped = 0
         self.cfg = cfg or GptOssModelConfig.from_hf_config(self.path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
@@ -68,6 +86,13 @@ class HFCheckpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._mapped = 0
+
+    def _touched(self, t: torch.Tensor) -> torch.Tensor:
+        self._mapped += t.numel() * t.element_size()
+        if self.max_mapped_bytes is not None and self._mapped >= self.max_mapped_bytes:
+            self.close()
+        return t
 
     def is_mxfp4(self, name: str) -> bool:
         return name not in self.file_of and f"{name}_blocks" in self.file_of and f"{name}_scales" in self.file_of
@@ -126,12 +151,25 @@ class HFCheckpoint:
             return self._read_mxfp4(name, expert)
         sl = self._handle(self.file_of[name]).get_slice(name)
         if expert is not None:
-            return sl[expert]
-        if rows is not None:
-            return sl[rows[0]:rows[1]]
+            return self._touched(sl[expert])
         if cols is not None:
-            return sl[:, cols[0]:cols[1]]
-        return sl[:]
+            return self._touched(sl[:, cols[0]:cols[1]])
+        shape = sl.get_shape()
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 0)
+        row_bytes = _numel(shape[1:]) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        if not shape or self.max_mapped_bytes is None or (r1 - r0) * row_bytes <= self.max_mapped_bytes:
+            return self._touched(sl[r0:r1] if shape else sl[:])
+        return self._read_rows_bounded(name, r0, r1, max(1, self.max_mapped_bytes // max(row_bytes, 1)))
+
+    def _read_rows_bounded(self, name: str, r0: int, r1: int, step: int) -> torch.Tensor:
+        first = self._touched(self._handle(self.file_of[name]).get_slice(name)[r0:min(r1, r0 + step)])
+        out = torch.empty((r1 - r0, *first.shape[1:]), dtype=first.dtype)
+        out[:first.shape[0]] = first
+        del first
+        for a in range(r0 + step, r1, step):
+            b = min(r1, a + step)
+            out[a - r0:b - r0] = self._touched(self._handle(self.file_of[name]).get_slice(name)[a:b])
+        return out
 
     def _read_mxfp4(self, name: str, expert: int | None) -> torch.Tensor:
         from gptoss_model.mxfp4 import dequantize
@@ -140,7 +178,8 @@ class HFCheckpoint:
         scales = self._handle(self.file_of[f"{name}_scales"]).get_slice(f"{name}_scales")
         if expert is not None:
             # [rows, G*32] as stored (out x in) -> HF bf16 layout [in, out]
-            return dequantize(blocks[expert], scales[expert], dtype=torch.float32).transpose(0, 1)
+            b, s = self._touched(blocks[expert]), self._touched(scales[expert])
+            return dequantize(b, s, dtype=torch.float32).transpose(0, 1)
         return dequantize(blocks[:], scales[:], dtype=torch.float32).transpose(1, 2)
 
     def unknown_tensors(self) -> list[str]:
@@ -179,7 +218,7 @@ def _global_names(model: torch.nn.Module, num_experts: int) -> Iterable[tuple[st
         yield name, ".".join(parts), p
 
 
-def _read_for_param(ckpt, match: nm.Match, local_shape, tp_rank: int, tp_size: int) -> torch.Tensor:
+def read_for_param(ckpt, match: nm.Match, local_shape, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The tensor this rank's parameter must hold, reading only its slice."""
     cfg, rule = ckpt.cfg, match.rule
     hf = match.hf_names()
@@ -235,7 +274,7 @@ def iter_param_values(model_chunks, source):
             if match is None:
                 raise CheckpointError(f"model parameter {local!r} ({global_name}) has no HF source in "
                                       "gptoss_model.name_map.RULES")
-            value = _read_for_param(source, match, tuple(param.shape), tp_rank, tp_size)
+            value = read_for_param(source, match, tuple(param.shape), tp_rank, tp_size)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(
                     f"{source.where(match.hf_names()[0])}: {list(match.hf_names())} -> {global_name} gives "

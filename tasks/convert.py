@@ -4,7 +4,9 @@ flows/convert.py -> here -> gptoss_model/convert.py
 
 The input is pulled with `store.local_path` (the version dir itself on a
 file:// store; a verified download cache elsewhere), converted tensor by
-tensor into the stage's staging dir, then (for models small enough to run
+tensor, by `workers` processes, into the stage's staging dir
+(`{workdir}/convert-{version}`, kept when an attempt dies: the next attempt
+resumes, rewriting only the chunks that were not finished), then (for models small enough to run
 here) loaded back at world size 1 and its logits compared with transformers'
 on a fixed batch: over tolerance, the stage fails and nothing is committed.
 
@@ -14,6 +16,7 @@ below, so converting the same checkpoint the same way twice is a cache hit.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from gptoss_model.config import NotGptOssConfigError
 from gptoss_model.convert import ConversionError, convert_hf_to_megatron, parity_check
+from gptoss_model.convert_plan import PlanError
 from gptoss_model.load_hf import CheckpointError
 from tasks.common import StoreSettings, progress_sink, run_logged_stage
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
@@ -31,7 +35,7 @@ log = logging.getLogger(__name__)
 STAGE = "convert"
 KIND = "megatron-checkpoint"
 INPUT_KIND = "hf-checkpoint"
-CODE_VERSION = "1"  # bump when what lands in the artifact changes for the same inputs
+CODE_VERSION = "2"  # bump when what lands in the artifact changes for the same inputs
 
 
 class ParityError(ValueError):
@@ -47,11 +51,14 @@ class ConvertParams(BaseModel):
     parity_max_params: int = Field(2_000_000_000, ge=0, description="largest model the gate runs on here")
     parity_tolerance: float = Field(1e-4, gt=0, description="max |logit diff| vs transformers with the "
                                     "same (dtype-rounded) weights")
-    workdir: str | None = Field(None, description="where the staging dir goes; default GPTOSS_WORKDIR / temp")
+    workers: int = Field(1, ge=1, le=256, description="processes converting disjoint chunks (embedding, "
+                         "each layer, the head); the output is byte-identical for any count")
+    workdir: str | None = Field(None, description="where the staging dir goes (kept across attempts, so a "
+                                "retry resumes); default GPTOSS_WORKDIR / temp")
     store: StoreSettings = Field(default_factory=StoreSettings)
 
     def fingerprint_params(self) -> dict:
-        """What defines the output: the storage dtype and the gate it had to pass."""
+        """What defines the output: the storage dtype and the gate it had to pass (not `workers`)."""
         return {"dtype": self.dtype, "layer_spec": "local", "parity": self.parity,
                 "parity_max_params": self.parity_max_params, "parity_tolerance": self.parity_tolerance}
 
@@ -71,22 +78,26 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
     def build(staging: Path) -> dict:
         hf_dir = store.local_path(source)
         sink = progress_sink()
-        started = [False]
+        seen = [None]
 
         def progress(done: int, total: int) -> None:
-            if not started[0]:
+            if seen[0] is None:
                 sink.start(total, f"convert {source.spec}")
-                started[0] = True
-            sink.advance(1)
+                seen[0] = 0
+            sink.advance(done - seen[0])
+            seen[0] = done
 
+        # The staging dir persists across attempts (resumable stage): chunks an earlier,
+        # killed attempt finished are kept, the rest is written now.
         report = convert_hf_to_megatron(hf_dir, staging, dtype=params.dtype, source_sha=source.version,
-                                        progress=progress)
+                                        workers=params.workers, resume=True, progress=progress)
         sink.finish()
         metrics = {**report, "source": source.spec}
         if params.parity and report["params"] <= params.parity_max_params:
             gate = parity_check(staging, hf_dir, dtype=params.dtype)
             metrics.update(gate, parity_tolerance=params.parity_tolerance)
             if not gate["max_abs_logit_diff"] <= params.parity_tolerance:
+                _empty(staging)  # a retry must not resume into a checkpoint that failed its gate
                 raise ParityError(
                     f"parity gate failed for {source.spec} -> {KIND} ({params.dtype}): max |logit diff| "
                     f"{gate['max_abs_logit_diff']:.3g} > {params.parity_tolerance:g} "
@@ -99,13 +110,18 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
 
     stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
                              name=params.name or source.name, params=params.fingerprint_params(),
-                             build=build, inputs=[source], workdir=params.workdir)
+                             build=build, inputs=[source], workdir=params.workdir, resumable=True)
     log.info("%s: %s (%s)", STAGE, stage.spec, "cache hit" if stage.cache_hit else "committed")
     return stage
 
 
+def _empty(directory: Path) -> None:
+    for child in directory.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 # Failures a retry cannot fix: fail the task at once instead of backing off.
-_PERMANENT = (NotGptOssConfigError, CheckpointError, ConversionError, ParityError, ValueError, LookupError)
+_PERMANENT = (NotGptOssConfigError, CheckpointError, ConversionError, PlanError, ParityError, ValueError, LookupError)
 
 
 def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature

@@ -41,11 +41,17 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
               params: Any, build: Callable[[Path], dict | None],
               inputs: Iterable[Manifest | InputRef] = (), workdir: str | Path | None = None,
               progress: ProgressSink | None = None, wait_timeout: float | None = None,
-              poll_interval: float = 1.0, refs: Iterable[str] = ("latest",)) -> StageResult:
+              poll_interval: float = 1.0, refs: Iterable[str] = ("latest",),
+              resumable: bool = False) -> StageResult:
     """Run `build(staging_dir) -> metrics` once per distinct (stage, code, params, inputs).
 
     Concurrent callers with the same inputs end with one committed version:
     one builds, the others wait for its manifest and return it as a cache hit.
+
+    With `resumable`, the staging dir is `{workdir}/{stage}-{version}` and survives a
+    failed or killed attempt: the next attempt (which holds the claim, so it is alone)
+    gets the same dir with whatever `build` left there, and `build` decides what to keep.
+    It is removed once the version is committed.
     """
     input_refs = [i.ref if isinstance(i, Manifest) else i for i in inputs]
     version = fingerprint(stage, code_version, params, [r.model_dump() for r in input_refs])
@@ -78,7 +84,12 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
             log.info("stage %s: removed %d files of an interrupted attempt at %s", stage, removed, spec)
         base = Path(workdir or os.environ.get("GPTOSS_WORKDIR") or tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{stage}-{version}-", dir=base))
+        if resumable:
+            staging = base / f"{stage}-{version}"
+            staging.mkdir(exist_ok=True)
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=f"{stage}-{version}-", dir=base))
+        committed = False
         try:
             started = time.time()
             metrics = dict(build(staging) or {})
@@ -88,8 +99,10 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
             manifest, won = store.commit(staging, kind=kind, name=name, version=version, producer=producer,
                                          parameters=params, inputs=input_refs, metrics=metrics,
                                          progress=progress, claim=claim)
+            committed = True
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if committed or not resumable:
+                shutil.rmtree(staging, ignore_errors=True)
     finally:
         claim.release()
     log.info("stage %s: committed %s (%d files, %d bytes)", stage, spec, len(manifest.files),

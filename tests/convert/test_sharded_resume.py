@@ -1,0 +1,80 @@
+"""Sharded conversion: N workers write the same bytes as one; a failed attempt is resumed, not redone."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from gptoss_model import convert, convert_writer
+from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+
+
+def digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "mxfp4", dtype="bfloat16", mxfp4=True, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "megatron"
+    report = convert.convert_hf_to_megatron(source, out, workers=1)
+    return out, digest(out), report
+
+
+def test_two_workers_write_the_bytes_one_worker_writes(source, reference, tmp_path):
+    ref_dir, ref_digest, ref_report = reference
+    seen = []
+    report = convert.convert_hf_to_megatron(source, tmp_path / "m", workers=2,
+                                            progress=lambda done, total: seen.append((done, total)))
+    print(f"\n1 worker: {ref_report['seconds']} s; 2 workers: {report['seconds']} s, "
+          f"worker peak RSS {report['peak_worker_rss_mb']} MB")
+    assert digest(tmp_path / "m") == ref_digest
+    # One file per structural chunk: embedding, each layer, the head.
+    layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    assert report["chunks"] == layers + 2
+    assert sorted(p.name for p in (tmp_path / "m" / "iter_0000000").glob("*.distcp")) == \
+        sorted(f"__{i}_0.distcp" for i in range(layers + 2))
+    assert not (tmp_path / "m" / convert.STATE_DIR).exists()
+    assert seen[-1] == (report["tensors"], report["tensors"]) and report["peak_worker_rss_mb"] > 0
+    gate = convert.parity_check(tmp_path / "m", source, dtype="bfloat16")
+    assert gate["max_abs_logit_diff"] < 1e-4
+
+
+def test_failed_attempt_is_resumed_without_rewriting_finished_chunks(source, reference, tmp_path, monkeypatch):
+    _, ref_digest, _ = reference
+    out = tmp_path / "m"
+    real = convert_writer.write_chunk
+    written = []
+
+    def dies_on_third_chunk(chunk, *a, **k):
+        if len(written) == 2:
+            raise OSError("disk went away")
+        written.append(chunk.index)
+        return real(chunk, *a, **k)
+
+    monkeypatch.setattr(convert_writer, "write_chunk", dies_on_third_chunk)
+    with pytest.raises(OSError, match="disk went away"):
+        convert.convert_hf_to_megatron(source, out, workers=1)
+    assert not (out / convert.TRACKER_FILE).exists()  # never loadable half-written
+    monkeypatch.setattr(convert_writer, "write_chunk", lambda chunk, *a, **k: (written.append(chunk.index),
+                                                                               real(chunk, *a, **k))[1])
+    # A finished chunk whose file vanished is not trusted: it is written again.
+    (out / "iter_0000000" / "__1_0.distcp").unlink()
+    report = convert.convert_hf_to_megatron(source, out, workers=1)
+    assert report["chunks_resumed"] == 1 and written[:2] == [0, 1] and sorted(written[2:]) == \
+        list(range(1, report["chunks"]))
+    assert digest(out) == ref_digest
+
+    # Converting into a finished output is a no-op; into someone else's partial output, an error.
+    again = convert.convert_hf_to_megatron(source, out, workers=1)
+    assert again["already_complete"] and digest(out) == ref_digest
+    with pytest.raises(convert.ConversionError, match="not empty"):
+        convert.convert_hf_to_megatron(source, out, dtype="float32")
+    with pytest.raises(convert.ConversionError, match="not empty"):
+        convert.convert_hf_to_megatron(source, out, resume=False)
