@@ -1,39 +1,42 @@
 """HF GPT-OSS checkpoint -> megatron-core torch_dist checkpoint, streamed tensor by tensor.
 
-    report = convert_hf_to_megatron("/ckpt/gpt-oss-20b", "/out/megatron", dtype="bfloat16")
+    report = convert_hf_to_megatron("/ckpt/gpt-oss-20b", "/out/megatron", dtype="bfloat16", workers=4)
 
 Output layout (what Megatron-LM's `load_checkpoint` expects):
 
     out/latest_checkpointed_iteration.txt      "0"
+    out/conversion_report.json                  what was converted (tensors, params, source sha...)
     out/iter_0000000/                           megatron-core dist_checkpointing, torch_dist backend
-        metadata.json  common.pt  .metadata  __0_0.distcp
+        metadata.json  common.pt  .metadata  __0_0.distcp ... __{L+1}_0.distcp
 
 The state dict is Megatron-LM's: {"model": model.sharded_state_dict(),
 "checkpoint_version": 3.0, "iteration": 0}; it loads at any TP/PP/EP layout
 (dist_checkpointing reshards on load).
 
-How it streams, without materialising the model:
+How it works, without materialising the model:
   1. The model is built on the *meta* device at world size 1 (local spec): its
      `sharded_state_dict()` gives every ShardedTensor's key, global shape,
      offset and dtype, and holds no data.
-  2. megatron's torch_dist strategy translates that into a torch.distributed
-     checkpoint (DCP) plan, as for a normal save (so the files are exactly
-     what `dist_checkpointing.load` reads).
-  3. The plan is written by torch's `FileSystemWriter` with one thread, which
-     asks the planner for each item's data (`resolve_data`) one at a time,
-     just before writing it. Our planner answers by reading that one tensor
-     (one expert's slice for experts, q/k/v of one layer for QKV) from the
-     safetensors files with `safe_open`, transforming it with `name_map`, and
-     casting it. Memory held is one megatron tensor (the largest is the
-     embedding / lm_head) plus its HF source, never the model. Measured on a
-     154M-parameter synthetic GPT-OSS (295 MB bf16 source): anonymous memory
-     rose 22 MB (bf16 output) / 25 MB (fp32 output, 589 MB written); process
-     RSS also counts the safetensors pages mmapped while reading (file-backed,
-     reclaimable), about the size of the source, whatever the output dtype.
+  2. `convert_plan` turns it into the DCP plan megatron's torch_dist strategy
+     would make, split into structural chunks (embedding, each layer, head).
+  3. `convert_writer` writes each chunk as one file with torch's
+     FileSystemWriter, reading each item's tensor from safetensors just before
+     it is written (one expert slice, one layer's q/k/v...), in this process
+     or in `workers` spawned processes. Memory held per worker is one megatron
+     tensor plus its source (the largest is the embedding / lm_head), and
+     safetensors mappings are dropped every 256 MiB, so RSS does not grow
+     with the number of layers.
+  4. megatron's `dist_checkpointing.save` writes common.pt and metadata.json,
+     with a strategy that only writes `.metadata` from the chunks' results.
 
-The tracker file is written last: a crash leaves an `iter_0000000/` without
-`latest_checkpointed_iteration.txt`, which Megatron-LM never loads (and the
-stage never commits).
+The bytes depend only on the input and the dtype: one worker or eight, in
+one go or resumed after a crash, the files are identical.
+
+Resuming: `out/.convert/` records the plan and each finished chunk; a rerun
+into the same `out` writes only the unfinished chunks (a chunk file is
+renamed into place only once complete). The tracker file is written last: a
+crash leaves no `latest_checkpointed_iteration.txt`, which Megatron-LM never
+loads (and the stage never commits).
 
 Pre-flight rejects non-GPT-OSS configs (`config.NotGptOssConfigError`),
 missing/misshaped tensors and unknown tensors (`load_hf.CheckpointError`)
@@ -50,7 +53,6 @@ import logging
 import resource
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
