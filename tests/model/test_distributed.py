@@ -8,14 +8,11 @@ they must be far off, which shows the comparison catches them and that
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.torchrun import run_torchrun
 
 from .conftest import GRAD_TOL, LOGIT_TOL
 
@@ -27,21 +24,7 @@ CONTROLS = ["tp2_sp_ep2_unfixed", "tp2_sp_ep1_unfixed"]
 @pytest.fixture(scope="module")
 def results(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--standalone", "--max-restarts", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    # Own process group: on a hang, the launcher *and* its workers are killed.
-    proc = subprocess.Popen([*torchrun, str(WORKER), str(tiny_ckpt), str(out)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
-    data = json.loads(out.read_text())
+    data = run_torchrun(WORKER, tiny_ckpt, result=out)
     for name, r in data.items():
         print(f"\n{name}: {r}")
     return data
