@@ -62,7 +62,7 @@ from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
 from gptoss_model.convert_plan import Chunk, CheckpointPlan, describe, input_fingerprint, plan_checkpoint
 from gptoss_model.convert_writer import (canonical_results, deterministic_writer, finished_chunks,
-                                          write_chunks)
+                                          start_workers, write_chunks)
 from gptoss_model.load_hf import CheckpointError, HFCheckpoint
 
 log = logging.getLogger(__name__)
@@ -223,9 +223,6 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     bytes, dtype, source_sha, chunks (written / resumed), seconds, RSS in MB.
     `progress(done, total)` counts tensors (per tensor with 1 worker, per chunk otherwise).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if workers < 1:
@@ -234,9 +231,29 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     rss_before = _rss_mb()
     ckpt = preflight(hf_dir)
     ckpt.close()
-    cfg, hf_dir, out_dir = ckpt.cfg, Path(hf_dir), Path(out_dir)
-    iter_dir, state_dir = out_dir / ITER_DIR, out_dir / STATE_DIR
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    pool = start_workers(hf_dir, workers) if workers > 1 else None
+    try:
+        report = _convert(ckpt, hf_dir, out_dir, dtype, source_sha, workers, pool, resume, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    report.update(workers=workers, seconds=round(time.time() - started, 3), rss_before_mb=rss_before,
+                  rss_after_mb=_rss_mb(), peak_rss_mb=_peak_rss_mb(),
+                  # largest reaped child of this process so far: the workers, once shut down
+                  peak_worker_rss_mb=_peak_rss_mb(resource.RUSAGE_CHILDREN) if pool is not None else None)
+    log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, report["tensors"],
+             report["params"], report["seconds"])
+    return report
 
+
+def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers: int, pool, resume: bool,
+             progress) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    cfg = ckpt.cfg
+    iter_dir, state_dir = out_dir / ITER_DIR, out_dir / STATE_DIR
     with _WorldOfOne():
         model = build_model(cfg, DTYPES[dtype], device="meta")
         state = megatron_state_dict(model)
@@ -268,14 +285,14 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
                 progress(counter[0], total)
 
             def on_chunk(chunk: Chunk) -> None:
-                if workers > 1 and progress is not None:
+                if pool is not None and progress is not None:
                     counter[0] += len(chunk.sources)
                     progress(counter[0], total)
 
             log.info("converting %s: %d chunks (%d done by an earlier attempt), %d workers",
                      hf_dir, len(plan.chunks), len(done), workers)
-            results = {**done, **write_chunks(todo, hf_dir, iter_dir, state_dir, workers, on_chunk,
-                                              on_item if progress is not None and workers == 1 else None)}
+            results = {**done, **write_chunks(todo, hf_dir, iter_dir, state_dir, pool, on_chunk,
+                                              on_item if progress is not None and pool is None else None)}
             # megatron warns "Overwriting old incomplete / corrupted checkpoint" as the chunk files are there.
             with _quiet("megatron.core.dist_checkpointing.serialization"):
                 dist_checkpointing.save(state, str(iter_dir), sharded_strategy=_finalizing_strategy(plan, results))
@@ -283,13 +300,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
             (out_dir / TRACKER_FILE).write_text("0")  # last: from here on, Megatron-LM loads it
         shutil.rmtree(state_dir, ignore_errors=True)
         del model, state
-    report = {**summary, "workers": workers, "chunks_resumed": len(done) if mode == "resume" else 0,
-              "already_complete": mode == "complete", "seconds": round(time.time() - started, 3),
-              "rss_before_mb": rss_before, "rss_after_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
-              "peak_worker_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN) if workers > 1 else None}
-    log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, report["tensors"],
-             report["params"], report["seconds"])
-    return report
+    return {**summary, "chunks_resumed": len(done) if mode == "resume" else 0,
+            "already_complete": mode == "complete"}
 
 
 # -------------------------------------------------------------- read back

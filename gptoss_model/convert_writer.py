@@ -39,11 +39,11 @@ class WorkerError(RuntimeError):
     """A conversion worker died or failed."""
 
 
-def _checkpoint_value(ckpt, source) -> torch.Tensor:
+def _checkpoint_value(ckpt, source, dtype: torch.dtype) -> torch.Tensor:
     """The whole world-1 megatron tensor `source.name` holds, read and transformed from HF."""
     from gptoss_model.load_hf import CheckpointError, read_for_param
 
-    value = read_for_param(ckpt, source.match, source.param_shape, 0, 1).contiguous()
+    value = read_for_param(ckpt, source.match, source.param_shape, 0, 1, dtype=dtype).contiguous()
     if tuple(value.shape) != source.param_shape:
         raise CheckpointError(f"{ckpt.where(source.match.hf_names()[0])}: {list(source.match.hf_names())} -> "
                               f"{source.name} gives shape {list(value.shape)}, the model expects "
@@ -67,7 +67,7 @@ class _ChunkPlanner:
         src = self.chunk.sources[key]
         if self._cached is None or self._cached[0] != src.name:
             self._cached = None  # drop the previous tensor before reading the next
-            self._cached = (src.name, _checkpoint_value(self.ckpt, src))
+            self._cached = (src.name, _checkpoint_value(self.ckpt, src, write_item.tensor_data.properties.dtype))
         full = self._cached[1]
         # The item is a view of the megatron parameter (all of it, or e.g. the gate or up
         # half of a GLU fc1): take the same view of the converted tensor.
@@ -178,12 +178,34 @@ def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[int, lis
         return chunk.index, write_chunk(chunk, _WORKER["ckpt"], Path(iter_dir), Path(state_dir))
 
 
-def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: Path, workers: int,
-                 on_chunk: Callable[[Chunk], None], on_item: Callable[[], None] | None = None,
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+def start_workers(hf_dir: Path, workers: int, mapped_limit: int = MAPPED_BYTES_LIMIT) -> ProcessPoolExecutor:
+    """Spawn the worker processes now, so their imports overlap the planning in this process."""
+    import multiprocessing as mp
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(str(hf_dir), mapped_limit))
+    for _ in range(workers):  # one submit spawns one process (while none is idle)
+        pool.submit(_worker_ready)
+    return pool
+
+
+def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: Path,
+                 pool: ProcessPoolExecutor | None, on_chunk: Callable[[Chunk], None],
+                 on_item: Callable[[], None] | None = None,
                  mapped_limit: int = MAPPED_BYTES_LIMIT) -> dict[int, list]:
-    """Write `chunks` with `workers` processes (1: in this process); {chunk index: write results}."""
+    """Write `chunks` in `pool`'s workers (None: in this process); {chunk index: write results}.
+
+    A worker's exception is raised as is (a CheckpointError stays one); a worker that
+    died (killed, out of memory) raises WorkerError. Chunks finished before that stay done.
+    """
+    from concurrent.futures.process import BrokenProcessPool
+
     results: dict[int, list] = {}
-    if workers <= 1:
+    if pool is None:
         from gptoss_model.load_hf import HFCheckpoint
 
         ckpt = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
@@ -192,22 +214,20 @@ def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: P
             on_chunk(chunk)
         return results
 
-    import multiprocessing as mp
-
     by_index = {c.index: c for c in chunks}
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(str(hf_dir), mapped_limit))
+    pending = {pool.submit(_worker_write, c, str(iter_dir), str(state_dir)) for c in chunks}
     try:
-        pending = {pool.submit(_worker_write, c, str(iter_dir), str(state_dir)) for c in chunks}
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for fut in finished:
                 try:
                     index, res = fut.result()
-                except Exception as e:
-                    raise WorkerError(f"conversion worker failed: {type(e).__name__}: {e}") from e
+                except BrokenProcessPool as e:
+                    raise WorkerError(f"a conversion worker died ({e}); the chunks it finished are kept "
+                                      "and a rerun writes the others") from e
                 results[index] = res
                 on_chunk(by_index[index])
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in pending:
+            fut.cancel()
     return results

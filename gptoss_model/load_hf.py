@@ -182,6 +182,21 @@ class HFCheckpoint:
             return dequantize(b, s, dtype=torch.float32).transpose(0, 1)
         return dequantize(blocks[:], scales[:], dtype=torch.float32).transpose(1, 2)
 
+    def read_mxfp4_rows(self, name: str, expert: int, rows: tuple[slice, ...],
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert `expert` of MXFP4 tensor `name`, as its stored [out, in] rows `rows` (concatenated)."""
+        from gptoss_model.mxfp4 import dequantize
+
+        blocks = self._touched(self._handle(self.file_of[f"{name}_blocks"]).get_slice(f"{name}_blocks")[expert])
+        scales = self._touched(self._handle(self.file_of[f"{name}_scales"]).get_slice(f"{name}_scales")[expert])
+        parts = [(blocks[r], scales[r]) for r in rows]
+        out = torch.empty((sum(b.shape[0] for b, _ in parts), blocks.shape[1] * blocks.shape[2] * 2), dtype=dtype)
+        start = 0
+        for b, s in parts:
+            dequantize(b, s, dtype, out=out[start:start + b.shape[0]])
+            start += b.shape[0]
+        return out
+
     def unknown_tensors(self) -> list[str]:
         known = set(nm.expected_hf_shapes(self.cfg))
         return sorted(k for k in self.file_of
@@ -218,10 +233,18 @@ def _global_names(model: torch.nn.Module, num_experts: int) -> Iterable[tuple[st
         yield name, ".".join(parts), p
 
 
-def read_for_param(ckpt, match: nm.Match, local_shape, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The tensor this rank's parameter must hold, reading only its slice."""
+def read_for_param(ckpt, match: nm.Match, local_shape, tp_rank: int, tp_size: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor this rank's parameter must hold, reading only its slice.
+
+    `dtype` is what MXFP4 experts are dequantized to (exact in bf16 and fp32 alike);
+    other tensors come in their stored dtype.
+    """
     cfg, rule = ckpt.cfg, match.rule
     hf = match.hf_names()
+    rows = nm.megatron_rows_of_stored(rule.kind)
+    if rows is not None and isinstance(ckpt, HFCheckpoint) and ckpt.is_mxfp4(hf[0]):
+        return ckpt.read_mxfp4_rows(hf[0], match.expert, rows, dtype)
     if rule.kind in nm.EXPERT_KINDS:
         return nm.expert_to_megatron(rule.kind, ckpt.read(hf[0], expert=match.expert))
     if rule.kind in (nm.QKV, nm.QKV_BIAS):

@@ -146,6 +146,9 @@ def _dequantize_into(blocks, scales, out, table, max_chunk_bytes):
             _dequantize_into(blocks[i], scales[i], out[i], table, max_chunk_bytes)
         return
     n, g = s2.shape
+    if table.element_size() == 2 and o2.is_contiguous() and o2.storage_offset() % 2 == 0:
+        _dequantize_packed(b3, s2, o2, table)
+        return
     # per group: 16 int64 indices + the int64 scale term
     step = max(1, max_chunk_bytes // (g * (BLOCK_BYTES * 8 + 8)))
     for r0 in range(0, n, step):
@@ -157,6 +160,24 @@ def _dequantize_into(blocks, scales, out, table, max_chunk_bytes):
             torch.index_select(table, 0, idx.view(-1), out=dst.view(-1, 2))
         else:
             dst.copy_(torch.index_select(table, 0, idx.view(-1)).view(r1 - r0, -1))
+
+
+# bf16/fp16: both values of a byte fit one int32, so one gather per byte instead of a
+# [.., 2] row gather; with ~384 KiB of int32 indices per step (they stay in L2), this
+# measured 3x faster than the row gather for gpt-oss-20b's experts.
+_PACKED_INDEX_BYTES = 384 << 10
+
+
+def _dequantize_packed(b3, s2, o2, table):
+    packed = table.view(torch.int32).view(-1)  # [65536]: (low, high) nibble values of one byte
+    out32 = o2.view(torch.int32)  # [N, G*16]
+    n, g = s2.shape
+    step = max(1, _PACKED_INDEX_BYTES // (g * BLOCK_BYTES * 4))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        idx = b3[r0:r1].to(torch.int32)
+        idx += (s2[r0:r1].to(torch.int32) << 8).unsqueeze(-1)
+        torch.index_select(packed, 0, idx.view(-1), out=out32[r0:r1].view(-1))
 
 
 def quantize(

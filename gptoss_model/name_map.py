@@ -218,6 +218,17 @@ _EXPERT_TO_HF = {GATE_UP: fc1_to_gate_up, GATE_UP_BIAS: fc1_bias_to_gate_up,
                  DOWN: fc2_to_down, DOWN_BIAS: lambda t: t}
 
 
+# MXFP4 stores each expert's weight as [out, in] rows (the transpose of HF's bf16 layout), so
+# megatron's tensor is just a selection of stored rows: fc1 = [gate; up] = even rows, then odd
+# rows; fc2 = all rows. A loader can dequantize straight into megatron layout, no transposes.
+_MEGATRON_ROWS_OF_STORED = {GATE_UP: (slice(0, None, 2), slice(1, None, 2)), DOWN: (slice(None),)}
+
+
+def megatron_rows_of_stored(kind: str) -> tuple[slice, ...] | None:
+    """Row slices of an expert's stored [out, in] MXFP4 weight that make its megatron tensor, in order."""
+    return _MEGATRON_ROWS_OF_STORED.get(kind)
+
+
 def expert_to_megatron(kind: str, hf_expert_slice: torch.Tensor) -> torch.Tensor:
     """One expert's slice of a stacked HF expert tensor -> that expert's megatron tensor."""
     return _EXPERT_TO_MEGATRON[kind](hf_expert_slice)

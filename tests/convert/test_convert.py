@@ -222,3 +222,23 @@ def test_flow_converts_then_fails_fast_on_non_gpt_oss(prefect_harness, sources, 
     assert state.is_failed() and time.monotonic() - t0 < 20
     with pytest.raises(NotGptOssConfigError, match="not a GPT-OSS checkpoint"):
         state.result()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_experts_dequantize_straight_into_megatron_layout(sources, dtype):
+    """The row-selection fast path equals dequantize -> HF layout -> name_map transform, bit for bit."""
+    from gptoss_model import name_map as nm
+    from gptoss_model.load_hf import HFCheckpoint, read_for_param
+
+    ckpt = HFCheckpoint(sources["mxfp4"])
+    checked = 0
+    for name in ("decoder.layers.1.mlp.experts.local_experts.5.linear_fc1.weight",
+                 "decoder.layers.1.mlp.experts.local_experts.5.linear_fc2.weight"):
+        match = nm.match_megatron(name, "local")
+        fast = read_for_param(ckpt, match, None, 0, 1, dtype=dtype)
+        hf_name = match.hf_names()[0]
+        slow = nm.expert_to_megatron(match.rule.kind, ckpt.read(hf_name, expert=5)).to(dtype)
+        assert fast.dtype == dtype and fast.shape == slow.shape
+        assert torch.equal(fast, slow), name
+        checked += 1
+    assert checked == 2
