@@ -208,8 +208,12 @@ def bench_layers(n: int, args, workdir: Path, pass_workers: bool) -> list[dict]:
     if n in args.baseline_layers and not args.skip_baseline:
         jobs.append({"kind": "transformers", "label": "transformers"})
     jobs.append({"kind": "plain", "label": "plain write"})
-    rows, ours_bytes = [], None
-    for job in jobs:
+    rows, ours_bytes = {}, None
+    # Repeats are interleaved (all jobs, then all again) so each job sees the disk in the same
+    # states; the best wall and the worst peak RSS are kept. The VM's disk is shared and its
+    # speed drifts 2-4x from minute to minute; a settle pause after a sync lets the previous
+    # job's writeback finish instead of billing the next job.
+    for job in [j for _ in range(args.repeat) for j in jobs]:
         row = {"layers": n, "job": job["label"], "kind": job["kind"], "workers": job.get("workers")}
         out = workdir / f"out-{tag}-{job['kind']}{job.get('workers') or ''}"
         shutil.rmtree(out, ignore_errors=True)
@@ -223,6 +227,8 @@ def bench_layers(n: int, args, workdir: Path, pass_workers: bool) -> list[dict]:
                 print(f"  warning: transformers holds the whole bf16 model ({est_out / GiB:.1f} GiB) in RAM; "
                       f"{psutil.virtual_memory().available / GiB:.1f} GiB available", flush=True)
             print(f"  {n}L {job['label']} ...", flush=True)
+            os.sync()
+            time.sleep(args.settle)
             row.update(run_job(spec, workdir))
             if job["kind"] == "ours" and ours_bytes is None:
                 ours_bytes = row["out_bytes"]  # the plain write copies the first (1-worker) output size
@@ -236,8 +242,14 @@ def bench_layers(n: int, args, workdir: Path, pass_workers: bool) -> list[dict]:
             print(f"  {n}L {job['label']}: FAILED\n{e}", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        rows.append(row)
-    return rows
+        prev = rows.get(job["label"])
+        walls = (prev or {}).get("walls", []) + ([row["seconds"]] if _ok(row) else [])
+        keep = row if prev is None or (_ok(row) and (not _ok(prev) or row["seconds"] < prev["seconds"])) else prev
+        if prev is not None and _ok(prev) and _ok(row):
+            for key in ("peak_rss", "peak_anon"):
+                keep[key] = max(row[key], prev[key])
+        rows[job["label"]] = {**keep, "walls": walls}
+    return list(rows.values())
 
 
 def _ok(row) -> bool:
@@ -287,16 +299,17 @@ def checks(rows: list[dict], layers: list[int]) -> list[dict]:
 
 
 def print_report(rows: list[dict], results: list[dict]) -> None:
-    print("\n| job | wall s | MB written | MB/s | peak tree RSS GiB | peak anon GiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| job | wall s (best) | all runs s | MB written | MB/s | peak tree RSS GiB | peak anon GiB |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         label = f"{r['layers']}L {r['job']}"
         if not _ok(r):
             why = "skipped: " + r["skipped"] if "skipped" in r else "FAILED: " + r.get("error", "?").splitlines()[0]
-            print(f"| {label} | {why} | | | | |")
+            print(f"| {label} | {why} | | | | | |")
             continue
         mb = r["out_bytes"] / 1e6
-        print(f"| {label} | {r['seconds']:.1f} | {mb:.0f} | {mb / r['seconds']:.0f} | "
+        runs = ", ".join(f"{w:.1f}" for w in r.get("walls", []))
+        print(f"| {label} | {r['seconds']:.1f} | {runs} | {mb:.0f} | {mb / r['seconds']:.0f} | "
               f"{r['peak_rss'] / GiB:.2f} | {r['peak_anon'] / GiB:.2f} |")
     print("\n| target | comparison | value | holds |")
     print("|---|---|---:|:---:|")
@@ -318,6 +331,8 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true", help="never run the transformers baseline")
     ap.add_argument("--vocab", type=int, default=201_088, help="vocab size (smaller for quick smoke tests)")
     ap.add_argument("--experts", type=int, default=32, help=argparse.SUPPRESS)  # smoke tests only
+    ap.add_argument("--repeat", type=int, default=2, help="runs of every job (best wall, worst RSS kept)")
+    ap.add_argument("--settle", type=float, default=5.0, help="seconds to wait after a sync before each job")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--_job", help=argparse.SUPPRESS)  # internal: body of one measured subprocess
     args = ap.parse_args()

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -217,7 +218,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
                            progress: Callable[[int, int], None] | None = None) -> dict:
     """Convert `hf_dir` into a Megatron-LM style torch_dist checkpoint under `out_dir`.
 
-    `workers` processes write disjoint chunks (1: this process). `out_dir` must be empty,
+    `workers` processes write disjoint chunks: this one plus `workers - 1` spawned ones. `out_dir` must be empty,
     absent, or (with `resume`) a previous attempt at the same conversion, whose finished
     chunks are kept. Returns the conversion report (for the manifest): tensors, params,
     bytes, dtype, source_sha, chunks (written / resumed), seconds, RSS in MB.
@@ -232,7 +233,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     ckpt = preflight(hf_dir)
     ckpt.close()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    pool = start_workers(hf_dir, workers) if workers > 1 else None
+    pool = start_workers(hf_dir, workers - 1) if workers > 1 else None  # this process is one of them
     try:
         report = _convert(ckpt, hf_dir, out_dir, dtype, source_sha, workers, pool, resume, progress)
     finally:
@@ -270,6 +271,7 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
             "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
         }
         done: dict[int, list] = {}
+        by_pid: dict[int, int] = {}
         if mode != "complete":
             state_dir.mkdir(parents=True, exist_ok=True)
             iter_dir.mkdir(exist_ok=True)
@@ -284,7 +286,8 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
                 counter[0] += 1
                 progress(counter[0], total)
 
-            def on_chunk(chunk: Chunk) -> None:
+            def on_chunk(chunk: Chunk, pid: int) -> None:
+                by_pid[pid] = by_pid.get(pid, 0) + 1
                 if pool is not None and progress is not None:
                     counter[0] += len(chunk.sources)
                     progress(counter[0], total)
@@ -300,8 +303,10 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
             (out_dir / TRACKER_FILE).write_text("0")  # last: from here on, Megatron-LM loads it
         shutil.rmtree(state_dir, ignore_errors=True)
         del model, state
+    here = by_pid.pop(os.getpid(), 0)
     return {**summary, "chunks_resumed": len(done) if mode == "resume" else 0,
-            "already_complete": mode == "complete"}
+            "already_complete": mode == "complete",
+            "chunks_written": {"this_process": here, "spawned_workers": sum(by_pid.values())}}
 
 
 # -------------------------------------------------------------- read back

@@ -12,19 +12,24 @@ chunk's DCP write results) written, atomically. A retry reads the `.done`
 files and writes only the other chunks; a half-written file is never renamed
 into place.
 
-Workers are spawned processes that import torch and safetensors but not
-megatron; they die with their parent (PR_SET_PDEATHSIG), so killing the
-converter kills the whole tree.
+With N workers, this process writes chunks too, alongside N-1 spawned
+processes that import torch and safetensors but not megatron; those die with
+their parent (PR_SET_PDEATHSIG), so killing the converter kills the whole tree.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import queue
 import shutil
 import signal
 import sys
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+import threading
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -51,32 +56,76 @@ def _checkpoint_value(ckpt, source, dtype: torch.dtype) -> torch.Tensor:
     return value
 
 
+PREFETCH_ITEMS = 2  # items converted ahead of the one being written
+
+
 class _ChunkPlanner:
-    """The one planner method FileSystemWriter.write_data calls: item -> data, read on demand."""
+    """The one planner method FileSystemWriter.write_data calls: item -> data.
+
+    A reader thread converts the chunk's tensors in plan order (the order the
+    writer asks for them), up to PREFETCH_ITEMS ahead, so reading/dequantizing
+    overlaps writing: the writer thread mostly waits on the disk, the reader on
+    the CPU. Both release the GIL in torch and in file I/O.
+    """
 
     def __init__(self, chunk: Chunk, ckpt, on_item: Callable[[], None] | None):
         self.chunk, self.ckpt, self.on_item = chunk, ckpt, on_item
-        self._cached: tuple[str, torch.Tensor] | None = None  # fc1's gate and up halves come in a row
+        self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_ITEMS)
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read_all, name=f"convert-read-{chunk.index}", daemon=True)
+        self._reader.start()
+
+    def _read_all(self) -> None:
+        cached: tuple[str, torch.Tensor] | None = None  # fc1's gate and up halves come in a row
+        try:
+            with torch.no_grad():
+                for item in self.chunk.items:
+                    key = item_key(item.index)
+                    if key not in self.chunk.sources:
+                        continue
+                    src = self.chunk.sources[key]
+                    dtype = item.tensor_data.properties.dtype
+                    if cached is None or cached[0] != src.name:
+                        cached = None  # drop the previous tensor before reading the next
+                        cached = (src.name, _checkpoint_value(self.ckpt, src, dtype))
+                    full = cached[1]
+                    # The item is a view of the megatron parameter (all of it, or e.g. the gate or
+                    # up half of a GLU fc1): take the same view of the converted tensor.
+                    part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
+                    out = part.to(dtype).reshape(tuple(item.tensor_data.chunk.sizes)).contiguous()
+                    if out.untyped_storage().nbytes() != out.numel() * out.element_size():
+                        out = out.clone()  # DCP would clone a view itself, in the writer's thread
+                    if not self._put((key, out, None)):
+                        return
+        except BaseException as e:  # handed to the writer's thread
+            self._put((None, None, e))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def resolve_data(self, write_item):
-        import io
-
         key = item_key(write_item.index)
         if key not in self.chunk.sources:
             return io.BytesIO(self.chunk.byte_data[write_item.index.fqn])
-        src = self.chunk.sources[key]
-        if self._cached is None or self._cached[0] != src.name:
-            self._cached = None  # drop the previous tensor before reading the next
-            self._cached = (src.name, _checkpoint_value(self.ckpt, src, write_item.tensor_data.properties.dtype))
-        full = self._cached[1]
-        # The item is a view of the megatron parameter (all of it, or e.g. the gate or up
-        # half of a GLU fc1): take the same view of the converted tensor.
-        part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
-        td = write_item.tensor_data
-        out = part.to(td.properties.dtype).reshape(tuple(td.chunk.sizes)).contiguous()
+        got, data, error = self._ready.get()
+        if error is not None:
+            raise error
+        if got != key:
+            raise WorkerError(f"chunk {self.chunk.index}: the writer asked for {key[0]} but {got[0]} was read "
+                              "next; DCP's write order changed")
         if self.on_item is not None:
             self.on_item()
-        return out
+        return data
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
 
 
 def deterministic_writer(path: Path):
@@ -104,7 +153,11 @@ def write_chunk(chunk: Chunk, ckpt, iter_dir: Path, state_dir: Path,
     tmp.mkdir(parents=True)
     try:
         plan = SavePlan(items=chunk.items, storage_data=_StoragePrefix(f"__{chunk.index}_"))
-        results = deterministic_writer(tmp).write_data(plan, _ChunkPlanner(chunk, ckpt, on_item)).value()
+        planner = _ChunkPlanner(chunk, ckpt, on_item)
+        try:
+            results = deterministic_writer(tmp).write_data(plan, planner).value()
+        finally:
+            planner.close()
         written = sorted(p.name for p in tmp.iterdir())
         if written != [chunk.file_name]:
             raise WorkerError(f"chunk {chunk.index} ({chunk.label}) wrote {written}, expected {chunk.file_name}")
@@ -173,61 +226,92 @@ def _worker_init(hf_dir: str, mapped_limit: int) -> None:
     _WORKER["ckpt"] = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
 
 
-def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[int, list]:
+def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[list, int]:
     with torch.no_grad():
-        return chunk.index, write_chunk(chunk, _WORKER["ckpt"], Path(iter_dir), Path(state_dir))
+        return write_chunk(chunk, _WORKER["ckpt"], Path(iter_dir), Path(state_dir)), os.getpid()
 
 
 def _worker_ready() -> int:
     return os.getpid()
 
 
-def start_workers(hf_dir: Path, workers: int, mapped_limit: int = MAPPED_BYTES_LIMIT) -> ProcessPoolExecutor:
-    """Spawn the worker processes now, so their imports overlap the planning in this process."""
+def start_workers(hf_dir: Path, processes: int, mapped_limit: int = MAPPED_BYTES_LIMIT) -> ProcessPoolExecutor:
+    """Spawn the helper processes now, so their start-up (imports) overlaps the planning here."""
     import multiprocessing as mp
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
                                initializer=_worker_init, initargs=(str(hf_dir), mapped_limit))
-    for _ in range(workers):  # one submit spawns one process (while none is idle)
+    for _ in range(processes):  # one submit spawns one process (while none is idle)
         pool.submit(_worker_ready)
     return pool
 
 
 def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: Path,
-                 pool: ProcessPoolExecutor | None, on_chunk: Callable[[Chunk], None],
+                 pool: ProcessPoolExecutor | None, on_chunk: Callable[[Chunk, int], None],
                  on_item: Callable[[], None] | None = None,
                  mapped_limit: int = MAPPED_BYTES_LIMIT) -> dict[int, list]:
-    """Write `chunks` in `pool`'s workers (None: in this process); {chunk index: write results}.
+    """Write `chunks`: in this process and, given a `pool`, in each of its processes too.
 
-    A worker's exception is raised as is (a CheckpointError stays one); a worker that
-    died (killed, out of memory) raises WorkerError. Chunks finished before that stay done.
+    Chunks are handed out one at a time from one queue, so a fast writer takes more.
+    This process starts at once (the pool's processes are still importing torch) and
+    saves a process's worth of memory. An exception is raised as is (a CheckpointError
+    stays one); a pool process that died (killed, out of memory) raises WorkerError.
+    Chunks finished before a failure stay done for the next attempt.
     """
-    from concurrent.futures.process import BrokenProcessPool
+    from gptoss_model.load_hf import HFCheckpoint
 
-    results: dict[int, list] = {}
+    todo, results, lock = deque(chunks), {}, threading.Lock()
+    ckpt = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
+
+    def take() -> Chunk | None:
+        with lock:
+            return todo.popleft() if todo else None
+
+    def finished(chunk: Chunk, result: list, pid: int) -> None:
+        with lock:
+            results[chunk.index] = result
+            on_chunk(chunk, pid)
+
+    def write_here() -> None:
+        while (chunk := take()) is not None:
+            finished(chunk, write_chunk(chunk, ckpt, iter_dir, state_dir, on_item if pool is None else None),
+                     os.getpid())
+
     if pool is None:
-        from gptoss_model.load_hf import HFCheckpoint
-
-        ckpt = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
-        for chunk in chunks:
-            results[chunk.index] = write_chunk(chunk, ckpt, iter_dir, state_dir, on_item)
-            on_chunk(chunk)
+        write_here()
         return results
+    failure: list[BaseException] = []
 
-    by_index = {c.index: c for c in chunks}
-    pending = {pool.submit(_worker_write, c, str(iter_dir), str(state_dir)) for c in chunks}
+    def local_worker() -> None:
+        try:
+            with torch.no_grad():
+                write_here()
+        except BaseException as e:  # re-raised by the caller's thread below
+            failure.append(e)
+
+    local = threading.Thread(target=local_worker, name="convert-chunks", daemon=True)
+    local.start()
+    pending: dict = {}
     try:
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in finished:
+        while True:
+            while len(pending) < pool._max_workers and not failure and (chunk := take()) is not None:
+                pending[pool.submit(_worker_write, chunk, str(iter_dir), str(state_dir))] = chunk
+            if not pending:
+                break
+            for fut in wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)[0]:
+                chunk = pending.pop(fut)
                 try:
-                    index, res = fut.result()
+                    finished(chunk, *fut.result())
                 except BrokenProcessPool as e:
-                    raise WorkerError(f"a conversion worker died ({e}); the chunks it finished are kept "
-                                      "and a rerun writes the others") from e
-                results[index] = res
-                on_chunk(by_index[index])
+                    raise WorkerError(f"a conversion worker died while writing chunk {chunk.index} "
+                                      f"({chunk.label}): {e}; finished chunks are kept and a rerun writes "
+                                      "the others") from e
+    except BaseException:
+        with lock:
+            todo.clear()  # the local writer stops after its current chunk
+        raise
     finally:
-        for fut in pending:
-            fut.cancel()
+        local.join()
+    if failure:
+        raise failure[0]
     return results

@@ -35,6 +35,8 @@ def test_two_workers_write_the_bytes_one_worker_writes(source, reference, tmp_pa
     print(f"\n1 worker: {ref_report['seconds']} s; 2 workers: {report['seconds']} s, "
           f"worker peak RSS {report['peak_worker_rss_mb']} MB")
     assert digest(tmp_path / "m") == ref_digest
+    written = report["chunks_written"]
+    assert written["spawned_workers"] >= 1 and sum(written.values()) == report["chunks"], written
     # One file per structural chunk: embedding, each layer, the head.
     layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
     assert report["chunks"] == layers + 2

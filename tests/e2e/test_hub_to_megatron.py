@@ -102,3 +102,83 @@ def test_bf16_and_mxfp4_from_hub_load_at_world1_and_tp_ep_pp(hub, tmp_path, pref
         else:
             assert w1["max_rel_logit_diff"] < BF16_REL_TOL
             assert all(r["max_rel_logit_diff"] < BF16_REL_TOL for r in layouts.values()), layouts
+
+
+# ------------------------------------------------------------------- crashes
+MB = 1 << 20
+
+
+def _start(hub, store_url: str, work: Path, log: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(CHILD), hub.endpoint, "openai/crash-mxfp4", store_url, str(work),
+                             "2", str(out)], env=env, cwd=REPO_ROOT, stdout=log.open("a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill9_when(proc: subprocess.Popen, ready, what: str, log: Path) -> list:
+    """SIGKILL the stage process (not its workers) as soon as `ready()`; returns its child processes."""
+    deadline = time.monotonic() + 180
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before {what}:\n{log.read_text()[-6000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} after 180 s:\n{log.read_text()[-6000:]}")
+            time.sleep(0.005)
+        children = psutil.Process(proc.pid).children(recursive=True)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return children
+
+
+def test_kill9_during_download_then_conversion_rerun_is_bitwise_identical(hub, tmp_path):
+    from gptoss_model.verified_transfer import PARTIAL_DIR
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"\nseed {seed}")
+    reference = stage_child.run(hub.endpoint, "openai/crash-mxfp4", (tmp_path / "ref-store").as_uri(),
+                                str(tmp_path / "ref-work"), 2)
+    sizes = {f["path"]: f["size"] for f in reference["download"]["files"]}
+    chunks = reference["convert"]["metrics"]["chunks"]
+    store_url, work, log, out = (tmp_path / "store").as_uri(), tmp_path / "work", tmp_path / "child.log", \
+        tmp_path / "result.json"
+    store = ArtifactStore(store_url)
+
+    # 1. kill -9 mid-download, once a random number of bytes of one file is on disk.
+    hub.throttle = 8 * MB
+    threshold = rng.randint(MB, max(sizes.values()) - MB)
+
+    def partial_bytes() -> int:
+        parts = [p for p in work.glob(f"hf-downloads/*/{PARTIAL_DIR}/**/*") if p.is_file()]
+        return max((p.stat().st_size for p in parts), default=0)
+
+    _kill9_when(_start(hub, store_url, work, log, out), lambda: partial_bytes() >= threshold,
+                f"{threshold} bytes downloaded", log)
+    assert store.list("hf-checkpoint") == []
+    print(f"download killed with {partial_bytes()} bytes of a file on disk")
+
+    # 2. rerun, kill -9 during the conversion once a random number of its chunks are done.
+    hub.throttle = None
+    k = rng.randint(1, chunks - 3)
+    done_markers = lambda: list(work.glob("convert-*/.convert/*.done"))  # noqa: E731
+    workers = _kill9_when(_start(hub, store_url, work, log, out), lambda: len(done_markers()) >= k,
+                          f"{k} converted chunks", log)
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert workers and not alive, f"conversion workers outlived their parent: {alive}"  # PR_SET_PDEATHSIG
+    finished = len(done_markers())
+    assert k <= finished < chunks and store.list("megatron-checkpoint") == []
+    print(f"conversion killed after {finished} of {chunks} chunks")
+
+    # 3. rerun to the end: resumes, and commits exactly what the uninterrupted run committed.
+    proc = _start(hub, store_url, work, log, out)
+    assert proc.wait(timeout=240) == 0, log.read_text()[-6000:]
+    result = json.loads(out.read_text())
+    for stage in ("download", "convert"):
+        assert result[stage]["version"] == reference[stage]["version"]
+        assert _files(result[stage]) == _files(reference[stage]), stage
+    # Attempt 2 fetched only what attempt 1 had not; attempt 3 rewrote only unfinished chunks.
+    assert result["download"]["metrics"]["bytes_fetched"] < sum(sizes.values())
+    assert result["convert"]["metrics"]["chunks_resumed"] == finished
+    assert not list(work.glob("convert-*")), "the staging dir outlived the commit"
