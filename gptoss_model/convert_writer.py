@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from gptoss_model.convert_plan import Chunk, item_key
+from gptoss_model.load_hf import CheckpointError, read_for_param, reads_row_windows
 
 MAPPED_BYTES_LIMIT = 256 * 2**20  # safetensors pages kept mapped by a worker before it unmaps them
 
@@ -46,8 +47,6 @@ class WorkerError(RuntimeError):
 
 def _checkpoint_value(ckpt, source, dtype: torch.dtype) -> torch.Tensor:
     """The whole world-1 megatron tensor `source.name` holds, read and transformed from HF."""
-    from gptoss_model.load_hf import CheckpointError, read_for_param
-
     value = read_for_param(ckpt, source.match, source.param_shape, 0, 1, dtype=dtype).contiguous()
     if tuple(value.shape) != source.param_shape:
         raise CheckpointError(f"{ckpt.where(source.match.hf_names()[0])}: {list(source.match.hf_names())} -> "
@@ -57,6 +56,23 @@ def _checkpoint_value(ckpt, source, dtype: torch.dtype) -> torch.Tensor:
 
 
 PREFETCH_ITEMS = 2  # items converted ahead of the one being written
+
+
+def _row_window(src) -> tuple[int, int] | None:
+    """(a, b) when the item is rows a..b-1 of its parameter, contiguous; else None."""
+    shape, size = src.param_shape, src.size
+    if len(size) != len(shape) or size[1:] != shape[1:] or not size:
+        return None
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    expected_stride, acc = [], 1
+    for d in reversed(size):
+        expected_stride.insert(0, acc)
+        acc *= d
+    if tuple(src.stride) != tuple(expected_stride) or src.storage_offset % row:
+        return None
+    return src.storage_offset // row, src.storage_offset // row + size[0]
 
 
 class _ChunkPlanner:
@@ -85,6 +101,14 @@ class _ChunkPlanner:
                         continue
                     src = self.chunk.sources[key]
                     dtype = item.tensor_data.properties.dtype
+                    sizes = tuple(item.tensor_data.chunk.sizes)
+                    window = _row_window(src)
+                    if window is not None and reads_row_windows(self.ckpt, src.match):
+                        # Just this item's rows (fc1's gate or up half): no whole-fc1 tensor, no clone.
+                        out = read_for_param(self.ckpt, src.match, None, 0, 1, dtype=dtype, rows=window)
+                        if not self._put((key, out.to(dtype).reshape(sizes).contiguous(), None)):
+                            return
+                        continue
                     if cached is None or cached[0] != src.name:
                         cached = None  # drop the previous tensor before reading the next
                         cached = (src.name, _checkpoint_value(self.ckpt, src, dtype))
@@ -92,7 +116,7 @@ class _ChunkPlanner:
                     # The item is a view of the megatron parameter (all of it, or e.g. the gate or
                     # up half of a GLU fc1): take the same view of the converted tensor.
                     part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
-                    out = part.to(dtype).reshape(tuple(item.tensor_data.chunk.sizes)).contiguous()
+                    out = part.to(dtype).reshape(sizes).contiguous()
                     if out.untyped_storage().nbytes() != out.numel() * out.element_size():
                         out = out.clone()  # DCP would clone a view itself, in the writer's thread
                     if not self._put((key, out, None)):
@@ -142,6 +166,21 @@ def deterministic_writer(path: Path):
     return DeterministicWriter(str(path), single_file_per_rank=True, sync_files=True, thread_count=1)
 
 
+def _drop_cached_pages(path: Path) -> None:
+    """Evict a written (fsynced, so clean) file from the page cache.
+
+    A conversion writes more than RAM holds; left cached, the written pages fill memory
+    and every later page allocation first has to reclaim them, which measured 3-4x slower
+    writes past the first ~5 GB here. We will not read these pages again.
+    """
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def write_chunk(chunk: Chunk, ckpt, iter_dir: Path, state_dir: Path,
                 on_item: Callable[[], None] | None = None) -> list:
     """Write one chunk's file into iter_dir, then mark it done; returns its DCP WriteResults."""
@@ -162,6 +201,7 @@ def write_chunk(chunk: Chunk, ckpt, iter_dir: Path, state_dir: Path,
         if written != [chunk.file_name]:
             raise WorkerError(f"chunk {chunk.index} ({chunk.label}) wrote {written}, expected {chunk.file_name}")
         os.replace(tmp / chunk.file_name, iter_dir / chunk.file_name)
+        _drop_cached_pages(iter_dir / chunk.file_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ckpt.close()  # unmap the safetensors pages this chunk touched: RSS stays one chunk's worth

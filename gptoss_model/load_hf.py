@@ -183,13 +183,24 @@ class HFCheckpoint:
         return dequantize(blocks[:], scales[:], dtype=torch.float32).transpose(1, 2)
 
     def read_mxfp4_rows(self, name: str, expert: int, rows: tuple[slice, ...],
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Expert `expert` of MXFP4 tensor `name`, as its stored [out, in] rows `rows` (concatenated)."""
+                        dtype: torch.dtype = torch.float32, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """Expert `expert` of MXFP4 tensor `name`, as its stored [out, in] rows `rows` (concatenated).
+
+        `window` = (a, b) keeps rows a..b-1 of that concatenation (e.g. the gate half of fc1).
+        """
         from gptoss_model.mxfp4 import dequantize
 
         blocks = self._touched(self._handle(self.file_of[f"{name}_blocks"]).get_slice(f"{name}_blocks")[expert])
         scales = self._touched(self._handle(self.file_of[f"{name}_scales"]).get_slice(f"{name}_scales")[expert])
-        parts = [(blocks[r], scales[r]) for r in rows]
+        picks = [range(blocks.shape[0])[r] for r in rows]
+        if window is not None:
+            picks, start = [], 0
+            for r in (range(blocks.shape[0])[r] for r in rows):
+                lo, hi = max(window[0] - start, 0), min(window[1] - start, len(r))
+                if lo < hi:
+                    picks.append(r[lo:hi])
+                start += len(r)
+        parts = [(blocks[p.start:p.stop:p.step], scales[p.start:p.stop:p.step]) for p in picks]
         out = torch.empty((sum(b.shape[0] for b, _ in parts), blocks.shape[1] * blocks.shape[2] * 2), dtype=dtype)
         start = 0
         for b, s in parts:
@@ -233,18 +244,26 @@ def _global_names(model: torch.nn.Module, num_experts: int) -> Iterable[tuple[st
         yield name, ".".join(parts), p
 
 
+def reads_row_windows(ckpt, match: nm.Match) -> bool:
+    """Whether read_for_param can read just some rows of this (world-1) parameter."""
+    return (nm.megatron_rows_of_stored(match.rule.kind) is not None and isinstance(ckpt, HFCheckpoint)
+            and ckpt.is_mxfp4(match.hf_names()[0]))
+
+
 def read_for_param(ckpt, match: nm.Match, local_shape, tp_rank: int, tp_size: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The tensor this rank's parameter must hold, reading only its slice.
 
     `dtype` is what MXFP4 experts are dequantized to (exact in bf16 and fp32 alike);
-    other tensors come in their stored dtype.
+    other tensors come in their stored dtype. `rows` = (a, b) reads only those rows of
+    the parameter, where `reads_row_windows` says so (e.g. fc1's gate half).
     """
     cfg, rule = ckpt.cfg, match.rule
     hf = match.hf_names()
-    rows = nm.megatron_rows_of_stored(rule.kind)
-    if rows is not None and isinstance(ckpt, HFCheckpoint) and ckpt.is_mxfp4(hf[0]):
-        return ckpt.read_mxfp4_rows(hf[0], match.expert, rows, dtype)
+    if reads_row_windows(ckpt, match):
+        return ckpt.read_mxfp4_rows(hf[0], match.expert, nm.megatron_rows_of_stored(rule.kind), dtype, rows)
+    if rows is not None:
+        raise ValueError(f"{hf[0]}: reading a row window is only supported for MXFP4 expert weights")
     if rule.kind in nm.EXPERT_KINDS:
         return nm.expert_to_megatron(rule.kind, ckpt.read(hf[0], expert=match.expert))
     if rule.kind in (nm.QKV, nm.QKV_BIAS):
