@@ -24,7 +24,7 @@ How it works, without materialising the model:
      it is written (one expert slice, one layer's q/k/v...), in this process
      or in `workers` spawned processes. Memory held per worker is one megatron
      tensor plus its source (the largest is the embedding / lm_head), and
-     safetensors mappings are dropped every 256 MiB, so RSS does not grow
+     safetensors mappings are dropped every 64 MiB, so RSS does not grow
      with the number of layers.
   4. megatron's `dist_checkpointing.save` writes common.pt and metadata.json,
      with a strategy that only writes `.metadata` from the chunks' results.

@@ -38,7 +38,7 @@ import torch
 from gptoss_model.convert_plan import Chunk, item_key
 from gptoss_model.load_hf import CheckpointError, read_for_param, reads_row_windows
 
-MAPPED_BYTES_LIMIT = 256 * 2**20  # safetensors pages kept mapped by a worker before it unmaps them
+MAPPED_BYTES_LIMIT = 64 * 2**20  # safetensors pages a worker keeps mapped (and reads per piece of a big tensor)
 
 
 class WorkerError(RuntimeError):
