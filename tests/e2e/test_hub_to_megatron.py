@@ -92,6 +92,8 @@ def test_bf16_and_mxfp4_from_hub_load_at_world1_and_tp_ep_pp(hub, tmp_path, pref
     dist = run_torchrun(REPO_ROOT / "tests" / "convert" / "dist_load_worker.py", tmp_path / "jobs.json",
                         result=tmp_path / "dist.json")
     print("\nworld 1 (parity gate):", json.dumps(world1, indent=1))
+    for key, r in sorted(dist.items()):
+        print(f"{key}: abs {r['max_abs_logit_diff']:.3g}, rel {r['max_rel_logit_diff']:.3g}")
     for job in jobs:
         w1 = world1[job["name"]]
         layouts = {k.split("/", 1)[1]: v for k, v in dist.items() if k.startswith(job["name"] + "/")}
