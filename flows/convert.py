@@ -3,7 +3,7 @@
 flows/convert.py -> tasks/convert.py -> gptoss_model/convert.py
 
 Deployable on a CPU work pool on its own, or called by the pipeline flow.
-Run locally:  python -m flows.convert hf-checkpoint/openai/gpt-oss-20b [bfloat16|float32]
+Run locally:  python -m flows.convert hf-checkpoint/openai/gpt-oss-20b [bfloat16|float32] [WORKERS]
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ def convert_flow(params: ConvertParams):
     return convert_checkpoint(params)
 
 
-if __name__ == "__main__":  # also required: torch_dist checkpointing may spawn and re-import
+if __name__ == "__main__":  # also required: conversion workers are spawned and re-import __main__
     args = sys.argv[1:]
     if not args:
-        sys.exit("usage: python -m flows.convert hf-checkpoint/NAME[@VERSION] [bfloat16|float32]")
-    manifest = convert_flow(ConvertParams(source=args[0], dtype=args[1] if len(args) > 1 else "bfloat16"))
+        sys.exit("usage: python -m flows.convert hf-checkpoint/NAME[@VERSION] [bfloat16|float32] [WORKERS]")
+    manifest = convert_flow(ConvertParams(source=args[0], dtype=args[1] if len(args) > 1 else "bfloat16",
+                                          workers=int(args[2]) if len(args) > 2 else 1))
     print(manifest.spec)
