@@ -114,10 +114,32 @@ class LocalBackend:
                 parent = parent.parent
 
     def upload_file(self, src: Path, key: str, progress: Progress = _noop) -> str:
-        return copy_hashing(src, self.path(key), progress)
+        # A staging file nobody else links to is hard-linked into the store, not copied:
+        # a 42 GB checkpoint is not written twice (nor held twice on disk). A file with other
+        # links (a kept download work copy) is copied, so editing it can never change a
+        # committed artifact. Either way every byte is hashed for the manifest.
+        dest = self.path(key)
+        if os.stat(src).st_nlink == 1 and _link_into_place(Path(src), dest):
+            return hash_file(dest, progress)
+        return copy_hashing(src, dest, progress)
 
     def download_file(self, key: str, dest: Path, size: int, progress: Progress = _noop) -> str:
         return copy_hashing(self.path(key), dest, progress)
+
+
+def _link_into_place(src: Path, dest: Path) -> bool:
+    """Hard-link src to dest (replacing it) through a temp name; False where links do not work."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem (EXDEV), or one without hard links
+        return False
+    try:
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def copy_hashing(src: Path, dest: Path, progress: Progress = _noop) -> str:

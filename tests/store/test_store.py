@@ -1,6 +1,7 @@
 """The artifact store against file:// and moto S3 over HTTP (same tests, both backends)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -190,3 +191,18 @@ def test_gc_removes_only_stale_uncommitted_versions(store, tmp_path):
     assert store.gc(older_than_s=0) == [prefix]
     assert store.incomplete_versions() == {}
     assert store.get_manifest("hf-checkpoint", "org/model", committed.version) == committed
+
+
+def test_local_commit_links_staging_files_it_owns_and_copies_shared_ones(tmp_path):
+    """file://: a staging file with one link moves in by hard link; one linked elsewhere is copied."""
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    src = make_tree(tmp_path / "staging", {"owned.bin": b"a" * 1000, "shared.bin": b"b" * 1000})
+    os.link(src / "shared.bin", tmp_path / "kept-work-copy.bin")
+    manifest, _ = store.commit(src, kind="hf-checkpoint", name="org/m", version="0123456789abcdef0123",
+                               producer=Producer(stage="test", code_version="1"))
+    local = store.local_path(manifest)
+    assert (local / "owned.bin").stat().st_ino == (src / "owned.bin").stat().st_ino
+    assert (local / "shared.bin").stat().st_ino != (src / "shared.bin").stat().st_ino
+    (tmp_path / "kept-work-copy.bin").write_bytes(b"edited")  # cannot reach the artifact
+    assert (local / "shared.bin").read_bytes() == b"b" * 1000
+    assert {f.path: f.sha256 for f in manifest.files}["owned.bin"] == hashlib.sha256(b"a" * 1000).hexdigest()
