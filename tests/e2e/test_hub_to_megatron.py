@@ -153,8 +153,13 @@ def test_kill9_during_download_then_conversion_rerun_is_bitwise_identical(hub, t
     threshold = rng.randint(MB, max(sizes.values()) // 2)  # well before the file completes and is renamed
 
     def partial_bytes() -> int:
-        parts = [p for p in work.glob(f"hf-downloads/*/{PARTIAL_DIR}/**/*") if p.is_file()]
-        return max((p.stat().st_size for p in parts), default=0)
+        sizes = [0]
+        for p in work.glob(f"hf-downloads/*/{PARTIAL_DIR}/**/*"):
+            try:
+                sizes.append(p.stat().st_size)
+            except FileNotFoundError:  # completed and renamed while we looked
+                pass
+        return max(sizes)
 
     _kill9_when(_start(hub, store_url, work, log, out), lambda: partial_bytes() >= threshold,
                 f"{threshold} bytes downloaded", log)
