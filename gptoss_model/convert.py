@@ -238,7 +238,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
         report = _convert(ckpt, hf_dir, out_dir, dtype, source_sha, workers, pool, resume, progress)
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
     report.update(workers=workers, seconds=round(time.time() - started, 3), rss_before_mb=rss_before,
                   rss_after_mb=_rss_mb(), peak_rss_mb=_peak_rss_mb(),
                   # largest reaped child of this process so far: the workers, once shut down

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -275,19 +276,30 @@ def _worker_ready() -> int:
     return os.getpid()
 
 
-def start_workers(hf_dir: Path, processes: int, mapped_limit: int = MAPPED_BYTES_LIMIT) -> ProcessPoolExecutor:
+@dataclass
+class WorkerPool:
+    """Spawned conversion processes (the converting process itself is not counted)."""
+
+    executor: ProcessPoolExecutor
+    processes: int
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def start_workers(hf_dir: Path, processes: int, mapped_limit: int = MAPPED_BYTES_LIMIT) -> WorkerPool:
     """Spawn the helper processes now, so their start-up (imports) overlaps the planning here."""
     import multiprocessing as mp
 
-    pool = ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(str(hf_dir), mapped_limit))
+    executor = ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(str(hf_dir), mapped_limit))
     for _ in range(processes):  # one submit spawns one process (while none is idle)
-        pool.submit(_worker_ready)
-    return pool
+        executor.submit(_worker_ready)
+    return WorkerPool(executor, processes)
 
 
 def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: Path,
-                 pool: ProcessPoolExecutor | None, on_chunk: Callable[[Chunk, int], None],
+                 pool: WorkerPool | None, on_chunk: Callable[[Chunk, int], None],
                  on_item: Callable[[], None] | None = None,
                  mapped_limit: int = MAPPED_BYTES_LIMIT) -> dict[int, list]:
     """Write `chunks`: in this process and, given a `pool`, in each of its processes too.
@@ -334,8 +346,8 @@ def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: P
     pending: dict = {}
     try:
         while True:
-            while len(pending) < pool._max_workers and not failure and (chunk := take()) is not None:
-                pending[pool.submit(_worker_write, chunk, str(iter_dir), str(state_dir))] = chunk
+            while len(pending) < pool.processes and not failure and (chunk := take()) is not None:
+                pending[pool.executor.submit(_worker_write, chunk, str(iter_dir), str(state_dir))] = chunk
             if not pending:
                 break
             for fut in wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)[0]:
