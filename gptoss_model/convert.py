@@ -61,9 +61,9 @@ import torch
 
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
-from gptoss_model.convert_plan import Chunk, CheckpointPlan, describe, input_fingerprint, plan_checkpoint
-from gptoss_model.convert_writer import (canonical_results, deterministic_writer, finished_chunks,
-                                          start_workers, write_chunks)
+from gptoss_model.convert_plan import Chunk, CheckpointPlan, input_fingerprint, plan_checkpoint
+from gptoss_model.convert_writer import (MAPPED_BYTES_LIMIT, canonical_results, deterministic_writer,
+                                          finished_chunks, start_workers, write_chunks)
 from gptoss_model.load_hf import CheckpointError, HFCheckpoint
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ ITER_DIR = "iter_0000000"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 REPORT_FILE = "conversion_report.json"
 STATE_DIR = ".convert"  # progress of an unfinished conversion; removed once it completes
-PLAN_FILE = "plan.json"
+PLAN_FILE = "plan.json"  # the input fingerprint a partial output was made from
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -82,7 +82,7 @@ class ConversionError(RuntimeError):
 
 
 # ----------------------------------------------------------------- pre-flight
-def preflight(hf_dir: str | Path) -> HFCheckpoint:
+def preflight(hf_dir: str | Path, **checkpoint_options) -> HFCheckpoint:
     """Open and validate a HF checkpoint dir; raise before any output is written.
 
     NotGptOssConfigError: config.json is not GPT-OSS (model_type/architecture/fields).
@@ -99,7 +99,7 @@ def preflight(hf_dir: str | Path) -> HFCheckpoint:
                                    f"{model_type!r}, architectures={archs!r}); the converter needs "
                                    "model_type 'gpt_oss' and architecture 'GptOssForCausalLM'")
     cfg = GptOssModelConfig.from_hf_config(hf_dir)  # NotGptOssConfigError on anything else
-    ckpt = HFCheckpoint(hf_dir, cfg)
+    ckpt = HFCheckpoint(hf_dir, cfg, **checkpoint_options)
     ckpt.validate()
     unknown = ckpt.unknown_tensors()
     if unknown:
@@ -157,8 +157,8 @@ def megatron_state_dict(model) -> dict:
 
 
 # ------------------------------------------------------------------ convert
-def _peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux: KiB
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _rss_mb() -> float:
@@ -206,8 +206,9 @@ def _prepare_out_dir(out_dir: Path, plan: CheckpointPlan, resume: bool) -> str:
     if resume and (out_dir / TRACKER_FILE).is_file() and report_file.is_file():
         if json.loads(report_file.read_text()).get("input_fingerprint") == plan.fingerprint:
             return "complete"
-    if resume and (state_dir / PLAN_FILE).is_file() and (state_dir / PLAN_FILE).read_text() == describe(plan):
-        return "resume"
+    if resume and (state_dir / PLAN_FILE).is_file():
+        if json.loads((state_dir / PLAN_FILE).read_text()).get("input_fingerprint") == plan.fingerprint:
+            return "resume"
     raise ConversionError(f"output directory {out_dir} is not empty and holds no resumable attempt of "
                           f"this conversion (same input, dtype and code); use an empty directory")
 
@@ -230,7 +231,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
         raise ValueError(f"workers must be >= 1, got {workers}")
     started = time.time()
     rss_before = _rss_mb()
-    ckpt = preflight(hf_dir)
+    ckpt = preflight(hf_dir, max_mapped_bytes=MAPPED_BYTES_LIMIT)
     ckpt.close()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     pool = start_workers(hf_dir, workers - 1) if workers > 1 else None  # this process is one of them
@@ -240,9 +241,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
         if pool is not None:
             pool.shutdown()
     report.update(workers=workers, seconds=round(time.time() - started, 3), rss_before_mb=rss_before,
-                  rss_after_mb=_rss_mb(), peak_rss_mb=_peak_rss_mb(),
-                  # largest reaped child of this process so far: the workers, once shut down
-                  peak_worker_rss_mb=_peak_rss_mb(resource.RUSAGE_CHILDREN) if pool is not None else None)
+                  rss_after_mb=_rss_mb(), peak_rss_mb=_peak_rss_mb())
     log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, report["tensors"],
              report["params"], report["seconds"])
     return report
@@ -272,10 +271,11 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
         }
         done: dict[int, list] = {}
         by_pid: dict[int, int] = {}
+        peak_by_pid: dict[int, float] = {}
         if mode != "complete":
             state_dir.mkdir(parents=True, exist_ok=True)
             iter_dir.mkdir(exist_ok=True)
-            (state_dir / PLAN_FILE).write_text(describe(plan))
+            (state_dir / PLAN_FILE).write_text(json.dumps({"input_fingerprint": plan.fingerprint}))
             done = finished_chunks(state_dir, iter_dir) if mode == "resume" else {}
             todo = [c for c in plan.chunks if c.index not in done]
             total, counter = summary["tensors"], [sum(len(c.sources) for c in plan.chunks if c.index in done)]
@@ -286,15 +286,16 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
                 counter[0] += 1
                 progress(counter[0], total)
 
-            def on_chunk(chunk: Chunk, pid: int) -> None:
+            def on_chunk(chunk: Chunk, pid: int, peak_rss_mb: float) -> None:
                 by_pid[pid] = by_pid.get(pid, 0) + 1
+                peak_by_pid[pid] = max(peak_by_pid.get(pid, 0.0), peak_rss_mb)
                 if pool is not None and progress is not None:
                     counter[0] += len(chunk.sources)
                     progress(counter[0], total)
 
             log.info("converting %s: %d chunks (%d done by an earlier attempt), %d workers",
                      hf_dir, len(plan.chunks), len(done), workers)
-            results = {**done, **write_chunks(todo, hf_dir, iter_dir, state_dir, pool, on_chunk,
+            results = {**done, **write_chunks(todo, ckpt, iter_dir, state_dir, pool, on_chunk,
                                               on_item if progress is not None and pool is None else None)}
             # megatron warns "Overwriting old incomplete / corrupted checkpoint" as the chunk files are there.
             with _quiet("megatron.core.dist_checkpointing.serialization"):
@@ -304,9 +305,12 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
         shutil.rmtree(state_dir, ignore_errors=True)
         del model, state
     here = by_pid.pop(os.getpid(), 0)
+    peak_by_pid.pop(os.getpid(), None)
     return {**summary, "chunks_resumed": len(done) if mode == "resume" else 0,
             "already_complete": mode == "complete",
-            "chunks_written": {"this_process": here, "spawned_workers": sum(by_pid.values())}}
+            "chunks_written": {"this_process": here, "spawned_workers": sum(by_pid.values())},
+            # each spawned worker's own peak, reported with every chunk it wrote
+            "peak_worker_rss_mb": max(peak_by_pid.values()) if peak_by_pid else None}
 
 
 # -------------------------------------------------------------- read back

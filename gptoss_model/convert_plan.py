@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,12 +122,15 @@ def _chunk_of(source: ItemSource | None, num_layers: int) -> tuple[int, str]:
 
 def input_fingerprint(hf_dir: Path, file_of: dict[str, Path], dtype: str) -> str:
     """What a partial output must have been made from to be resumed: config, tensor layout, dtype, code."""
+    from importlib.metadata import version
+
     h = hashlib.sha256()
     h.update((hf_dir / "config.json").read_bytes())
+    file_sizes = {path: path.stat().st_size for path in set(file_of.values())}
     for name in sorted(file_of):
-        path = file_of[name]
-        h.update(f"{name}\0{path.name}\0{path.stat().st_size}\n".encode())
-    h.update(f"dtype={dtype};plan={PLAN_VERSION};torch={torch.__version__}".encode())
+        h.update(f"{name}\0{file_of[name].name}\0{file_sizes[file_of[name]]}\n".encode())
+    h.update(f"dtype={dtype};plan={PLAN_VERSION};torch={torch.__version__};"
+             f"megatron-core={version('megatron-core')}".encode())
     return h.hexdigest()[:20]
 
 
@@ -175,11 +176,3 @@ def plan_checkpoint(sharded_state_dict: dict, model_params: dict, num_layers: in
             chunk.params += numel
             chunk.nbytes += numel * item.tensor_data.properties.dtype.itemsize
     return CheckpointPlan(metadata, [chunks[i] for i in sorted(chunks)], dtype, fingerprint)
-
-
-def describe(plan: CheckpointPlan) -> str:
-    """A stable text identity of the plan (written next to a partial output, compared on resume)."""
-    return json.dumps({"fingerprint": plan.fingerprint, "dtype": plan.dtype,
-                       "chunks": [[c.index, c.label, len(c.items), c.nbytes] for c in plan.chunks],
-                       "metadata_sha": hashlib.sha256(pickle.dumps(plan.metadata.state_dict_metadata))
-                       .hexdigest()}, sort_keys=True)

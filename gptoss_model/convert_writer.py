@@ -46,16 +46,6 @@ class WorkerError(RuntimeError):
     """A conversion worker died or failed."""
 
 
-def _checkpoint_value(ckpt, source, dtype: torch.dtype) -> torch.Tensor:
-    """The whole world-1 megatron tensor `source.name` holds, read and transformed from HF."""
-    value = read_for_param(ckpt, source.match, source.param_shape, 0, 1, dtype=dtype).contiguous()
-    if tuple(value.shape) != source.param_shape:
-        raise CheckpointError(f"{ckpt.where(source.match.hf_names()[0])}: {list(source.match.hf_names())} -> "
-                              f"{source.name} gives shape {list(value.shape)}, the model expects "
-                              f"{list(source.param_shape)}")
-    return value
-
-
 PREFETCH_ITEMS = 2  # items converted ahead of the one being written
 
 
@@ -87,43 +77,49 @@ class _ChunkPlanner:
 
     def __init__(self, chunk: Chunk, ckpt, on_item: Callable[[], None] | None):
         self.chunk, self.ckpt, self.on_item = chunk, ckpt, on_item
+        self._cached: tuple[str, torch.Tensor] | None = None  # fc1's gate and up halves come in a row
         self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_ITEMS)
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_all, name=f"convert-read-{chunk.index}", daemon=True)
         self._reader.start()
 
     def _read_all(self) -> None:
-        cached: tuple[str, torch.Tensor] | None = None  # fc1's gate and up halves come in a row
         try:
             with torch.no_grad():
                 for item in self.chunk.items:
                     key = item_key(item.index)
-                    if key not in self.chunk.sources:
-                        continue
-                    src = self.chunk.sources[key]
-                    dtype = item.tensor_data.properties.dtype
-                    sizes = tuple(item.tensor_data.chunk.sizes)
-                    window = _row_window(src)
-                    if window is not None and reads_row_windows(self.ckpt, src.match):
-                        # Just this item's rows (fc1's gate or up half): no whole-fc1 tensor, no clone.
-                        out = read_for_param(self.ckpt, src.match, None, 0, 1, dtype=dtype, rows=window)
-                        if not self._put((key, out.to(dtype).reshape(sizes).contiguous(), None)):
-                            return
-                        continue
-                    if cached is None or cached[0] != src.name:
-                        cached = None  # drop the previous tensor before reading the next
-                        cached = (src.name, _checkpoint_value(self.ckpt, src, dtype))
-                    full = cached[1]
-                    # The item is a view of the megatron parameter (all of it, or e.g. the gate or
-                    # up half of a GLU fc1): take the same view of the converted tensor.
-                    part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
-                    out = part.to(dtype).reshape(sizes).contiguous()
-                    if out.untyped_storage().nbytes() != out.numel() * out.element_size():
-                        out = out.clone()  # DCP would clone a view itself, in the writer's thread
-                    if not self._put((key, out, None)):
+                    if key in self.chunk.sources and not self._put((key, self._item_data(item, key), None)):
                         return
         except BaseException as e:  # handed to the writer's thread
             self._put((None, None, e))
+
+    def _item_data(self, item, key) -> torch.Tensor:
+        src, dtype = self.chunk.sources[key], item.tensor_data.properties.dtype
+        window = _row_window(src)
+        if window is not None and reads_row_windows(self.ckpt, src.match):
+            # Just this item's rows (fc1's gate or up half): no whole-fc1 tensor, no clone.
+            part = read_for_param(self.ckpt, src.match, None, 0, 1, dtype=dtype, rows=window)
+            self._check_shape(src, part, (window[1] - window[0], *src.param_shape[1:]))
+        else:
+            if self._cached is None or self._cached[0] != src.name:
+                self._cached = None  # drop the previous tensor before reading the next
+                full = read_for_param(self.ckpt, src.match, src.param_shape, 0, 1, dtype=dtype).contiguous()
+                self._check_shape(src, full, src.param_shape)
+                self._cached = (src.name, full)
+            full = self._cached[1]
+            # The item is a view of the megatron parameter (all of it, or e.g. the gate or
+            # up half of a GLU fc1): take the same view of the converted tensor.
+            part = full.as_strided(src.size, src.stride, full.storage_offset() + src.storage_offset)
+        out = part.to(dtype).reshape(tuple(item.tensor_data.chunk.sizes)).contiguous()
+        if out.untyped_storage().nbytes() != out.numel() * out.element_size():
+            out = out.clone()  # DCP would clone a view itself, in the writer's thread
+        return out
+
+    def _check_shape(self, src, value: torch.Tensor, expected) -> None:
+        if tuple(value.shape) != tuple(expected):
+            raise CheckpointError(f"{self.ckpt.where(src.match.hf_names()[0])}: {list(src.match.hf_names())} -> "
+                                  f"{src.name} gives shape {list(value.shape)}, the model expects "
+                                  f"{list(expected)}")
 
     def _put(self, entry) -> bool:
         while not self._stop.is_set():
@@ -267,9 +263,16 @@ def _worker_init(hf_dir: str, mapped_limit: int) -> None:
     _WORKER["ckpt"] = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
 
 
-def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[list, int]:
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[list, int, float]:
     with torch.no_grad():
-        return write_chunk(chunk, _WORKER["ckpt"], Path(iter_dir), Path(state_dir)), os.getpid()
+        results = write_chunk(chunk, _WORKER["ckpt"], Path(iter_dir), Path(state_dir))
+    return results, os.getpid(), _peak_rss_mb()
 
 
 def _worker_ready() -> int:
@@ -298,11 +301,10 @@ def start_workers(hf_dir: Path, processes: int, mapped_limit: int = MAPPED_BYTES
     return WorkerPool(executor, processes)
 
 
-def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: Path,
-                 pool: WorkerPool | None, on_chunk: Callable[[Chunk, int], None],
-                 on_item: Callable[[], None] | None = None,
-                 mapped_limit: int = MAPPED_BYTES_LIMIT) -> dict[int, list]:
-    """Write `chunks`: in this process and, given a `pool`, in each of its processes too.
+def write_chunks(chunks: list[Chunk], ckpt, iter_dir: Path, state_dir: Path,
+                 pool: WorkerPool | None, on_chunk: Callable[[Chunk, int, float], None],
+                 on_item: Callable[[], None] | None = None) -> dict[int, list]:
+    """Write `chunks` (reading `ckpt`): in this process and, given a `pool`, in each of its processes too.
 
     Chunks are handed out one at a time from one queue, so a fast writer takes more.
     This process starts at once (the pool's processes are still importing torch) and
@@ -310,24 +312,21 @@ def write_chunks(chunks: list[Chunk], hf_dir: Path, iter_dir: Path, state_dir: P
     stays one); a pool process that died (killed, out of memory) raises WorkerError.
     Chunks finished before a failure stay done for the next attempt.
     """
-    from gptoss_model.load_hf import HFCheckpoint
-
     todo, results, lock = deque(chunks), {}, threading.Lock()
-    ckpt = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
 
     def take() -> Chunk | None:
         with lock:
             return todo.popleft() if todo else None
 
-    def finished(chunk: Chunk, result: list, pid: int) -> None:
+    def finished(chunk: Chunk, result: list, pid: int, peak_rss_mb: float) -> None:
         with lock:
             results[chunk.index] = result
-            on_chunk(chunk, pid)
+            on_chunk(chunk, pid, peak_rss_mb)
 
     def write_here() -> None:
         while (chunk := take()) is not None:
             finished(chunk, write_chunk(chunk, ckpt, iter_dir, state_dir, on_item if pool is None else None),
-                     os.getpid())
+                     os.getpid(), _peak_rss_mb())
 
     if pool is None:
         write_here()

@@ -192,14 +192,13 @@ class HFCheckpoint:
 
         blocks = self._touched(self._handle(self.file_of[f"{name}_blocks"]).get_slice(f"{name}_blocks")[expert])
         scales = self._touched(self._handle(self.file_of[f"{name}_scales"]).get_slice(f"{name}_scales")[expert])
-        picks = [range(blocks.shape[0])[r] for r in rows]
-        if window is not None:
-            picks, start = [], 0
-            for r in (range(blocks.shape[0])[r] for r in rows):
-                lo, hi = max(window[0] - start, 0), min(window[1] - start, len(r))
-                if lo < hi:
-                    picks.append(r[lo:hi])
-                start += len(r)
+        a, b = window if window is not None else (0, blocks.shape[0])
+        picks, start = [], 0
+        for r in (range(blocks.shape[0])[r] for r in rows):  # each slice's stored rows, in order
+            lo, hi = max(a - start, 0), min(b - start, len(r))
+            if lo < hi:
+                picks.append(r[lo:hi])
+            start += len(r)
         parts = [(blocks[p.start:p.stop:p.step], scales[p.start:p.stop:p.step]) for p in picks]
         out = torch.empty((sum(b.shape[0] for b, _ in parts), blocks.shape[1] * blocks.shape[2] * 2), dtype=dtype)
         start = 0

@@ -18,6 +18,8 @@ fsspec mirror copy. A source only has to append bytes from an offset
 
 from __future__ import annotations
 
+import abc
+
 import fcntl
 import hashlib
 import json
@@ -179,7 +181,7 @@ class Part:
         return None
 
 
-class Transfer:
+class Transfer(abc.ABC):
     """Places files into `dest` in parallel. Subclasses set `where` (for
     messages) and implement `_fill` (append bytes from `part.have` on)."""
 
@@ -192,8 +194,9 @@ class Transfer:
         self._lock = threading.Lock()
         self._cancel = threading.Event()
 
+    @abc.abstractmethod
     def _fill(self, rf: RemoteFile, part: Part) -> None:
-        raise NotImplementedError
+        """Append `rf`'s bytes from `part.have` on to `part`."""
 
     def _tick(self, n: int) -> None:
         if self._cancel.is_set():

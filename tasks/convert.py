@@ -97,7 +97,7 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
             gate = parity_check(staging, hf_dir, dtype=params.dtype)
             metrics.update(gate, parity_tolerance=params.parity_tolerance)
             if not gate["max_abs_logit_diff"] <= params.parity_tolerance:
-                _empty(staging)  # a retry must not resume into a checkpoint that failed its gate
+                shutil.rmtree(staging)  # a retry must not resume into a checkpoint that failed its gate
                 raise ParityError(
                     f"parity gate failed for {source.spec} -> {KIND} ({params.dtype}): max |logit diff| "
                     f"{gate['max_abs_logit_diff']:.3g} > {params.parity_tolerance:g} "
@@ -113,11 +113,6 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
                              build=build, inputs=[source], workdir=params.workdir, resumable=True)
     log.info("%s: %s (%s)", STAGE, stage.spec, "cache hit" if stage.cache_hit else "committed")
     return stage
-
-
-def _empty(directory: Path) -> None:
-    for child in directory.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 # Failures a retry cannot fix: fail the task at once instead of backing off.

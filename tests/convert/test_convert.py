@@ -168,6 +168,7 @@ def test_stage_fails_its_parity_gate_and_commits_nothing(sources, tmp_path):
     with pytest.raises(ParityError, match="parity gate failed"):
         run_convert(params, store)
     assert store.list("megatron-checkpoint") == []
+    assert not list((tmp_path / "work").glob("convert-*")), "a retry would resume into the failed checkpoint"
 
 
 def test_stage_rejects_wrong_input_kind_and_non_gpt_oss(sources, tmp_path):

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
-from tasks.store import ArtifactStore, parse_artifact_spec
+from tasks.store import ArtifactStore
 from tests.e2e import stage_child
 from tests.hub_server import HubServer
 
@@ -81,7 +81,7 @@ def test_bf16_and_mxfp4_from_hub_load_at_world1_and_tp_ep_pp(hub, tmp_path, pref
                     "download": {"repo_id": repo, "endpoint": hub.endpoint, "workdir": work, "store": {"url": url}},
                     "convert": {"dtype": dtype, "workers": 2, "workdir": work, "store": {"url": url}}}))
                 assert specs["hf-checkpoint"] == hf.spec  # the pipeline's download was a cache hit
-                m = store.resolve(*parse_artifact_spec(specs["megatron-checkpoint"]))
+                m = store.resolve_spec(specs["megatron-checkpoint"])
             else:
                 m = run_convert(ConvertParams(source=hf.spec, dtype=dtype, workdir=work, store=settings),
                                 store).manifest

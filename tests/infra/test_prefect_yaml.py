@@ -26,7 +26,9 @@ def test_deployment_entrypoint_and_parameters_validate(deployment):
 
 
 def test_a_wrong_parameter_is_caught():
+    from prefect.exceptions import ParameterTypeError
+
     from flows.convert import convert_flow
 
-    with pytest.raises(Exception, match="workers"):
+    with pytest.raises(ParameterTypeError, match="workers"):
         convert_flow.validate_parameters({"params": {"source": "hf-checkpoint/x", "workers": 0}})
