@@ -9,6 +9,8 @@
     provider.finalize()
     model = provider.provide_distributed_model(wrap_with_ddp=False)   # list of model chunks
 
+    bridge.export_ckpt(megatron_path="/results/run/checkpoints/iter_0000500", hf_path="./gpt-oss-hf-export")
+
 Run it under torchrun (any world size the layout divides); without torchrun
 a world of one is started.
 """
@@ -55,6 +57,37 @@ class AutoBridge:
     def to_megatron_provider(self, load_weights: bool = True) -> "GptOssModelProvider":
         return GptOssModelProvider(config=self.config,
                                    checkpoint_dir=self.checkpoint_dir if load_weights else None)
+
+    def export_ckpt(self, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
+                    weight_format: str = "bfloat16", max_shard_bytes: int | None = None,
+                    show_progress: bool = True) -> dict:
+        """A megatron torch_dist checkpoint (its directory, or one `iter_XXXXXXX` dir) -> a HF directory.
+
+        Config from this bridge's model config, tokenizer files and chat template from the
+        checkpoint it was made from; `weight_format` "bfloat16", "float32" or "mxfp4".
+        Same code as the export stage (`gptoss_model.export`). Returns the export report.
+        """
+        from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, export_megatron_to_hf
+
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc=f"export {Path(hf_path).name}", unit="tensor")
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        try:
+            return export_megatron_to_hf(megatron_path, hf_path, config=self.config,
+                                         tokenizer_dir=self.checkpoint_dir, weight_format=weight_format,
+                                         max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                                         progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 @dataclass

@@ -1,0 +1,181 @@
+"""Export: megatron torch_dist checkpoint -> HF directory, bitwise round trips at any saved layout."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gptoss_model import convert
+from gptoss_model.bridge import AutoBridge
+from gptoss_model.export import ExportError, export_megatron_to_hf
+from gptoss_model.megatron_reader import MegatronCheckpointError, MegatronCheckpointReader
+from gptoss_model.tiny_checkpoint import load_reference_model, write_tiny_checkpoint
+from tests.torchrun import run_torchrun
+
+WORKER = Path(__file__).with_name("dist_save_worker.py")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """tiny HF checkpoints and their conversions (source dtype = checkpoint dtype)."""
+    root = tmp_path_factory.mktemp("export-src")
+    out = {}
+    for name, kwargs, dtype in (("fp32", dict(dtype="float32", seed=21), "float32"),
+                                ("bf16", dict(dtype="bfloat16", seed=22), "bfloat16"),
+                                ("mxfp4", dict(dtype="bfloat16", mxfp4=True, seed=23), "bfloat16")):
+        hf = write_tiny_checkpoint(root / f"hf-{name}", **kwargs)
+        convert.convert_hf_to_megatron(hf, root / f"meg-{name}", dtype=dtype)
+        out[name] = (hf, root / f"meg-{name}")
+    return out
+
+
+def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    out = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(hf_dir / file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def _assert_bitwise(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8)) if g.dtype.is_floating_point else \
+            torch.equal(g, w), f"{name} differs"
+
+
+def _strict_load(hf_dir: Path):
+    from transformers import GptOssForCausalLM, Mxfp4Config
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    kw = {"quantization_config": Mxfp4Config(dequantize=True)} if "quantization_config" in cfg else {}
+    model, info = GptOssForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
+                                                    output_loading_info=True, **kw)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _logits(model, vocab: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(convert.fixed_batch(vocab, 2, 40)).logits
+
+
+@pytest.mark.parametrize("source", ["fp32", "bf16"])
+def test_round_trip_is_bitwise_and_loads_strictly(converted, tmp_path, source):
+    hf, meg = converted[source]
+    out = tmp_path / "export"
+    report = AutoBridge.from_hf_pretrained(hf).export_ckpt(megatron_path=meg, hf_path=out,
+                                                           weight_format="float32" if source == "fp32"
+                                                           else "bfloat16", show_progress=False)
+    print(report)
+    original = _tensors(hf)
+    exported = _tensors(out)
+    _assert_bitwise(exported, original)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in exported.values())
+    assert report["bytes"] == index["metadata"]["total_size"]
+    for side in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / side).read_bytes() == (hf / side).read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == ("float32" if source == "fp32" else "bfloat16")
+    assert "quantization_config" not in config
+    vocab = config["vocab_size"]
+    assert torch.equal(_logits(_strict_load(out), vocab), _logits(load_reference_model(hf), vocab))
+
+
+def test_stage_api_exports_bf16_of_fp32_checkpoint_and_iter_dir(converted, tmp_path):
+    """An iteration dir works as input, and an fp32 checkpoint exports as bf16 (rounded once)."""
+    hf, meg = converted["fp32"]
+    out = tmp_path / "bf16"
+    export_megatron_to_hf(meg / "iter_0000000", out, config=hf)
+    got = _tensors(out)
+    for name, want in _tensors(hf).items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want.to(torch.bfloat16)), name
+
+
+def test_mxfp4_round_trip(converted, tmp_path):
+    hf, meg = converted["mxfp4"]
+    out = tmp_path / "mxfp4"
+    report = export_megatron_to_hf(meg, out, config=hf, weight_format="mxfp4", max_shard_bytes=200_000)
+    assert report["shards"] > 1
+    _assert_bitwise(_tensors(out), _tensors(hf))  # _blocks/_scales and every bf16 tensor
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4"
+    assert config["quantization_config"] == json.loads((hf / "config.json").read_text())["quantization_config"]
+    vocab = config["vocab_size"]
+    assert torch.equal(_logits(_strict_load(out), vocab), _logits(load_reference_model(hf), vocab))
+
+
+def test_shards_respect_the_size_limit(converted, tmp_path):
+    hf, meg = converted["bf16"]
+    out = tmp_path / "small-shards"
+    limit = 150_000
+    report = export_megatron_to_hf(meg, out, config=hf, max_shard_bytes=limit)
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) == report["shards"] > 3
+    assert all(f.name.endswith(f"-of-{len(files):05d}.safetensors") for f in files)
+    biggest_tensor = max(t.numel() * t.element_size() for t in _tensors(out).values())
+    for f in files:
+        header = int.from_bytes(f.read_bytes()[:8], "little")
+        payload = f.stat().st_size - 8 - header
+        assert payload <= max(limit, biggest_tensor), f.name
+    assert not list(out.glob("*.partial"))
+
+
+def test_reads_one_group_at_a_time(converted, tmp_path, monkeypatch):
+    hf, meg = converted["bf16"]
+    calls = []
+    real = MegatronCheckpointReader.read
+
+    def spy(self, names):
+        calls.append({n.split(".")[2] if n.startswith("decoder.layers.") else n.split(".")[0] for n in names})
+        return real(self, names)
+
+    monkeypatch.setattr(MegatronCheckpointReader, "read", spy)
+    export_megatron_to_hf(meg, tmp_path / "out", config=hf)
+    num_layers = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) == num_layers + 2
+    assert all(len(c) <= 2 for c in calls)  # one layer, or embedding, or final norm + output layer
+    assert calls[0] == {"embedding"} and calls[-1] == {"decoder", "output_layer"}
+
+
+def test_bad_inputs_fail_clearly(converted, tmp_path):
+    hf, meg = converted["bf16"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty"):
+        export_megatron_to_hf(meg, busy, config=hf)
+    assert (busy / "x").read_text() == "keep me"
+    with pytest.raises(ExportError, match="weight_format"):
+        export_megatron_to_hf(meg, tmp_path / "a", config=hf, weight_format="int8")
+    with pytest.raises(MegatronCheckpointError, match="neither"):
+        export_megatron_to_hf(tmp_path, tmp_path / "b", config=hf)
+    other = write_tiny_checkpoint(tmp_path / "wider", dtype="bfloat16", hidden_size=96)
+    with pytest.raises(MegatronCheckpointError, match="embedding.word_embeddings.weight has global shape"):
+        export_megatron_to_hf(meg, tmp_path / "c", config=other)
+    with pytest.raises(ExportError, match="multiple of 32"):  # intermediate 48 cannot be MXFP4
+        export_megatron_to_hf(meg, tmp_path / "d", config=hf, weight_format="mxfp4")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_exports_from_distributed_saves_are_bitwise_equal(converted, tmp_path):
+    """Checkpoints saved by megatron at TP2+SP, EP2, PP2 and TP2+SP+EP2 export to the same bytes as world 1."""
+    hf, meg = converted["mxfp4"]
+    saved = run_torchrun(WORKER, meg, hf, tmp_path / "saved", result=tmp_path / "saved.json", timeout=400)
+    reference = tmp_path / "world1"
+    export_megatron_to_hf(meg, reference, config=hf, weight_format="mxfp4", max_shard_bytes=300_000)
+    files = sorted(p.name for p in reference.iterdir())
+    for layout, root in saved.items():
+        out = tmp_path / f"from-{layout}"
+        export_megatron_to_hf(root, out, config=hf, weight_format="mxfp4", max_shard_bytes=300_000)
+        assert sorted(p.name for p in out.iterdir()) == files
+        for name in files:
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), f"{layout}: {name} differs"
