@@ -44,6 +44,7 @@ import torch
 from gptoss_model import mxfp4
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
+from gptoss_model.resources import peak_rss_mb
 from gptoss_model.errors import PermanentError
 from gptoss_model.megatron_reader import MegatronCheckpointReader
 from gptoss_model.safetensors_writer import INDEX_FILE, ShardedSafetensorsWriter, ShardPlan, TensorSpec
@@ -182,11 +183,6 @@ def _resolve_config(config) -> tuple[GptOssModelConfig, Path | None]:
     return GptOssModelConfig.from_hf_config(path), (path if path.is_dir() else path.parent)
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
 
 @torch.no_grad()
 def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
@@ -235,7 +231,7 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
         "bytes": plan.total_size, "shards": len(plan.shards), "max_shard_bytes": max_shard_bytes,
         "source_checkpoint": iter_dir.name, "source_dtypes": stored_dtypes, "side_files": copied,
         "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
-        "seconds": round(time.time() - started, 3), "peak_rss_mb": _peak_rss_mb(),
+        "seconds": round(time.time() - started, 3), "peak_rss_mb": peak_rss_mb(),
     }
     report["mb_per_s"] = round(plan.total_size / 1e6 / max(report["seconds"], 1e-9), 1)
     log.info("exported %s -> %s: %d tensors in %d shards, %.1f MB, %.1fs", iter_dir, out_dir, total,

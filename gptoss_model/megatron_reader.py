@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from gptoss_model.checkpoint_layout import TRACKER_FILE, build_model, checkpoint_iter_dir
 from gptoss_model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+from gptoss_model.parallel import world_of_one
 
 
 class MegatronCheckpointError(PermanentError, ValueError):
@@ -42,8 +42,7 @@ def resolve_iter_dir(path: str | Path) -> Path:
     """A checkpoint root (with the tracker file) -> its latest iteration dir; an iteration dir as is."""
     path = Path(path)
     if (path / TRACKER_FILE).is_file():
-        it = (path / TRACKER_FILE).read_text().strip()
-        iter_dir = path / ("release" if it == "release" else f"iter_{int(it):07d}")
+        iter_dir = checkpoint_iter_dir(path)
     elif (path / "metadata.json").is_file():
         iter_dir = path
     else:
@@ -147,9 +146,7 @@ class MegatronCheckpointReader:
     def __enter__(self) -> "MegatronCheckpointReader":
         # Which box of which stored tensor each parameter is: from a world-1 model built on the
         # meta device (no memory); megatron needs its parallel state for that, not for reading.
-        from gptoss_model.convert import _WorldOfOne, build_model
-
-        with _WorldOfOne():
+        with world_of_one("reading a megatron checkpoint"):
             model = build_model(self.cfg, torch.float32, device="meta")
             self.regions = _regions(dict(model.sharded_state_dict()))
             del model

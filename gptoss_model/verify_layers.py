@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from gptoss_model.config import GptOssModelConfig
+from gptoss_model.resources import peak_rss_mb
 
 
 # ------------------------------------------------------------------ measures
@@ -188,10 +189,12 @@ class MegatronSide:
         self._world = None
 
     def __enter__(self) -> "MegatronSide":
-        from gptoss_model.convert import _WorldOfOne, build_model
+        from gptoss_model.checkpoint_layout import build_model
+        from gptoss_model.parallel import world_of_one
 
         self.reader.__enter__()
-        self._world = _WorldOfOne().__enter__()
+        self._world = world_of_one("layer-wise verification")
+        self._world.__enter__()
         self.model = build_model(self.cfg, self.compute_dtype, device="meta")
         # The rotary module keeps buffers computed at construction: build it for real from a
         # one-layer model of the same attention config (its other sizes are irrelevant here).
@@ -289,11 +292,6 @@ def _min_topk_gap(logits: torch.Tensor, k: int) -> float | None:
     return (top[:, k - 1] - top[:, k]).min().item()
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
 
 @torch.no_grad()
 def verify_layerwise(reference: HFSide, candidate, ids: torch.Tensor, *,
@@ -349,7 +347,7 @@ def verify_layerwise(reference: HFSide, candidate, ids: torch.Tensor, *,
         if progress is not None:
             progress(total, total)
     report.seconds = round(time.time() - started, 3)
-    report.peak_rss_mb = _peak_rss_mb()
+    report.peak_rss_mb = peak_rss_mb()
     return report
 
 

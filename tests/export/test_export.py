@@ -12,7 +12,9 @@ from gptoss_model import convert
 from gptoss_model.bridge import AutoBridge
 from gptoss_model.export import ExportError, export_megatron_to_hf
 from gptoss_model.megatron_reader import MegatronCheckpointError, MegatronCheckpointReader
-from gptoss_model.tiny_checkpoint import load_reference_model, write_tiny_checkpoint
+from gptoss_model.reference import load_reference_model
+from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.verify import fixed_batch
 from tests.torchrun import run_torchrun
 
 WORKER = Path(__file__).with_name("dist_save_worker.py")
@@ -64,7 +66,7 @@ def _strict_load(hf_dir: Path):
 
 def _logits(model, vocab: int) -> torch.Tensor:
     with torch.no_grad():
-        return model(convert.fixed_batch(vocab, 2, 40)).logits
+        return model(fixed_batch(vocab, 2, 40)).logits
 
 
 @pytest.mark.parametrize("source", ["fp32", "bf16"])
