@@ -1,0 +1,133 @@
+"""Export stage: `megatron-checkpoint` / `train-checkpoint` (+ the original `hf-checkpoint`) -> `hf-export`.
+
+flows/export.py -> here -> gptoss_model/export.py
+
+The megatron checkpoint (any TP/PP/EP it was saved with) is read one layer at
+a time and written as a self-contained Hugging Face directory: config.json
+from the model config, tokenizer files and chat template from the original
+hf-checkpoint (found through the input's lineage unless named), safetensors
+shards + index, in bf16, fp32 or back to MXFP4. Optionally the committed
+export is pushed to the Hugging Face Hub (`upload_folder`; token from a
+Prefect Secret block or HF_TOKEN, never logged or stored).
+
+The version is a fingerprint of the inputs' versions and the parameters that
+change the bytes (format, shard size), so exporting the same checkpoint the
+same way twice is a cache hit (a push is still made when asked).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from gptoss_model.errors import PermanentError
+from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf
+from tasks.common import StageProgress, StoreSettings, load_secret_block, run_logged_stage, stage_task
+from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
+
+log = logging.getLogger(__name__)
+
+STAGE = "export"
+KIND = "hf-export"
+INPUT_KINDS = ("megatron-checkpoint", "train-checkpoint")
+HF_KIND = "hf-checkpoint"
+CODE_VERSION = "1"
+
+
+class LineageError(PermanentError, LookupError):
+    """The original hf-checkpoint cannot be found from the input's lineage."""
+
+
+class ExportParams(BaseModel):
+    source: str = Field(..., description="megatron-checkpoint/NAME[@VERSION] or train-checkpoint/NAME[@VERSION]")
+    hf_source: str | None = Field(None, description="hf-checkpoint/NAME[@VERSION] for config, tokenizer and chat "
+                                  "template; default: the one the source was made from (its lineage)")
+    name: str | None = Field(None, description="output artifact name; default: the source's name")
+    weight_format: Literal["bfloat16", "float32", "mxfp4"] = Field(
+        "bfloat16", description="bfloat16/float32 everywhere, or mxfp4 experts (re-quantized) with bf16 elsewhere")
+    max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0, description="largest safetensors shard")
+    push_to_hub: str | None = Field(None, description="Hub repo id to upload the export to (optional)")
+    hub_private: bool = Field(True, description="create the Hub repo private")
+    hub_token_block: str | None = Field(None, description="Prefect Secret block holding the Hub token; "
+                                        "default: HF_TOKEN from the environment")
+    workdir: str | None = Field(None, description="where the staging dir goes; default GPTOSS_WORKDIR / temp")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+    def fingerprint_params(self) -> dict:
+        return {"weight_format": self.weight_format, "max_shard_bytes": self.max_shard_bytes}
+
+
+def resolve_source(store: ArtifactStore, spec: str) -> Manifest:
+    kind, name, selector = parse_artifact_spec(spec)
+    if kind not in INPUT_KINDS:
+        raise InvalidNameError(f"export needs one of {INPUT_KINDS}, got {spec!r} (kind {kind!r})")
+    return store.resolve(kind, name, selector)
+
+
+def find_hf_source(store: ArtifactStore, manifest: Manifest) -> Manifest:
+    """The hf-checkpoint an artifact descends from (breadth first over its inputs' manifests)."""
+    queue, seen = list(manifest.inputs), set()
+    while queue:
+        ref = queue.pop(0)
+        if (ref.kind, ref.name, ref.version) in seen:
+            continue
+        seen.add((ref.kind, ref.name, ref.version))
+        found = store.get_manifest(ref.kind, ref.name, ref.version)
+        if found is None:
+            continue
+        if found.kind == HF_KIND:
+            return found
+        queue += found.inputs
+    raise LineageError(f"{manifest.kind}/{manifest.name}@{manifest.version} does not descend from an "
+                       f"{HF_KIND} in this store; name one with hf_source")
+
+
+def hub_token(params: ExportParams) -> str | None:
+    if params.hub_token_block:
+        return str(load_secret_block(params.hub_token_block, "Hugging Face Hub token"))
+    return os.environ.get("HF_TOKEN")
+
+
+def push_folder(folder: Path, repo_id: str, token: str | None, private: bool, message: str) -> str:
+    """Create the repo if needed and upload the directory as one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    return str(getattr(info, "commit_url", info))
+
+
+def run_export(params: ExportParams, store: ArtifactStore | None = None) -> StageResult:
+    """The whole stage without Prefect's task machinery (tests, the CLI)."""
+    store = store or params.store.open()
+    source = resolve_source(store, params.source)
+    hf = store.resolve_spec(params.hf_source) if params.hf_source else find_hf_source(store, source)
+    if hf.kind != HF_KIND:
+        raise InvalidNameError(f"hf_source must be an {HF_KIND}, got {hf.kind}/{hf.name}")
+
+    def build(staging: Path) -> dict:
+        progress = StageProgress(f"export {source.spec} ({params.weight_format})")
+        report = export_megatron_to_hf(store.local_path(source), staging, config=store.local_path(hf),
+                                       weight_format=params.weight_format, max_shard_bytes=params.max_shard_bytes,
+                                       progress=progress)
+        progress.finish()
+        return {**report, "source": source.spec, "hf_source": hf.spec}
+
+    result = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
+                              name=params.name or source.name, params=params.fingerprint_params(),
+                              build=build, inputs=[source, hf], workdir=params.workdir)
+    if params.push_to_hub:
+        url = push_folder(store.local_path(result.manifest), params.push_to_hub, hub_token(params),
+                          params.hub_private, f"gptoss-pipeline export {result.spec}")
+        log.info("pushed %s to the Hub: %s", result.spec, url)
+    return result
+
+
+export_checkpoint = stage_task(run_export, name="export-to-hf",
+                               describe=lambda p: f"export {p.source} ({p.weight_format})")
+
+__all__ = ["ExportError", "ExportParams", "LineageError", "export_checkpoint", "run_export"]

@@ -1,0 +1,114 @@
+"""Export and verify stages over the artifact store: lineage, cache hits, gates that fail the stage."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from tasks.common import StoreSettings
+from tasks.store import ArtifactStore, run_stage
+
+
+def _commit_hf(store, path, name="tiny/gpt-oss"):
+    def build(staging):
+        shutil.copytree(path, staging, dirs_exist_ok=True)
+        return {}
+
+    return run_stage(store, stage="download", code_version="test", kind="hf-checkpoint", name=name,
+                     params={"source": str(path)}, build=build).manifest
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """An hf-checkpoint and its megatron-checkpoint, committed through the convert stage."""
+    from tasks.convert import ConvertParams, run_convert
+
+    root = tmp_path_factory.mktemp("stages")
+    url = (root / "store").as_uri()
+    store = ArtifactStore(url)
+    hf = _commit_hf(store, write_tiny_checkpoint(root / "hf", dtype="bfloat16", mxfp4=True, seed=31))
+    meg = run_convert(ConvertParams(source=f"hf-checkpoint/{hf.name}", workdir=str(root / "w"),
+                                    store=StoreSettings(url=url)), store).manifest
+    return store, url, hf, meg, root
+
+
+def test_export_stage_finds_tokenizer_through_lineage_and_round_trips(pipeline, tmp_path):
+    from tasks.export import ExportParams, run_export
+
+    store, url, hf, meg, _ = pipeline
+    params = ExportParams(source=f"megatron-checkpoint/{meg.name}", weight_format="mxfp4",
+                          workdir=str(tmp_path / "w"), store=StoreSettings(url=url))
+    first = run_export(params, store)
+    m = first.manifest
+    assert m.kind == "hf-export" and not first.cache_hit
+    assert {(i.kind, i.version) for i in m.inputs} == {("megatron-checkpoint", meg.version),
+                                                         ("hf-checkpoint", hf.version)}
+    assert m.metrics["weight_format"] == "mxfp4" and m.metrics["hf_source"] == hf.spec
+    out, src = store.local_path(m), store.local_path(hf)
+    assert (out / "chat_template.jinja").read_bytes() == (src / "chat_template.jinja").read_bytes()
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for name, file in index["weight_map"].items():
+        with safe_open(src / file, "pt") as f:
+            want = f.get_tensor(name)
+        got_file = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][name]
+        with safe_open(out / got_file, "pt") as f:
+            assert torch.equal(f.get_tensor(name), want), name
+    assert run_export(params, store).cache_hit
+
+
+def test_verify_stage_whole_model_and_layer_wise(pipeline, tmp_path):
+    from tasks.export import ExportParams, run_export
+    from tasks.verify import VerifyParams, run_verify
+
+    store, url, hf, meg, _ = pipeline
+    settings = StoreSettings(url=url)
+    whole = run_verify(VerifyParams(candidate=f"megatron-checkpoint/{meg.name}", workdir=str(tmp_path / "a"),
+                                    store=settings), store).manifest
+    assert whole.kind == "verify-report" and whole.metrics["mode"] == "whole-model"
+    assert whole.metrics["first_failure"] is None and whole.metrics["top1_agreement"] == 1.0
+    layer = run_verify(VerifyParams(candidate=f"megatron-checkpoint/{meg.name}", mode="layer-wise",
+                                    workdir=str(tmp_path / "b"), store=settings), store).manifest
+    rows = layer.metrics["rows"]
+    assert layer.metrics["passed"] and len(rows) == 1 + 4 * 4 + 1  # embedding, 4 ops x 4 layers, head
+    assert "| layer 3 (full) | mlp |" in (store.local_path(layer) / "report.md").read_text()
+    export = run_export(ExportParams(source=f"megatron-checkpoint/{meg.name}", workdir=str(tmp_path / "c"),
+                                     store=settings), store).manifest
+    checked = run_verify(VerifyParams(candidate=f"hf-export/{export.name}", mode="layer-wise",
+                                      workdir=str(tmp_path / "d"), store=settings), store).manifest
+    assert checked.metrics["passed"] and checked.metrics["reference"] == hf.spec
+
+
+def test_verify_stage_fails_naming_the_layer_and_commits_nothing(pipeline, tmp_path):
+    from tasks.verify import VerificationFailed, VerifyParams, run_verify
+
+    store, url, hf, _, root = pipeline
+    broken = tmp_path / "broken"
+    shutil.copytree(store.local_path(hf), broken, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    for f in broken.glob("model-*.safetensors"):
+        tensors = load_file(f)
+        if "model.layers.1.self_attn.o_proj.weight" in tensors:
+            tensors["model.layers.1.self_attn.o_proj.weight"] *= 1.5
+            save_file(tensors, f, metadata={"format": "pt"})
+    bad = _commit_hf(store, broken, name="tiny/broken")
+    params = VerifyParams(candidate=f"hf-checkpoint/{bad.name}", reference=hf.spec, mode="layer-wise",
+                          workdir=str(tmp_path / "w"), store=StoreSettings(url=url))
+    with pytest.raises(VerificationFailed, match=r"layer 1 \(full\).*attention"):
+        run_verify(params, store)
+    assert store.list("verify-report") == [] or all(m.name != bad.name for m in store.list("verify-report"))
+
+
+@pytest.mark.prefect
+@pytest.mark.timeout(300)
+def test_export_flow(prefect_harness, pipeline, tmp_path):
+    from flows.export import export_flow
+    from tasks.export import ExportParams
+
+    store, url, _, meg, _ = pipeline
+    manifest = export_flow(ExportParams(source=f"megatron-checkpoint/{meg.name}", weight_format="float32",
+                                        workdir=str(tmp_path / "w"), store=StoreSettings(url=url)))
+    assert manifest.kind == "hf-export" and manifest.metrics["weight_format"] == "float32"
