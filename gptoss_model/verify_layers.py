@@ -118,8 +118,11 @@ class HFSide:
 
     def _read(self, name: str) -> torch.Tensor:
         t = self.ckpt.read(name)
-        if self.round_to is not None and self.round_to != torch.float32 and "norm" not in name:
-            t = t.to(self.round_to)  # the candidate stores weights (not norms) in this dtype
+        # The candidate stores weights (not norms) in `round_to`; MXFP4 values and tensors stored
+        # in that dtype already are exact there (and rounding a 2 GB expert tensor costs 3 GB).
+        exact = self.ckpt.is_mxfp4(name) or t.dtype == self.round_to
+        if self.round_to is not None and self.round_to != torch.float32 and "norm" not in name and not exact:
+            t = t.to(self.round_to)
         return t.to(self.compute_dtype)
         return t
 
