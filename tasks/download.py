@@ -23,11 +23,21 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
 
-from gptoss_model.hub_download import download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.hf_validate import require_checkpoint_files
+from gptoss_model.paths import is_within
 from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
 from tasks.common import (SecretBlockError, StageProgress, StoreSettings, default_workdir, load_secret_block,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, StageResult
+from tasks.store.names import ARTIFACT_NAME_PATTERN
+
+# JSON-schema patterns: the Prefect server refuses a run whose parameters miss them, naming the field.
+HF_REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+HF_REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
+# scheme://authority-without-@[/rest], or a plain path (no "://" in it)
+URL_WITHOUT_CREDENTIALS_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*(?:[/?#]\S*)?"
+                                   r"|(?:[^:\s]|:[^/\s]|:/[^/\s])+(?::/?)?)$")
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +50,15 @@ class DownloadParams(BaseModel):
     """What to download. Holds no secret in the clear: `hf_token` is a SecretStr
     and `hf_token_block` only names a Prefect Secret block."""
 
-    repo_id: str = Field("openai/gpt-oss-20b", description="Hugging Face model repo id")
-    revision: str = Field("main", description="branch, tag or commit sha; resolved to a sha first")
-    source_url: str | None = Field(None, description="fsspec URL of a mirror in HF layout to copy "
-                                   "instead of the Hub (air-gapped sites, the demo)")
-    name: str | None = Field(None, description="artifact name; default: repo_id")
+    repo_id: str = Field("openai/gpt-oss-20b", pattern=HF_REPO_ID_PATTERN,
+                         description="Hugging Face model repo id (owner/name)")
+    revision: str = Field("main", pattern=HF_REVISION_PATTERN,
+                          description="branch, tag or commit sha; resolved to a sha first")
+    source_url: str | None = Field(None, pattern=URL_WITHOUT_CREDENTIALS_PATTERN,
+                                   description="fsspec URL of a mirror in HF layout to copy instead of the Hub "
+                                   "(air-gapped sites, the demo); no user:password@ in it (it would be stored "
+                                   "with the run's parameters): use the filesystem's own credentials")
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="artifact name; default: repo_id")
     allow_patterns: list[str] | None = Field(None, description="only files matching one of these")
     ignore_patterns: list[str] | None = Field(None, description="skip files matching one of these")
     hf_token_block: str | None = Field(None, description="Prefect Secret block holding the HF token; "
@@ -98,7 +112,7 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
         # A mirror has no commit sha: its content digest is the identity, read in place, so
         # a version already committed is found without copying a byte.
         listed = digest_local_snapshot(params.source_url, max_workers=params.max_workers, **patterns)
-        work = base / ("local--" + hashlib.sha256(params.source_url.encode()).hexdigest()[:16])
+        work = base / ("local--" + hashlib.sha256(listed.source.encode()).hexdigest()[:16])
         name = params.name or Path(params.source_url.rstrip("/")).name
         identity = {"source": listed.source, "content_sha256": listed.content_digest()}
 
@@ -121,8 +135,12 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
             return download_snapshot(params.repo_id, commit, work, token=token, endpoint=endpoint,
                                      max_workers=params.max_workers, progress=progress, **patterns)
 
+    if not is_within(base, work):  # names from a remote never reach outside the work dir
+        raise HubResponseError(f"refusing work directory {work}: outside {base}")
+
     def build(staging: Path) -> dict:
         result = fetch()
+        require_checkpoint_files([f.path for f in result.files], result.source)
         progress.finish()
         result.revision = params.revision if not params.source_url else None
         _link_tree(result, work, staging)
