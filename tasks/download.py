@@ -83,13 +83,17 @@ def _token(params: DownloadParams) -> str | None:
     return None  # huggingface_hub then uses HF_TOKEN or the saved login
 
 
-def _link_tree(result: DownloadResult, src: Path, dest: Path) -> None:
-    """Exactly the downloaded files (not leftovers of other patterns) into dest."""
+def _link_tree(result: DownloadResult, src: Path, dest: Path, *, move: bool) -> None:
+    """Exactly the downloaded files (not leftovers of other patterns) into dest.
+
+    `move`: renamed rather than linked, so the staging file has no second link and a
+    file:// store hard-links it instead of copying (the bytes are written once).
+    """
     for rec in result.files:
         target = dest / rec.path
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(src / rec.path, target)
+            (os.replace if move else os.link)(src / rec.path, target)
         except OSError:  # another filesystem, or no hard links there
             shutil.copyfile(src / rec.path, target)
 
@@ -143,7 +147,9 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
         require_checkpoint_files([f.path for f in result.files], result.source)
         progress.finish()
         result.revision = params.revision if not params.source_url else None
-        _link_tree(result, work, staging)
+        # On a file:// store the commit is a local link, so giving up the work copy first costs
+        # nothing; before a long S3 upload it is kept, so a failed upload does not re-download.
+        _link_tree(result, work, staging, move=store.is_local and not params.keep_download)
         return _metrics(result)
 
     stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=name,

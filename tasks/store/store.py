@@ -57,6 +57,11 @@ class ArtifactStore:
         self.url = self.backend.url
         self.max_workers = max_workers
 
+    @property
+    def is_local(self) -> bool:
+        """A file:// store (commits hard-link staging files; reads happen in place)."""
+        return isinstance(self.backend, LocalBackend)
+
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
 

@@ -202,3 +202,20 @@ def test_mirror_spellings_are_one_version(payload, tmp_path, monkeypatch, spelli
                                             store=StoreSettings(url=store)))
     again = run_download(DownloadParams(source_url=url, workdir=str(tmp_path / "w"), store=StoreSettings(url=store)))
     assert again.cache_hit and again.manifest.version == reference.manifest.version
+
+
+def test_download_into_a_file_store_writes_each_byte_once(hub, payload, tmp_path, monkeypatch):
+    """The work copy is renamed into staging, which the store hard-links: no file is copied."""
+    import tasks.store.backends as backends
+
+    copies = []
+    real_copy = backends.copy_hashing
+    monkeypatch.setattr(backends, "copy_hashing", lambda src, *a, **k: copies.append(src) or real_copy(src, *a, **k))
+    hub.add_repo("org/once", {"config.json": b"{}", "w.safetensors": payload(2 * MB, 10)})
+    result = run_download(_params(hub, tmp_path, repo_id="org/once"))
+    assert not result.cache_hit and copies == []
+    stored = ArtifactStore((tmp_path / "store").as_uri()).local_path(result.manifest) / "w.safetensors"
+    assert stored.stat().st_nlink == 1 and stored.read_bytes() == payload(2 * MB, 10)
+    kept = run_download(_params(hub, tmp_path, repo_id="org/once", name="org/once-kept", keep_download=True))
+    assert len(copies) == 2  # a kept work copy is never shared with the store: copied
+    assert not kept.cache_hit
