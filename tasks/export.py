@@ -51,6 +51,7 @@ class ExportParams(BaseModel):
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0, description="largest safetensors shard")
     push_to_hub: str | None = Field(None, description="Hub repo id to upload the export to (optional)")
     hub_private: bool = Field(True, description="create the Hub repo private")
+    hub_endpoint: str | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
     hub_token_block: str | None = Field(None, description="Prefect Secret block holding the Hub token; "
                                         "default: HF_TOKEN from the environment")
     workdir: str | None = Field(None, description="where the staging dir goes; default GPTOSS_WORKDIR / temp")
@@ -91,13 +92,18 @@ def hub_token(params: ExportParams) -> str | None:
     return os.environ.get("HF_TOKEN")
 
 
-def push_folder(folder: Path, repo_id: str, token: str | None, private: bool, message: str) -> str:
+def push_folder(folder: Path, repo_id: str, token: str | None, private: bool, message: str,
+                endpoint: str | None = None) -> str:
     """Create the repo if needed and upload the directory as one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    from gptoss_model.hub_download import hub_endpoint
+
+    api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    # The store's own bookkeeping is not part of a Hugging Face checkpoint.
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message,
+                             ignore_patterns=["MANIFEST.json", ".*"])
     return str(getattr(info, "commit_url", info))
 
 
@@ -122,7 +128,7 @@ def run_export(params: ExportParams, store: ArtifactStore | None = None) -> Stag
                               build=build, inputs=[source, hf], workdir=params.workdir)
     if params.push_to_hub:
         url = push_folder(store.local_path(result.manifest), params.push_to_hub, hub_token(params),
-                          params.hub_private, f"gptoss-pipeline export {result.spec}")
+                          params.hub_private, f"gptoss-pipeline export {result.spec}", params.hub_endpoint)
         log.info("pushed %s to the Hub: %s", result.spec, url)
     return result
 

@@ -8,6 +8,14 @@ It speaks the routes huggingface_hub and `gptoss_model.hub_download` call
   HEAD /{repo}/resolve/{rev}/{path}             X-Repo-Commit, ETag, X-Linked-*
   GET  /{repo}/resolve/{rev}/{path}             Range -> 206 + Content-Range
 
+and the upload routes of `HfApi.create_repo` / `upload_folder` (legacy LFS
+transfer, so tests set huggingface_hub's HF_HUB_DISABLE_XET):
+
+  POST /api/repos/create                         {"name", "organization"}
+  POST /api/models/{repo}/preupload/{rev}        upload mode per file (lfs for *.safetensors)
+  POST /{repo}.git/info/lfs/objects/batch        "basic" upload actions -> PUT /lfs-upload/{oid}
+  POST /api/models/{repo}/commit/{rev}           NDJSON header + file/lfsFile lines -> a new commit
+
 LFS files can be served the way the real Hub does it: a 302 from `resolve`
 to a second server (another origin, like the CDN), so tests can check that
 the Authorization header never leaves the endpoint host.
@@ -19,6 +27,7 @@ sha256, `throttle` (bytes/s) slows bodies so a client can be killed mid-file,
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -78,6 +87,7 @@ class HubServer:
         self._corruptions: dict[tuple[str, str], list] = {}  # -> [offset, remaining or None]
         self._drops: dict[tuple[str, str], list] = {}  # -> [after_bytes, remaining]
         self._lock = threading.Lock()
+        self.uploaded_blobs: dict[str, bytes] = {}  # sha256 -> LFS object PUT by a client
         self._hub = self._make_server("hub")
         self._cdn = self._make_server("cdn")
         self.endpoint = f"http://127.0.0.1:{self._hub.server_address[1]}"
@@ -255,6 +265,62 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._route()
+
+    # -- uploads -------------------------------------------------------------
+    def _request_body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_PUT(self) -> None:
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        if parts[:1] == ["lfs-upload"] and len(parts) == 2:
+            data = self._request_body()
+            if hashlib.sha256(data).hexdigest() != parts[1]:
+                return self._error(400, None, "uploaded bytes do not match their oid")
+            self.hub_server.uploaded_blobs[parts[1]] = data
+            return self._send(200)
+        self._error(404, None, f"No route for PUT {self.path}")
+
+    def do_POST(self) -> None:
+        hub = self.hub_server
+        parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
+        body = self._request_body()
+        if parts == ["api", "repos", "create"]:
+            req = json.loads(body)
+            repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+            if repo_id not in hub.repos:
+                hub.repos[repo_id] = _Repo(repo_id, None)
+            return self._json({"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+        if parts[-4:] == ["info", "lfs", "objects", "batch"] or (len(parts) >= 5 and parts[-5].endswith(".git")):
+            objects = json.loads(body)["objects"]
+            return self._json({"transfer": "basic", "objects": [
+                {"oid": o["oid"], "size": o["size"], "authenticated": True,
+                 "actions": {"upload": {"href": f"{hub.endpoint}/lfs-upload/{o['oid']}"}}} for o in objects]})
+        repo, rest = self._split_repo(parts[2:]) if parts[:2] == ["api", "models"] else (None, [])
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if not self._authorize(repo):
+            return None
+        if rest[:1] == ["preupload"]:
+            files = json.loads(body)["files"]
+            return self._json({"files": [{"path": f["path"], "shouldIgnore": False, "uploadMode":
+                                          "lfs" if f["path"].endswith(".safetensors") else "regular"}
+                                         for f in files]})
+        if rest[:1] == ["commit"]:
+            base = hub._resolve(repo, rest[1] if len(rest) > 1 else "main")
+            files = {p: f.data for p, f in (repo.commits[base].items() if base else ())}
+            for line in body.decode().splitlines():
+                entry = json.loads(line)
+                value = entry["value"]
+                if entry["key"] == "file":
+                    files[value["path"]] = base64.b64decode(value["content"])
+                elif entry["key"] == "lfsFile":
+                    files[value["path"]] = hub.uploaded_blobs[value["oid"]]
+                elif entry["key"] == "deletedFile":
+                    files.pop(value["path"], None)
+            sha = hub.add_repo(repo.repo_id, files)
+            return self._json({"commitUrl": f"{hub.endpoint}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
+                               "pullRequestUrl": None})
+        self._error(404, None, f"No route for POST {self.path}")
 
     def _route(self) -> None:
         try:

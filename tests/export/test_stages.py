@@ -112,3 +112,31 @@ def test_export_flow(prefect_harness, pipeline, tmp_path):
     manifest = export_flow(ExportParams(source=f"megatron-checkpoint/{meg.name}", weight_format="float32",
                                         workdir=str(tmp_path / "w"), store=StoreSettings(url=url)))
     assert manifest.kind == "hf-export" and manifest.metrics["weight_format"] == "float32"
+
+
+def test_push_to_hub_then_download_stage_pulls_it_back_bitwise(pipeline, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from tasks.download import DownloadParams, run_download
+    from tasks.export import ExportParams, run_export
+    from tests.hub_server import HubServer
+
+    for var in ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    # The test Hub speaks the legacy LFS transfer, not Xet's.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    store, url, _, meg, _ = pipeline
+    settings = StoreSettings(url=url)
+    with HubServer() as hub:
+        pushed = run_export(ExportParams(source=f"megatron-checkpoint/{meg.name}", name="tiny/pushed",
+                                         push_to_hub="acme/tiny-export", hub_endpoint=hub.endpoint,
+                                         max_shard_bytes=300_000, workdir=str(tmp_path / "e"), store=settings),
+                            store).manifest
+        back = run_download(DownloadParams(repo_id="acme/tiny-export", endpoint=hub.endpoint, name="acme/back",
+                                           workdir=str(tmp_path / "d"), store=settings), store).manifest
+    sent, got = store.local_path(pushed), store.local_path(back)
+    names = sorted(f.path for f in pushed.files)
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    assert sorted(f.path for f in back.files) == names
+    for name in names:
+        assert (got / name).read_bytes() == (sent / name).read_bytes(), name
