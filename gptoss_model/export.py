@@ -47,7 +47,7 @@ from gptoss_model.config import GptOssModelConfig
 from gptoss_model.resources import peak_rss_mb
 from gptoss_model.errors import PermanentError
 from gptoss_model.megatron_reader import MegatronCheckpointReader
-from gptoss_model.safetensors_writer import INDEX_FILE, ShardedSafetensorsWriter, ShardPlan, TensorSpec
+from gptoss_model.safetensors_writer import ShardedSafetensorsWriter, ShardPlan, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,3 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
              len(plan.shards), plan.total_size / 1e6, report["seconds"])
     return report
 
-
-def index_total_size(hf_dir: str | Path) -> int:
-    return json.loads((Path(hf_dir) / INDEX_FILE).read_text())["metadata"]["total_size"]

@@ -279,7 +279,7 @@ class MegatronSide:
 
 
 # ----------------------------------------------------------------- the run
-def _routing_flips(ref: dict, cand: dict, k: int) -> int:
+def _routing_flips(ref: dict, cand: dict) -> int:
     want = torch.zeros_like(ref["router_logits"], dtype=torch.bool).scatter_(1, ref["experts"], True)
     if "routing_map" in cand:
         got = cand["routing_map"]
@@ -331,7 +331,7 @@ def verify_layerwise(reference: HFSide, candidate, ids: torch.Tensor, *,
     for i in range(cfg.num_layers):
         ref = reference.layer(i, x)
         cand = candidate.layer(i, y if chained else x, forced_experts=ref["experts"] if force_routing else None)
-        extra = {"routing_flips": _routing_flips(ref, cand, cfg.experts_per_token),
+        extra = {"routing_flips": _routing_flips(ref, cand),
                  "min_topk_gap": _min_topk_gap(ref["router_logits"], cfg.experts_per_token)}
         block = f"layer {i} ({cfg.layer_types[i].split('_')[0]})"
         ok = record(block, "attention", cand["attention"], ref["attention"])
