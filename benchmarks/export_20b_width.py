@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("GPTOSS_WORKDIR", "/tmp")) / "export-bench")
     ap.add_argument("--skip-verify", action="store_true")
+    ap.add_argument("--skip-export", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_job", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -130,7 +131,7 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(meg)], check=True)
         run_job({"name": "convert", "kind": "convert", "src": str(src), "out": str(meg)}, wd)
     rows = []
-    for fmt in ("bfloat16", "mxfp4"):
+    for fmt in () if args.skip_export else ("bfloat16", "mxfp4"):
         out = wd / f"export-{tag}-{fmt}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         r = run_job({"name": f"export-{fmt}", "kind": "export", "src": str(src), "megatron": str(meg),

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from gptoss_model.config import GptOssModelConfig
+from gptoss_model.convert_writer import MAPPED_BYTES_LIMIT
 from gptoss_model.resources import peak_rss_mb
 
 
@@ -107,7 +108,9 @@ class HFSide:
 
         self.hf_dir = Path(hf_dir)
         self.cfg = GptOssModelConfig.from_hf_config(self.hf_dir)
-        self.ckpt = HFCheckpoint(self.hf_dir, self.cfg)
+        # Mapped safetensors pages count in RSS: drop the mappings every 64 MiB read, so memory
+        # stays one layer whatever the checkpoint size.
+        self.ckpt = HFCheckpoint(self.hf_dir, self.cfg, max_mapped_bytes=MAPPED_BYTES_LIMIT)
         raw = json.loads((self.hf_dir / "config.json").read_text())
         raw.pop("quantization_config", None)
         self.hf_config = GptOssConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
@@ -161,6 +164,7 @@ class HFSide:
             scores = torch.softmax(logits.gather(1, experts), dim=1)
         mlp = layer.mlp.experts(h2, experts, scores).reshape(x.shape)
         del layer
+        self.ckpt.close()
         return {"attention": attn, "mlp": mlp, "output": x2 + mlp, "router_logits": logits, "experts": experts}
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,11 +220,12 @@ class MegatronSide:
         return self.reader.stored_dtype("output_layer.weight")
 
     def _materialise(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
-        values = self.reader.read([prefix + n for n, _ in module.named_parameters()])
         module.to_empty(device="cpu")
         with torch.no_grad():
+            # One parameter read at a time: the stored copy of a whole layer is never held
+            # beside its fp32 parameters.
             for n, p in module.named_parameters():
-                p.copy_(values[prefix + n])
+                p.copy_(self.reader.read([prefix + n])[prefix + n])
         return module.eval()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
