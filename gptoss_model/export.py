@@ -20,10 +20,11 @@ reference repository:
 
 Weight formats: `bfloat16` (default), `float32`, `mxfp4`.
 
-Streaming: the checkpoint is read one group at a time (embedding, each layer,
-head; `megatron_reader`), mapped with `name_map`, and appended to the current
-safetensors shard (`safetensors_writer`), so peak memory is about one layer
-whatever the number of layers, and the checkpoint may have been saved at any
+Streaming: the checkpoint is read one tensor at a time (one expert of a
+stacked expert tensor; `megatron_reader`), mapped with `name_map`, and
+appended to the current safetensors shard (`safetensors_writer`), so peak
+memory is about the largest single tensor (the embedding) whatever the
+number of layers or experts, and the checkpoint may have been saved at any
 TP/PP/EP layout. A failure leaves no shard under its final name and no index.
 
 No Prefect here: tasks/export.py wraps this in a stage; `AutoBridge.export_ckpt`
@@ -127,27 +128,42 @@ def _mxfp4_expert(kind: str, megatron_expert: torch.Tensor) -> tuple[torch.Tenso
     return mxfp4.quantize(rows, max_chunk_bytes=QUANTIZE_CHUNK_BYTES)
 
 
-def megatron_group_to_hf(tensors: dict[str, torch.Tensor], cfg: GptOssModelConfig, weight_format: str,
-                         group: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """World-1 megatron tensors of one structural group -> HF (name, tensor), in `hf_tensor_specs` order."""
+_EXPERT_TO_HF = {nm.GATE_UP: nm.fc1_to_gate_up, nm.GATE_UP_BIAS: nm.fc1_bias_to_gate_up, nm.DOWN: nm.fc2_to_down,
+                 nm.DOWN_BIAS: lambda t: t}
+
+
+def write_group(reader: MegatronCheckpointReader, writer: ShardedSafetensorsWriter, cfg: GptOssModelConfig,
+                weight_format: str, group: str, on_tensor: Callable[[], None]) -> None:
+    """Read one structural group from the checkpoint and append its HF tensors, in `hf_tensor_specs` order.
+
+    Stacked expert tensors are produced one expert at a time (read, map, append), so memory is one
+    expert's tensor, not a layer's experts (6 GB of bf16 per layer for gpt-oss-120b).
+    """
     dtype = _tensor_dtype(weight_format)
     for match in _layer_groups(cfg, group):
-        kind = match.rule.kind
-        if kind in nm.EXPERT_KINDS:
-            names = [match.megatron_name("local", e) for e in range(cfg.num_experts)]
-        else:
-            names = [match.megatron_name("local")]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise ExportError(f"{group}: megatron tensors {missing[:3]} were not read from the checkpoint")
-        if weight_format == "mxfp4" and kind in MXFP4_EXPERT_KINDS:
-            pairs = [_mxfp4_expert(kind, tensors[n]) for n in names]
-            blocks, scales = mxfp4.mxfp4_pair_names(match.hf_names()[0])
-            yield blocks, torch.stack([b for b, _ in pairs])
-            yield scales, torch.stack([s for _, s in pairs])
+        kind, hf_name = match.rule.kind, match.hf_names()[0]
+        if kind not in nm.EXPERT_KINDS:
+            name = match.megatron_name("local")
+            for out_name, value in nm.megatron_to_hf(reader.read([name]), cfg):
+                writer.write(out_name, value.to(dtype).contiguous())
+                on_tensor()
             continue
-        for hf_name, value in nm.megatron_to_hf({n: tensors[n] for n in names}, cfg):
-            yield hf_name, value.to(dtype).contiguous()
+        experts = [match.megatron_name("local", e) for e in range(cfg.num_experts)]
+        if weight_format == "mxfp4" and kind in MXFP4_EXPERT_KINDS:
+            blocks_name, scales_name = mxfp4.mxfp4_pair_names(hf_name)
+            scales = []  # 1/16 of the blocks' size: held until the blocks are written
+            for name in experts:
+                blocks, expert_scales = _mxfp4_expert(kind, reader.read([name])[name])
+                writer.write_rows(blocks_name, blocks.unsqueeze(0), 1)
+                scales.append(expert_scales)
+            on_tensor()
+            writer.write(scales_name, torch.stack(scales))
+            on_tensor()
+            continue
+        for name in experts:
+            value = _EXPERT_TO_HF[kind](reader.read([name])[name])
+            writer.write_rows(hf_name, value.to(dtype).unsqueeze(0).contiguous(), 1)
+        on_tensor()
 
 
 # ------------------------------------------------------------ side files
@@ -191,14 +207,12 @@ def _resolve_config(config) -> tuple[GptOssModelConfig, Path | None]:
 def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
                           config: GptOssModelConfig | str | Path, tokenizer_dir: str | Path | None = None,
                           weight_format: str = "bfloat16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                          progress: Callable[[int, int], None] | None = None,
-                          transform_group: Callable[[str, dict], dict] | None = None) -> dict:
+                          progress: Callable[[int, int], None] | None = None) -> dict:
     """Export the megatron checkpoint at `megatron_path` (a checkpoint dir or one iteration dir) to `out_dir`.
 
     `config`: the model config, or the original HF checkpoint dir (then also the default
     `tokenizer_dir`). `out_dir` must be absent or empty. `progress(done, total)` counts HF
-    tensors. `transform_group(group, tensors)` may replace a group's megatron tensors before
-    they are mapped (the adapter merge uses it). Returns the export report (for the manifest).
+    tensors. Returns the export report (for the manifest).
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
@@ -210,23 +224,21 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
     started = time.time()
     plan = shard_plan(cfg, weight_format, max_shard_bytes)  # before reading: bad formats fail here
     total = sum(len(s) for s in plan.shards)
-    done = 0
     with MegatronCheckpointReader(megatron_path, cfg) as reader:
         out_dir.mkdir(parents=True, exist_ok=True)
         stored_dtypes = sorted({str(d).removeprefix("torch.") for _, d in reader.stored.values()})
         if progress is not None:
             progress(0, total)
+        counter = [0]
+
+        def on_tensor() -> None:
+            counter[0] += 1
+            if progress is not None:
+                progress(counter[0], total)
+
         with ShardedSafetensorsWriter(out_dir, plan) as writer:
             for group in reader.groups():
-                tensors = reader.read_group(group)
-                if transform_group is not None:
-                    tensors = transform_group(group, tensors)
-                for name, value in megatron_group_to_hf(tensors, cfg, weight_format, group):
-                    writer.write(name, value)
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                del tensors
+                write_group(reader, writer, cfg, weight_format, group, on_tensor)
         iter_dir = reader.iter_dir
     copied = write_side_files(out_dir, cfg, weight_format, tokenizer_dir)
     report = {

@@ -6,7 +6,8 @@ an 8-byte little-endian header length, a JSON header giving each tensor's
 dtype, shape and byte range, then the bytes back to back. All shapes and
 dtypes are known before the first byte (from the model config), so the
 header of every shard is written first and each tensor is appended as soon
-as it is produced, then dropped. Peak memory is one tensor.
+as it is produced, then dropped. Peak memory is one tensor, or one part of
+one: `write_rows` appends a tensor in leading-dim slices (one expert at a time).
 
     plan = ShardPlan.make([TensorSpec(name, shape, dtype), ...], max_shard_bytes=5e9)
     with ShardedSafetensorsWriter(out_dir, plan) as w:
@@ -117,6 +118,7 @@ class ShardedSafetensorsWriter:
         self._next = 0
         self._fh = None
         self._shard = -1
+        self._rows = 0  # rows of the current tensor written so far (write_rows)
         self.bytes_written = 0
 
     def __enter__(self) -> "ShardedSafetensorsWriter":
@@ -158,19 +160,32 @@ class ShardedSafetensorsWriter:
                 os.close(fd)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the whole tensor `name` (the next one in plan order)."""
+        self.write_rows(name, tensor, rows=tensor.shape[0] if tensor.dim() else None)
+
+    def write_rows(self, name: str, part: torch.Tensor, rows: int | None) -> None:
+        """Append `rows` leading-dim rows of tensor `name` (e.g. one expert of a stacked expert tensor).
+
+        The parts of one tensor come in order; the next tensor may start once its rows are all written.
+        """
         if self._next >= len(self._order):
             raise SafetensorsWriteError(f"tensor {name!r} is not in the shard plan (all tensors already written)")
         shard, spec = self._order[self._next]
         if name != spec.name:
             raise SafetensorsWriteError(f"expected tensor {spec.name!r} next, got {name!r}")
-        if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
-            raise SafetensorsWriteError(f"tensor {name!r} is {list(tensor.shape)} {tensor.dtype}, the plan says "
-                                        f"{list(spec.shape)} {spec.dtype}")
+        want = tuple(spec.shape) if rows is None else (rows, *spec.shape[1:])
+        if tuple(part.shape) != want or part.dtype != spec.dtype or self._rows + (rows or 0) > (
+                spec.shape[0] if spec.shape else 0):
+            raise SafetensorsWriteError(f"tensor {name!r}: got {list(part.shape)} {part.dtype} after "
+                                        f"{self._rows} rows; the plan says {list(spec.shape)} {spec.dtype}")
         if shard != self._shard:
             self._open(shard)
-        self._fh.write(_tensor_bytes(tensor))
-        self.bytes_written += spec.nbytes
-        self._next += 1
+        self._fh.write(_tensor_bytes(part))
+        self._rows += rows or 0
+        if rows is None or self._rows == spec.shape[0]:
+            self.bytes_written += spec.nbytes
+            self._next += 1
+            self._rows = 0
 
     def close(self) -> None:
         if self._next != len(self._order):

@@ -131,21 +131,35 @@ def test_shards_respect_the_size_limit(converted, tmp_path):
     assert not list(out.glob("*.partial"))
 
 
-def test_reads_one_group_at_a_time(converted, tmp_path, monkeypatch):
+def test_streams_one_tensor_at_a_time(converted, tmp_path, monkeypatch):
+    """Each read is one megatron tensor (one expert), and a layer is written before the next is read."""
+    from gptoss_model.safetensors_writer import ShardedSafetensorsWriter
+
     hf, meg = converted["bf16"]
-    calls = []
-    real = MegatronCheckpointReader.read
+    events = []
+    real_read, real_write = MegatronCheckpointReader.read, ShardedSafetensorsWriter.write_rows
 
-    def spy(self, names):
-        calls.append({n.split(".")[2] if n.startswith("decoder.layers.") else n.split(".")[0] for n in names})
-        return real(self, names)
+    def read(self, names):
+        events.append(("read", names))
+        return real_read(self, names)
 
-    monkeypatch.setattr(MegatronCheckpointReader, "read", spy)
+    def write_rows(self, name, part, rows):
+        events.append(("write", name))
+        return real_write(self, name, part, rows)
+
+    monkeypatch.setattr(MegatronCheckpointReader, "read", read)
+    monkeypatch.setattr(ShardedSafetensorsWriter, "write_rows", write_rows)
     export_megatron_to_hf(meg, tmp_path / "out", config=hf)
-    num_layers = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
-    assert len(calls) == num_layers + 2
-    assert all(len(c) <= 2 for c in calls)  # one layer, or embedding, or final norm + output layer
-    assert calls[0] == {"embedding"} and calls[-1] == {"decoder", "output_layer"}
+    reads = [names for kind, names in events if kind == "read"]
+    assert all(len(names) == 1 for names in reads)
+    experts = json.loads((hf / "config.json").read_text())["num_local_experts"]
+    assert sum("local_experts" in names[0] for names in reads) == 4 * 4 * experts  # 4 kinds x 4 layers
+    first_layer1_read = next(i for i, (k, v) in enumerate(events) if k == "read" and ".layers.1." in v[0])
+    last_layer0_write = max(i for i, (k, v) in enumerate(events) if k == "write" and ".layers.0." in v)
+    assert last_layer0_write < first_layer1_read
+    # reads and writes alternate within a stacked expert tensor: never all experts at once
+    down = [i for i, (k, v) in enumerate(events) if k == "write" and v == "model.layers.0.mlp.experts.down_proj"]
+    assert len(down) == experts and down[-1] - down[0] == 2 * (experts - 1)
 
 
 def test_bad_inputs_fail_clearly(converted, tmp_path):
