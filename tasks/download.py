@@ -67,7 +67,13 @@ def _token(params: DownloadParams) -> str | None:
     if params.hf_token_block:
         from prefect.blocks.system import Secret
 
-        value = Secret.load(params.hf_token_block).get()
+        try:
+            value = Secret.load(params.hf_token_block).get()
+        except ValueError as exc:  # Prefect: "Unable to find block document named ..."
+            raise ValueError(
+                f"hf_token_block: no Prefect Secret block named {params.hf_token_block!r} ({exc}); create it "
+                f"with `prefect block create secret` (name {params.hf_token_block!r}, value: the token), or "
+                "leave hf_token_block unset for public repos") from None
         if not isinstance(value, str) or not value:
             raise ValueError(f"Prefect Secret block {params.hf_token_block!r} must hold the HF token as a string")
         return value
