@@ -48,5 +48,5 @@ def test_deployments_need_no_block_and_no_environment_variable():
 def test_a_missing_token_block_is_named_with_how_to_create_it(prefect_harness):
     from tasks.download import DownloadParams, _token
 
-    with pytest.raises(ValueError, match=r"no Prefect Secret block named 'hf-token-nowhere'.*prefect block create secret"):
+    with pytest.raises(ValueError, match=r"Secret block 'hf-token-nowhere' .*does not exist. Create it with"):
         _token(DownloadParams(hf_token_block="hf-token-nowhere"))
