@@ -1,6 +1,7 @@
 """The `gptoss` command: artifacts in the store, and the demo pipeline."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -24,6 +25,48 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="GPTOSS_STORE
                                                  help="Store URL (file://... or s3://bucket/prefix).")]
 EndpointOpt = Annotated[Optional[str], typer.Option("--s3-endpoint-url", envvar="GPTOSS_S3_ENDPOINT_URL",
                                                     help="S3-compatible endpoint URL.")]
+
+
+# Set by the root callback on every invocation (before any command runs).
+_options = {"debug": False}
+
+
+@app.callback()
+def _global_options(debug: Annotated[bool, typer.Option(
+        "--debug", help="On an error, show the full traceback instead of one line.")] = False) -> None:
+    """GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Face, as Prefect flows."""
+    _options["debug"] = debug
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the terminal: the message (which names the file, artifact or parameter)."""
+    from gptoss_model.errors import PermanentError
+
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    expected = (PermanentError, ValueError, LookupError, FileExistsError, PermissionError, TimeoutError,
+                ConnectionError)
+    if isinstance(exc, expected):
+        return f"error: {message}"
+    return f"error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
+
+
+def one_line_errors(command):
+    """Turn an exception into one line on stderr and exit status 1 (the traceback with --debug)."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _options["debug"]:
+                raise
+            typer.echo(error_line(exc), err=True)
+            raise typer.Exit(1) from None
+    return run
 
 
 def _store(url: str | None, endpoint: str | None):
@@ -50,6 +93,7 @@ def parse_duration(text: str) -> float:
 
 
 @artifacts.command("ls")
+@one_line_errors
 def ls(kind: Annotated[Optional[str], typer.Argument(help="Only this kind, e.g. hf-checkpoint.")] = None,
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
     """List committed artifact versions."""
@@ -65,6 +109,7 @@ def ls(kind: Annotated[Optional[str], typer.Argument(help="Only this kind, e.g. 
 
 
 @artifacts.command("show")
+@one_line_errors
 def show(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF] (default ref: latest).")],
          store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest only.")] = False) -> None:
@@ -95,19 +140,26 @@ def show(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF] (def
 
 
 @artifacts.command("pull")
+@one_line_errors
 def pull(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF].")],
          dest: Annotated[Path, typer.Argument(help="Local directory to write into.")],
+         overwrite: Annotated[bool, typer.Option(
+             "--overwrite", help="Replace files of the same paths already in DEST.")] = False,
          store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
-    """Download a version with a progress bar, verifying every file's sha256."""
+    """Download a version with a progress bar, verifying every file's sha256.
+
+    DEST ends up with the whole verified version or nothing new: files are verified
+    beside it first, then moved in. Files already there are refused without --overwrite."""
     from tasks.store import RichProgress
 
     st = _store(store, s3_endpoint_url)
     m = st.resolve_spec(spec)
-    st.download(m, dest, progress=RichProgress())
+    st.pull(m, dest, overwrite=overwrite, progress=RichProgress())
     console.print(f"{m.spec}: {len(m.files)} files verified in {dest}")
 
 
 @artifacts.command("gc")
+@one_line_errors
 def gc(older_than: Annotated[str, typer.Option(help="Only versions untouched this long (e.g. 30m, 24h).")] = "24h",
        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
@@ -123,6 +175,7 @@ def gc(older_than: Annotated[str, typer.Option(help="Only versions untouched thi
 
 
 @app.command("demo")
+@one_line_errors
 def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Path("configs/demo.yaml"),
          store: StoreOpt = None) -> None:
     """Run the demo pipeline end to end on a random tiny GPT-OSS checkpoint (CPU, local store)."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +41,12 @@ class ConcurrentWriterError(RuntimeError):
     """Another writer holds the claim on the version being committed."""
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(PermanentError, RuntimeError):
     """A pulled file does not match its manifest (size or sha256)."""
+
+
+class DestinationConflict(PermanentError, FileExistsError):
+    """A pull would replace files that are already in the destination."""
 
 
 class ArtifactStore:
@@ -199,12 +206,51 @@ class ArtifactStore:
             if size != entry.size or digest != entry.sha256:
                 target.unlink(missing_ok=True)
                 raise IntegrityError(
-                    f"{manifest.spec}: file {entry.path!r} does not match its manifest "
-                    f"(size {size} vs {entry.size}, sha256 {digest[:16]}... vs {entry.sha256[:16]}...)")
+                    f"{manifest.spec}: file {entry.path!r} does not match its manifest: sha256 {digest} "
+                    f"(manifest: {entry.sha256}), {size} bytes (manifest: {entry.size})")
 
-        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="download") as pool:
-            list(pool.map(one, manifest.files))
-        progress.finish()
+        try:
+            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="download") as pool:
+                list(pool.map(one, manifest.files))
+        finally:
+            progress.finish()
+        return dest
+
+    def pull(self, manifest: Manifest, dest: Path, *, overwrite: bool = False,
+             progress: ProgressSink | None = None) -> Path:
+        """Pull a version into `dest`: all of it verified, or nothing new in `dest`.
+
+        Files are downloaded and verified in a temp dir beside `dest` (same
+        filesystem) and only then renamed into place. Files already in `dest` at the
+        artifact's paths are a conflict unless `overwrite`; other files are left alone.
+        """
+        dest = Path(dest).absolute()
+        rels = [validate_relpath(f.path) for f in manifest.files]
+        if dest.exists() and not dest.is_dir():
+            raise DestinationConflict(f"cannot pull {manifest.spec} into {dest}: it is not a directory")
+        blocked = [r for r in rels if _blocks(dest, r)]
+        if blocked:
+            raise DestinationConflict(
+                f"cannot pull {manifest.spec} into {dest}: {blocked[0]!r} needs a directory where a file is "
+                f"(or a file where a directory is); {len(blocked)} such path(s)")
+        existing = [r for r in rels if (dest / r).exists() or (dest / r).is_symlink()]
+        if existing and not overwrite:
+            raise DestinationConflict(
+                f"cannot pull {manifest.spec} into {dest}: {len(existing)} of its files already exist there "
+                f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+        try:
+            self.download(manifest, tmp, progress)
+            if not dest.exists():
+                os.replace(tmp, dest)
+                return dest
+            for rel in rels:
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / rel, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     def local_path(self, manifest: Manifest, cache_dir: Path | None = None,
@@ -270,4 +316,13 @@ class ArtifactStore:
         return removed
 
 
-__all__ = ["ArtifactStore", "ArtifactNotFound", "ConcurrentWriterError", "IntegrityError", "InvalidNameError", "DEFAULT_STORE"]
+__all__ = ["ArtifactStore", "ArtifactNotFound", "ConcurrentWriterError", "DestinationConflict", "IntegrityError", "InvalidNameError", "DEFAULT_STORE"]
+
+
+def _blocks(dest: Path, rel: str) -> bool:
+    """True where pulling `rel` into `dest` needs to replace a directory by a file or the reverse."""
+    target = dest / rel
+    if target.is_dir() and not target.is_symlink():
+        return True
+    return any((dest / parent).exists() and not (dest / parent).is_dir()
+               for parent in map(str, Path(rel).parents) if parent != ".")

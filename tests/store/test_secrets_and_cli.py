@@ -103,7 +103,7 @@ def test_cli_ls_show_gc(tmp_path):
     out = runner.invoke(app, ["artifacts", "show", "--json", f"hf-checkpoint/org/m@{parent.version}"], env=env)
     assert '"stage": "download"' in out.output
     out = runner.invoke(app, ["artifacts", "show", "hf-checkpoint/../etc"], env=env)
-    assert out.exit_code != 0 and "invalid artifact name" in str(out.exception)
+    assert out.exit_code == 1 and "invalid artifact name" in out.stderr
     out = runner.invoke(app, ["artifacts", "gc", "--older-than", "0s"], env=env)
     assert "removed 1 incomplete version" in out.output
     assert store.get_manifest("megatron-checkpoint", "org/m", child.version) is not None
