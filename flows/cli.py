@@ -160,18 +160,29 @@ def pull(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF].")],
 
 @artifacts.command("gc")
 @one_line_errors
-def gc(older_than: Annotated[str, typer.Option(help="Only versions untouched this long (e.g. 30m, 24h).")] = "24h",
+def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched this long (e.g. 30m, 24h).")] = "24h",
        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
+       workdir: Annotated[Optional[Path], typer.Option(
+           envvar="GPTOSS_WORKDIR", help="Where stages keep staging and download work dirs "
+           "(default: the temp dir).")] = None,
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
-    """Remove uncommitted leftovers (versions without a manifest) of crashed writers."""
+    """Remove what crashed or abandoned runs left: uncommitted versions, unfinished S3
+    multipart uploads, staging and download work dirs. Nothing a live run holds."""
+    from tasks.store.housekeeping import Leftover, abort_stale_uploads, clean_work_dirs
+    from tasks.store.settings import settings
+
     st = _store(store, s3_endpoint_url)
-    removed = st.gc(parse_duration(older_than), dry_run=dry_run)
+    age = parse_duration(older_than)
+    found = abort_stale_uploads(st, age, dry_run=dry_run)
+    found += [Leftover("incomplete version", f"{st.url}/{p}") for p in st.gc(age, dry_run=dry_run)]
+    found += clean_work_dirs(workdir or settings().workdir, age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    for prefix in removed:
-        console.print(f"{verb} {prefix}")
-    console.print(f"{verb} {len(removed)} incomplete version(s)")
-
-
+    for item in found:
+        size = f" ({_size(item.bytes)})" if item.bytes else ""
+        typer.echo(f"{verb} {item.what} {item.where}{size}")  # unwrapped: one path per line
+    counts = {what: sum(1 for i in found if i.what == what) for what in
+              ("incomplete version", "multipart upload", "staging dir", "download work dir")}
+    typer.echo(f"{verb} " + ", ".join(f"{n} {what}(s)" for what, n in counts.items()))
 
 
 @app.command("demo")

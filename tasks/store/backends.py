@@ -271,6 +271,17 @@ class S3Backend:
             if batch:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
+    def multipart_uploads(self, prefix: str = "") -> Iterator[tuple[str, str, float]]:
+        """Unfinished multipart uploads under `prefix`: (key, upload id, initiated at)."""
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(prefix)):
+            for up in page.get("Uploads", []):
+                yield up["Key"][strip:], up["UploadId"], up["Initiated"].timestamp()
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id)
+
     def _part_size(self, size: int) -> int:
         return max(self.MIN_PART, -(-size // self.MAX_PARTS))
 

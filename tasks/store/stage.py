@@ -6,6 +6,7 @@ else claim the version, build into a local staging dir, upload, commit.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .claims import hold_work_dir, work_dir_lock
 from .fingerprint import fingerprint
 from .manifest import InputRef, Manifest, Producer, git_sha, package_version
 from .progress import ProgressSink
@@ -84,11 +86,14 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
             log.info("stage %s: removed %d files of an interrupted attempt at %s", stage, removed, spec)
         base = Path(workdir or settings().workdir)
         base.mkdir(parents=True, exist_ok=True)
+        # The staging dir's lock (held until we are done with it) tells `gc` it is live.
         if resumable:
             staging = base / f"{stage}-{version}"
+            held = hold_work_dir(staging)
             staging.mkdir(exist_ok=True)
         else:
             staging = Path(tempfile.mkdtemp(prefix=f"{stage}-{version}-", dir=base))
+            held = hold_work_dir(staging)
         committed = False
         try:
             started = time.time()
@@ -103,6 +108,8 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         finally:
             if committed or not resumable:
                 shutil.rmtree(staging, ignore_errors=True)
+                work_dir_lock(staging).unlink(missing_ok=True)
+            os.close(held)
     finally:
         claim.release()
     log.info("stage %s: committed %s (%d files, %d bytes)", stage, spec, len(manifest.files),

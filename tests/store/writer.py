@@ -5,6 +5,8 @@ usage: python writer.py STORE_URL MODE START_AT
                              manifest would be written (the test kill -9s us)
   MODE=race                  wait until START_AT (unix time), then run the stage
                              with a slow build; print the resulting manifest
+  MODE=hang-mid-upload       (S3) upload in 1 MiB parts, print READY after the
+                             first part of the big file, then hang mid-upload
 """
 import json
 import os
@@ -43,6 +45,20 @@ if __name__ == "__main__":
             return original(key, data, **kw)
 
         store.backend.put_bytes = put_bytes
+    if MODE == "hang-mid-upload":
+        from tasks.store.backends import S3Backend
+
+        S3Backend.MULTIPART_THRESHOLD = S3Backend.MIN_PART = 1 << 20
+        client = store.backend.client
+        original_part = client.upload_part
+
+        def upload_part(**kw):
+            if kw["PartNumber"] > 1:
+                print("READY", flush=True)
+                time.sleep(3600)
+            return original_part(**kw)
+
+        client.upload_part = upload_part
     while time.time() < start_at:
         time.sleep(0.005)
     result = run_stage(store, stage="writer-test", code_version="1", kind="blob", name="demo/crash",
