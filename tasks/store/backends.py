@@ -9,6 +9,7 @@ atomic create, so concurrent writers are only protected by claims).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -21,12 +22,17 @@ from urllib.parse import urlparse
 
 from .settings import settings
 
+log = logging.getLogger(__name__)
 CHUNK = 8 << 20
 Progress = Callable[[int], None]
 
 
 class PreconditionFailed(Exception):
     """A conditional write lost: the object exists (or changed)."""
+
+
+class StoreUnreachable(ConnectionError):
+    """The store's endpoint did not answer within the timeouts, after the bounded retries."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,12 @@ class S3Backend:
     MIN_PART = 8 << 20
     CHECKSUM = {"ChecksumAlgorithm": "CRC32"}
     MAX_PARTS = 10_000
+    # An endpoint that accepts connections and never answers must fail, not hang: every
+    # request gets these timeouts and at most MAX_ATTEMPTS tries (with backoff).
+    CONNECT_TIMEOUT = 10
+    READ_TIMEOUT = 60
+    MAX_ATTEMPTS = 3
+    SHA256_KEY = "sha256"  # object metadata (or, for multipart uploads, object tag) holding the sha256
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, credentials: dict | None = None, max_concurrency: int = 10):
@@ -191,10 +203,12 @@ class S3Backend:
             region_name=region or settings().aws_region,
             config=Config(
                 max_pool_connections=max_concurrency * 2 + 8,
-                retries={"max_attempts": 6, "mode": "standard"},
+                connect_timeout=self.CONNECT_TIMEOUT, read_timeout=self.READ_TIMEOUT,
+                retries={"max_attempts": self.MAX_ATTEMPTS, "mode": "standard"},
                 s3={"addressing_style": "path"} if self.endpoint_url else {},
             ),
         )
+        self.client = _EndpointErrors(self.client, f"{self.url} (endpoint {self.client.meta.endpoint_url})")
         self.max_concurrency = max_concurrency
         self.parts_pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="s3-part")
 
@@ -285,13 +299,37 @@ class S3Backend:
     def _part_size(self, size: int) -> int:
         return max(self.MIN_PART, -(-size // self.MAX_PARTS))
 
+    def recorded_sha256(self, key: str, size: int) -> str | None:
+        """The sha256 recorded with an uploaded object of this size (None: absent, other size, unknown).
+
+        A commit retry keeps an object whose recorded sha256 equals its staging file's."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as exc:
+            if self._error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        if head["ContentLength"] != size:
+            return None
+        if head.get("Metadata", {}).get(self.SHA256_KEY):
+            return head["Metadata"][self.SHA256_KEY]
+        try:
+            tags = self.client.get_object_tagging(Bucket=self.bucket, Key=self._k(key))["TagSet"]
+        except ClientError:  # a server without tagging: nothing recorded
+            return None
+        return next((tag["Value"] for tag in tags if tag["Key"] == self.SHA256_KEY), None)
+
     def upload_file(self, src: Path, key: str, progress: Progress = _noop) -> str:
         size = src.stat().st_size
         if size <= self.MULTIPART_THRESHOLD:
             data = src.read_bytes()
-            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **self.CHECKSUM)
+            digest = hashlib.sha256(data).hexdigest()
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data,
+                                   Metadata={self.SHA256_KEY: digest}, **self.CHECKSUM)
             progress(size)
-            return hashlib.sha256(data).hexdigest()
+            return digest
         part = self._part_size(size)
         upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._k(key),
                                                         **self.CHECKSUM)["UploadId"]
@@ -327,7 +365,20 @@ class S3Backend:
         except BaseException:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id)
             raise
+        self._record_sha256_tag(key, digest)
         return digest
+
+    def _record_sha256_tag(self, key: str, digest: str) -> None:
+        # Multipart metadata is fixed before the sha256 is known (it is computed while the parts
+        # go out); a tag can be set afterwards. Best effort: without it a retry re-uploads the file.
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object_tagging(Bucket=self.bucket, Key=self._k(key),
+                                           Tagging={"TagSet": [{"Key": self.SHA256_KEY, "Value": digest}]})
+        except ClientError as exc:
+            log.info("%s: could not tag %s with its sha256 (%s); a commit retry will upload it again",
+                     self.url, key, self._error_code(exc))
 
     def download_file(self, key: str, dest: Path, size: int, progress: Progress = _noop) -> str:
         if size <= self.MULTIPART_THRESHOLD:
@@ -361,6 +412,42 @@ class S3Backend:
         finally:
             os.close(fd)
         return hash_file(dest)
+
+
+class _EndpointErrors:
+    """The boto3 client, with connection failures and timeouts (after botocore's bounded
+    retries) raised as one StoreUnreachable naming the store and its endpoint."""
+
+    def __init__(self, client, where: str):
+        self._client, self._where = client, where
+
+    def _translate(self, call):
+        from botocore.exceptions import ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, \
+            ReadTimeoutError
+
+        def run(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError) as exc:
+                raise StoreUnreachable(f"store {self._where} did not answer: {exc} "
+                                       f"(gave up after {S3Backend.MAX_ATTEMPTS} tries)") from exc
+        return run
+
+    def get_paginator(self, name: str):
+        paginator = self._client.get_paginator(name)
+        translate = self._translate
+
+        class Paginator:
+            def paginate(self, **kwargs):
+                pages = iter(paginator.paginate(**kwargs))
+                next_page = translate(lambda: next(pages, None))
+                while (page := next_page()) is not None:
+                    yield page
+        return Paginator()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        return self._translate(attr) if callable(attr) else attr
 
 
 class FsspecBackend:

@@ -81,9 +81,8 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         if manifest is not None:  # committed between our check and our claim
             _set_refs(store, manifest, refs)
             return StageResult(manifest, cache_hit=True)
-        removed = store.clear_incomplete(kind, name, version)
-        if removed:
-            log.info("stage %s: removed %d files of an interrupted attempt at %s", stage, removed, spec)
+        # Files an interrupted attempt uploaded stay: the commit keeps those whose recorded
+        # sha256 matches the new staging files and deletes the rest.
         base = Path(workdir or settings().workdir)
         base.mkdir(parents=True, exist_ok=True)
         # The staging dir's lock (held until we are done with it) tells `gc` it is live.

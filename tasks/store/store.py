@@ -21,7 +21,7 @@ from typing import Any
 
 from gptoss_model.errors import PermanentError
 
-from .backends import LocalBackend, PreconditionFailed, backend_for_url
+from .backends import LocalBackend, PreconditionFailed, backend_for_url, hash_file
 from .claims import CLAIM_FILE, LOCK_DIR, claim_for
 from .fingerprint import public_params
 from .manifest import MANIFEST_FILE, FileEntry, InputRef, Manifest, Producer
@@ -132,20 +132,43 @@ class ArtifactStore:
         return len(keys)
 
     def upload_dir(self, src: Path, prefix: str, progress: ProgressSink | None = None) -> list[FileEntry]:
+        """Upload every file under `src` to `prefix/` (the caller holds the version's claim).
+
+        Resumes an interrupted attempt: an object already there whose recorded sha256
+        equals its staging file's is kept, not sent again. Objects under the prefix that
+        are not in `src` (an older attempt's) are deleted, so the version holds exactly
+        what its manifest lists."""
         src = Path(src)
         files = sorted(p for p in src.rglob("*") if p.is_file())
         rels = [validate_relpath(p.relative_to(src).as_posix()) for p in files]
         sizes = [p.stat().st_size for p in files]
         progress = progress or ProgressSink()
         progress.start(sum(sizes), f"upload {prefix}")
+        present = {o.key: o.size for o in self.backend.list(prefix + "/") if not o.key.endswith("/" + CLAIM_FILE)}
+        if f"{prefix}/{MANIFEST_FILE}" in present:
+            raise RuntimeError(f"refusing to overwrite committed version {self.url}/{prefix}")
+        recorded = getattr(self.backend, "recorded_sha256", None)
+        kept = []
 
         def one(i: int) -> FileEntry:
-            digest = self.backend.upload_file(files[i], f"{prefix}/{rels[i]}", progress.advance)
+            key = f"{prefix}/{rels[i]}"
+            if recorded is not None and present.get(key) == sizes[i]:
+                remote = recorded(key, sizes[i])
+                if remote is not None and remote == hash_file(files[i]):
+                    kept.append(rels[i])
+                    progress.advance(sizes[i])
+                    return FileEntry(path=rels[i], size=sizes[i], sha256=remote)
+            digest = self.backend.upload_file(files[i], key, progress.advance)
             return FileEntry(path=rels[i], size=sizes[i], sha256=digest)
 
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="upload") as pool:
             entries = list(pool.map(one, range(len(files))))
         progress.finish()
+        if kept:
+            log.info("%s/%s: kept %d of %d files an interrupted attempt had uploaded (sha256 matched)",
+                     self.url, prefix, len(kept), len(files))
+        wanted = {f"{prefix}/{rel}" for rel in rels}
+        self.backend.delete(sorted(k for k in present if k not in wanted))
         return entries
 
     def commit(self, src: Path, *, kind: str, name: str, version: str, producer: Producer,
