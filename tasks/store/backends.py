@@ -183,7 +183,7 @@ class S3Backend:
     # An endpoint that accepts connections and never answers must fail, not hang: every
     # request gets these timeouts and at most MAX_ATTEMPTS tries (with backoff).
     CONNECT_TIMEOUT = 10
-    READ_TIMEOUT = 60
+    READ_TIMEOUT = 30
     MAX_ATTEMPTS = 3
     SHA256_KEY = "sha256"  # object metadata (or, for multipart uploads, object tag) holding the sha256
 
