@@ -98,14 +98,21 @@ def ls(kind: Annotated[Optional[str], typer.Argument(help="Only this kind, e.g. 
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
     """List committed artifact versions."""
     st = _store(store, s3_endpoint_url)
+    problems: list[str] = []
+    manifests = st.list(kind, problems=problems)
     table = Table(title=f"artifacts in {st.url}")
     for col in ("kind", "name", "version", "stage", "created", "files", "size"):
         table.add_column(col, justify="right" if col in ("files", "size") else "left",
                          no_wrap=True)
-    for m in st.list(kind):
+    for m in manifests:
         created = datetime.fromisoformat(m.created_at).strftime("%Y-%m-%d %H:%M")
         table.add_row(m.kind, m.name, m.version, m.producer.stage, created, str(len(m.files)), _size(m.total_bytes))
     console.print(table)
+    for problem in problems:
+        typer.echo(f"unreadable, not listed: {problem}", err=True)
+    if problems:
+        typer.echo(f"{len(problems)} unreadable manifest(s): `gptoss artifacts fsck --quarantine` moves them "
+                   "aside (their versions are then rebuilt by the next run)", err=True)
 
 
 @artifacts.command("show")
@@ -183,6 +190,30 @@ def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched th
     counts = {what: sum(1 for i in found if i.what == what) for what in
               ("incomplete version", "multipart upload", "staging dir", "download work dir")}
     typer.echo(f"{verb} " + ", ".join(f"{n} {what}(s)" for what, n in counts.items()))
+
+
+@artifacts.command("fsck")
+@one_line_errors
+def fsck(quarantine: Annotated[bool, typer.Option(
+             "--quarantine", help="Move unreadable manifests and refs aside (to .quarantine/ in the store).")] = False,
+         store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
+    """Check every manifest and ref, and that committed files are present at their sizes.
+    Exit status 1 when something is wrong (and was not quarantined)."""
+    from tasks.store.housekeeping import fsck as check
+    from tasks.store.housekeeping import quarantine as move_aside
+
+    st = _store(store, s3_endpoint_url)
+    problems = check(st)
+    left = 0
+    for problem in problems:
+        if quarantine and problem.quarantinable:
+            typer.echo(f"quarantined {problem.what} -> {st.url}/{move_aside(st, problem.key)}")
+        else:
+            typer.echo(problem.what)
+            left += 1
+    typer.echo(f"{len(problems)} problem(s) in {st.url}" + (f", {left} left" if quarantine else ""))
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command("demo")

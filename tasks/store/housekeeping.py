@@ -141,3 +141,54 @@ def abort_stale_uploads(store, older_than_s: float, *, dry_run: bool = False) ->
             if claim is not None:
                 claim.release()
     return aborted
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str          # the store key of the damaged object
+    what: str         # one line naming the file and what is wrong
+    quarantinable: bool  # an unreadable manifest or ref: moving it aside unblocks its artifact
+
+
+def fsck(store) -> list[Problem]:
+    """Every manifest and ref readable, every committed file present at its size."""
+    from .manifest import MANIFEST_FILE, CorruptStoreObject
+    from .store import SPECIAL_DIRS
+
+    sizes = {o.key: o.size for o in store.backend.list("") if not o.key.startswith(SPECIAL_DIRS)}
+    problems = []
+    for key in sorted(sizes):
+        parts = key.split("/")
+        try:
+            if parts[-1] == MANIFEST_FILE and (prefix := version_prefix(key)):
+                kind, *name, version = prefix.split("/")
+                manifest = store.get_manifest(kind, "/".join(name), version)
+                for entry in manifest.files:
+                    got = sizes.get(f"{prefix}/{entry.path}")
+                    if got != entry.size:
+                        state = "is missing" if got is None else f"has {got} bytes, not {entry.size}"
+                        problems.append(Problem(key, f"{store.url}/{prefix}/{entry.path} {state} "
+                                                     f"(committed in {manifest.spec})", False))
+            elif len(parts) >= 4 and parts[-2] == "refs" and version_prefix(key) is None:
+                version = store.get_ref(parts[0], "/".join(parts[1:-2]), parts[-1])
+                if store.get_manifest(parts[0], "/".join(parts[1:-2]), version) is None:
+                    problems.append(Problem(key, f"ref {store.url}/{key} points at {version}, which is not "
+                                                 "committed", True))
+        except (CorruptStoreObject, ValueError) as exc:
+            problems.append(Problem(key, str(exc), True))
+    return problems
+
+
+def quarantine(store, key: str) -> str:
+    """Move an unreadable manifest or ref aside (kept for inspection); returns where it went.
+    Its artifact version then counts as uncommitted, so the next stage run rebuilds it."""
+    from datetime import datetime, timezone
+
+    from .store import QUARANTINE_DIR
+
+    data = store.backend.get_bytes(key)
+    aside = f"{QUARANTINE_DIR}/{key}.{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
+    if data is not None:
+        store.backend.put_bytes(aside, data)
+        store.backend.delete([key])
+    return aside

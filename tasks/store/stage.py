@@ -64,7 +64,7 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         manifest = store.get_manifest(kind, name, version)
         if manifest is not None:
             log.info("stage %s: %s already committed, reusing it", stage, spec)
-            _set_refs(store, manifest, refs)
+            _set_refs(store, manifest, refs, cache_hit=True)
             return StageResult(manifest, cache_hit=True)
         claim = store.claim(kind, name, version)
         if claim.try_acquire():
@@ -117,6 +117,20 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
     return StageResult(manifest, cache_hit=not won)
 
 
-def _set_refs(store: ArtifactStore, manifest: Manifest, refs: Iterable[str]) -> None:
+def _set_refs(store: ArtifactStore, manifest: Manifest, refs: Iterable[str], *, cache_hit: bool = False) -> None:
     for ref in refs:
-        store.set_ref(manifest.kind, manifest.name, ref, manifest.version)
+        try:
+            store.set_ref(manifest.kind, manifest.name, ref, manifest.version)
+        except Exception as exc:
+            # A cache hit only reads: a store we may not write to still serves it.
+            if not cache_hit or not _is_write_denied(exc):
+                raise
+            log.warning("stage: could not point %s@%s at %s (%s: no write access to %s); using it anyway",
+                        f"{manifest.kind}/{manifest.name}", ref, manifest.version, type(exc).__name__, store.url)
+
+
+def _is_write_denied(exc: BaseException) -> bool:
+    if isinstance(exc, PermissionError):
+        return True
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("AccessDenied", "403", "AllAccessDisabled")

@@ -24,13 +24,15 @@ from gptoss_model.errors import PermanentError
 from .backends import LocalBackend, PreconditionFailed, backend_for_url, hash_file
 from .claims import CLAIM_FILE, LOCK_DIR, claim_for
 from .fingerprint import public_params
-from .manifest import MANIFEST_FILE, FileEntry, InputRef, Manifest, Producer
+from .manifest import MANIFEST_FILE, CorruptStoreObject, FileEntry, InputRef, Manifest, Producer
 from .names import (VERSION_RE, InvalidNameError, parse_artifact_spec, validate_kind, validate_name,
                     validate_ref, validate_relpath, validate_version)
 from .progress import ProgressSink
 from .settings import DEFAULT_STORE, settings
 
 log = logging.getLogger(__name__)
+QUARANTINE_DIR = ".quarantine"  # unreadable manifests and refs moved aside by `gptoss artifacts fsck`
+SPECIAL_DIRS = (LOCK_DIR + "/", QUARANTINE_DIR + "/")
 
 
 class ArtifactNotFound(PermanentError, LookupError):
@@ -74,7 +76,12 @@ class ArtifactStore:
     def get_manifest(self, kind: str, name: str, version: str) -> Manifest | None:
         key = f"{self.prefix(kind, name, version)}/{MANIFEST_FILE}"
         data = self.backend.get_bytes(key)
-        return None if data is None else Manifest.from_json(data, where=f"{self.url}/{key}")
+        if data is None:
+            return None
+        manifest = Manifest.from_json(data, where=f"{self.url}/{key}")
+        if (manifest.kind, manifest.name, manifest.version) != (kind, name, version):
+            raise CorruptStoreObject(f"corrupt manifest {self.url}/{key}: it describes {manifest.spec}")
+        return manifest
 
     def resolve(self, kind: str, name: str, selector: str | None = None) -> Manifest:
         """A committed version by version, ref, or (default) the 'latest' ref."""
@@ -88,31 +95,57 @@ class ArtifactStore:
     def resolve_spec(self, spec: str) -> Manifest:
         return self.resolve(*parse_artifact_spec(spec))
 
-    def list(self, kind: str | None = None) -> list[Manifest]:
+    def list(self, kind: str | None = None, *, problems: list[str] | None = None) -> list[Manifest]:
+        """Committed versions. A manifest that cannot be read is skipped and described in
+        `problems` (when given; else logged), so one corrupt manifest hides only itself."""
         prefix = f"{validate_kind(kind)}/" if kind else ""
         found = []
         for info in self.backend.list(prefix):
-            if info.key.endswith("/" + MANIFEST_FILE) and not info.key.startswith(LOCK_DIR + "/"):
+            if info.key.endswith("/" + MANIFEST_FILE) and not info.key.startswith(SPECIAL_DIRS):
                 data = self.backend.get_bytes(info.key)
-                if data is not None:
+                if data is None:
+                    continue
+                try:
                     found.append(Manifest.from_json(data, where=f"{self.url}/{info.key}"))
+                except CorruptStoreObject as exc:
+                    (problems.append if problems is not None else log.warning)(str(exc))
         return sorted(found, key=lambda m: (m.kind, m.name, m.created_at))
 
-    def lineage(self, manifest: Manifest) -> dict[str, Any]:
-        """The manifest's inputs, recursively, as a tree of specs."""
+    def lineage(self, manifest: Manifest, _path: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The manifest's inputs, recursively, as a tree of specs (a loop is an error naming the file)."""
+        path = (*_path, manifest.spec)
         children = []
         for ref in manifest.inputs:
+            spec = f"{ref.kind}/{ref.name}@{ref.version}"
+            if spec in path:
+                raise CorruptStoreObject(
+                    f"corrupt lineage: {self.uri(manifest.kind, manifest.name, manifest.version)}/{MANIFEST_FILE} "
+                    f"names {spec} as an input, which loops: {' -> '.join((*path, spec))}")
             parent = self.get_manifest(ref.kind, ref.name, ref.version)
-            children.append(self.lineage(parent) if parent else
-                            {"spec": f"{ref.kind}/{ref.name}@{ref.version}", "missing": True, "inputs": []})
+            children.append(self.lineage(parent, path) if parent else {"spec": spec, "missing": True, "inputs": []})
         return {"spec": manifest.spec, "stage": manifest.producer.stage, "inputs": children}
 
     # -- refs -------------------------------------------------------------
     def get_ref(self, kind: str, name: str, ref: str) -> str | None:
-        data = self.backend.get_bytes(f"{validate_kind(kind)}/{validate_name(name)}/refs/{validate_ref(ref)}")
-        return None if data is None else json.loads(data)["version"]
+        key = f"{validate_kind(kind)}/{validate_name(name)}/refs/{validate_ref(ref)}"
+        data = self.backend.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            return validate_version(json.loads(data)["version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = " ".join(str(exc).split()) or type(exc).__name__
+            raise CorruptStoreObject(f"corrupt ref {self.url}/{key}: expected JSON with a 'version' "
+                                     f"(20 hex digits): {problem}") from None
 
     def set_ref(self, kind: str, name: str, ref: str, version: str) -> None:
+        """Point `ref` at a committed version; no write when it already points there
+        (so reading a committed artifact needs no write access to the store)."""
+        try:
+            if self.get_ref(kind, name, ref) == version:
+                return
+        except CorruptStoreObject as exc:
+            log.warning("%s; replacing it", exc)
         if self.get_manifest(kind, name, version) is None:
             raise ArtifactNotFound(f"cannot point {kind}/{name}@{ref} at uncommitted version {version}")
         body = {"version": version, "updated_at": datetime.now(timezone.utc).isoformat()}
@@ -307,7 +340,7 @@ class ArtifactStore:
         committed: set[str] = set()
         for info in self.backend.list(""):
             parts = info.key.split("/")
-            if parts[0] == LOCK_DIR:
+            if info.key.startswith(SPECIAL_DIRS):
                 continue
             for i in range(2, len(parts) - 1):
                 if VERSION_RE.match(parts[i]):
