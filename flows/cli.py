@@ -223,24 +223,59 @@ def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Pa
     """Run the demo pipeline end to end on a random tiny GPT-OSS checkpoint (CPU, local store)."""
     import os
 
-    # Ephemeral Prefect in a project-local home, without telemetry.
-    os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    from flows.local_server import local_prefect_server
+
+    # A project-local Prefect home, without telemetry; set before Prefect is imported.
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if store:
         os.environ["GPTOSS_STORE"] = store
-    from flows.pipeline import PipelineParams, gptoss_pipeline
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    with local_prefect_server(home / "demo-server.log") as api_url:
+        console.print(f"Prefect server for this demo: {api_url.removesuffix('/api')} (stops with the demo)")
+        from flows.pipeline import PipelineParams, gptoss_pipeline
 
-    params = PipelineParams.from_yaml(config)
-    source = params.download.source_url
-    if source and "://" not in source and not (Path(source) / "config.json").is_file():
-        write_tiny_checkpoint(Path(source), dtype="bfloat16", seed=0)
-        console.print(f"wrote a random tiny GPT-OSS checkpoint to {source}")
-    outputs = gptoss_pipeline(params)
+        params = PipelineParams.from_yaml(config)
+        source = params.download.source_url
+        if source and "://" not in source:
+            ensure_demo_source(Path(source))
+        outputs = gptoss_pipeline(params)
     for kind, spec in outputs.items():
         console.print(f"[green]{kind}[/green]: {spec}")
     ls(kind=None, store=store, s3_endpoint_url=None)
+
+
+def ensure_demo_source(source: Path) -> None:
+    """The demo's random tiny checkpoint, written whole or not at all: into a temp dir
+    beside `source`, renamed into place once complete (a killed demo leaves no half source)."""
+    import shutil
+    import tempfile
+
+    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+
+    if source.exists():
+        if not _complete_checkpoint(source):
+            raise FileExistsError(f"{source} exists but is not a complete checkpoint (config.json and every "
+                                  "safetensors shard); remove it, or set download.source_url elsewhere")
+        return
+    source.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}.partial-", dir=source.parent))
+    try:
+        write_tiny_checkpoint(tmp, dtype="bfloat16", seed=0)
+        tmp.rename(source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    console.print(f"wrote a random tiny GPT-OSS checkpoint to {source}")
+
+
+def _complete_checkpoint(root: Path) -> bool:
+    index = root / "model.safetensors.index.json"
+    if not (root / "config.json").is_file():
+        return False
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return bool(shards) and all((root / shard).is_file() for shard in shards)
+    return (root / "model.safetensors").is_file()
 
 
 if __name__ == "__main__":
