@@ -14,8 +14,9 @@ import os
 import tempfile
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -354,10 +355,10 @@ class S3Backend:
             with open(src, "rb") as f:
                 number = 0
                 while body := f.read(part):
-                    h.update(body)
                     number += 1
                     in_flight.acquire()
                     futures.append(self.parts_pool.submit(send, number, body))
+                    h.update(body)  # after the submit: this part's hash overlaps its own send
             digest = h.hexdigest()
             parts = [fut.result() for fut in futures]
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._k(key), UploadId=upload_id,
@@ -394,24 +395,39 @@ class S3Backend:
         with open(dest, "wb") as f:
             f.truncate(size)
         fd = os.open(dest, os.O_WRONLY)
-        try:
-            def fetch(offset: int) -> None:
-                end = min(offset + part, size) - 1
-                body = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
-                                              Range=f"bytes={offset}-{end}")["Body"]
-                pos = offset
-                for chunk in body.iter_chunks(CHUNK):
-                    os.pwrite(fd, chunk, pos)
-                    pos += len(chunk)
-                    progress(len(chunk))
-                if pos != end + 1:
-                    raise OSError(f"short read of {key} bytes {offset}-{end}: got {pos - offset}")
 
-            for fut in [self.parts_pool.submit(fetch, off) for off in range(0, size, part)]:
-                fut.result()
+        def fetch(offset: int) -> list[bytes]:
+            end = min(offset + part, size) - 1
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
+                                          Range=f"bytes={offset}-{end}")["Body"]
+            pos, chunks = offset, []
+            for chunk in body.iter_chunks(CHUNK):
+                os.pwrite(fd, chunk, pos)
+                chunks.append(chunk)
+                pos += len(chunk)
+                progress(len(chunk))
+            if pos != end + 1:
+                raise OSError(f"short read of {key} bytes {offset}-{end}: got {pos - offset}")
+            return chunks
+
+        # Parts are fetched in parallel and hashed here in file order as they arrive (no second
+        # read of the file); at most `ahead` fetched-but-unhashed parts are held in memory.
+        h, ahead = hashlib.sha256(), self.max_concurrency + 2
+        offsets, pending = iter(range(0, size, part)), deque()
+        try:
+            while True:
+                while len(pending) < ahead and (offset := next(offsets, None)) is not None:
+                    pending.append(self.parts_pool.submit(fetch, offset))
+                if not pending:
+                    break
+                for chunk in pending.popleft().result():
+                    h.update(chunk)
         finally:
+            for fut in pending:
+                fut.cancel()
+            wait(pending)  # no fetch may write after the descriptor is closed
             os.close(fd)
-        return hash_file(dest)
+        return h.hexdigest()
 
 
 class _EndpointErrors:
