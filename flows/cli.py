@@ -41,10 +41,11 @@ def _global_options(debug: Annotated[bool, typer.Option(
 def error_line(exc: BaseException) -> str:
     """One line for the terminal: the message (which names the file, artifact or parameter)."""
     from gptoss_model.errors import PermanentError
+    from tasks.store import IntegrityError
 
     message = " ".join(str(exc).split()) or type(exc).__name__
-    expected = (PermanentError, ValueError, LookupError, FileExistsError, PermissionError, TimeoutError,
-                ConnectionError)
+    expected = (PermanentError, IntegrityError, ValueError, LookupError, FileExistsError, PermissionError,
+                TimeoutError, ConnectionError)
     if isinstance(exc, expected):
         return f"error: {message}"
     return f"error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)"

@@ -381,13 +381,24 @@ class _FsTransfer(Transfer):
         return part.have == rf.size and h.hexdigest() == part.sha256.hexdigest()
 
 
+def normalized_url(url: str) -> str:
+    """One spelling per location, without credentials: a local path (relative, absolute,
+    trailing '/', file://) becomes its absolute file:// URI; other URLs lose user:password@."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if u.scheme in ("", "file"):
+        return Path(u.path if u.scheme else url).expanduser().resolve().as_uri()
+    if u.username or u.password:
+        u = u._replace(netloc=u.hostname + (f":{u.port}" if u.port else ""))
+    return u.geturl().rstrip("/")
+
+
 def _open_mirror(src_url: str, storage_options: dict | None):
     """(fs, root, where): `where` names the mirror without any credentials in its URL."""
     import fsspec
-    from urllib.parse import urlsplit
 
-    u = urlsplit(src_url)
-    where = u._replace(netloc=u.hostname or "").geturl() if (u.username or u.password) else src_url
+    where = normalized_url(src_url)
     fs, root = fsspec.core.url_to_fs(src_url, **(storage_options or {}))
     root = root.rstrip("/")
     if not fs.isdir(root):
