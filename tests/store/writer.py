@@ -87,9 +87,9 @@ if __name__ == "__main__":
             return original_part(**kw)
 
         client.upload_part = upload_part
-    sent = [0]
+    sent, params, stage_build = [0], PARAMS, build
     if MODE in ("hang-mid-commit", "resume"):
-        PARAMS, build = {"label": "resume"}, build_deterministic  # noqa: F811
+        params, stage_build = {"label": "resume"}, build_deterministic
         store.max_workers = 1  # files in order: the crash point is deterministic
         sent = count_data_bytes(store.backend.client)
     if MODE == "hang-mid-commit":
@@ -106,6 +106,6 @@ if __name__ == "__main__":
     while time.time() < start_at:
         time.sleep(0.005)
     result = run_stage(store, stage="writer-test", code_version="1", kind="blob", name="demo/crash",
-                       params=PARAMS, build=build, poll_interval=0.2)
+                       params=params, build=stage_build, poll_interval=0.2)
     print("RESULT " + json.dumps({"cache_hit": result.cache_hit, "manifest": result.manifest.model_dump(),
                                   "data_bytes_sent": sent[0]}), flush=True)
