@@ -46,12 +46,10 @@ def test_silent_s3_endpoint_fails_within_the_timeouts_naming_it(silent_endpoint,
     store = ArtifactStore("s3://bucket/prefix", s3_endpoint_url=silent_endpoint)
     started = time.monotonic()
     with pytest.raises(StoreUnreachable, match=rf"s3://bucket/prefix \(endpoint {silent_endpoint}\) did not answer"):
-        store.list()
-    with pytest.raises(StoreUnreachable, match=silent_endpoint):
         store.get_manifest("hf-checkpoint", "org/model", "0123456789abcdef0123")
     elapsed = time.monotonic() - started
-    print(f"two calls against a silent endpoint failed after {elapsed:.1f} s (read timeout 1 s, 2 tries)")
-    assert elapsed < 30
+    print(f"a read from a silent endpoint failed after {elapsed:.1f} s (read timeout 1 s, 2 tries)")
+    assert elapsed < 20
 
     out = CliRunner().invoke(app, ["artifacts", "ls"], env={"GPTOSS_STORE": "s3://bucket/prefix",
                                                            "GPTOSS_S3_ENDPOINT_URL": silent_endpoint})
