@@ -27,8 +27,9 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel, Field, SecretStr
 
-from gptoss_model.hub_download import (ChecksumMismatchError, DownloadResult, HubAuthError, HubNotFoundError,
-                                       copy_local_snapshot, download_snapshot, hub_endpoint, resolve_revision)
+from gptoss_model.hub_download import HubAuthError, download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.verified_transfer import (ChecksumMismatchError, DownloadResult, SourceNotFoundError,
+                                            copy_local_snapshot)
 from tasks.common import StoreSettings, progress_sink, run_logged_stage
 from tasks.store import ArtifactStore, ProgressSink, StageResult
 
@@ -162,7 +163,7 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
 
 
 # Failures a retry cannot fix: fail the task at once instead of backing off.
-_PERMANENT = (HubAuthError, HubNotFoundError, ChecksumMismatchError, ValueError)
+_PERMANENT = (HubAuthError, SourceNotFoundError, ChecksumMismatchError, ValueError)
 
 
 def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
