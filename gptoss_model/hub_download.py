@@ -266,7 +266,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None, *, allow_patterns
     ref = root / "refs" / quote(revision, safe="")
     patterns = [sorted(allow_patterns or []), sorted(ignore_patterns or [])]
     if _offline():
-        commit = ref.read_text().strip() if ref.is_file() else None
+        commit = ref.read_text().strip() if ref.is_file() else revision if _is_sha(revision) else None
         if commit is None or not _complete(root / commit, commit, patterns):
             raise HubDownloadError(f"Hub repo {repo_id!r} revision {revision!r}: HF_HUB_OFFLINE is set and no "
                                    f"complete snapshot of it is cached under {root}.")
@@ -282,6 +282,10 @@ def cached_snapshot(repo_id: str, revision: str | None = None, *, allow_patterns
                                                         "files": files}))
     _write_atomically(ref, commit)
     return dest
+
+
+def _is_sha(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
 
 def _complete(dest: Path, commit: str, patterns) -> bool:

@@ -169,7 +169,7 @@ def match_megatron(name: str, spec: str = "local") -> Match | None:
 
 
 def iter_groups(cfg: GptOssModelConfig) -> Iterator[Match]:
-    """Every HF tensor group of the model, in checkpoint order (one Match per rule and layer)."""
+    """Every HF tensor group of the model, rule by rule (one Match per rule and layer)."""
     for rule in RULES:
         if "{layer}" in rule.hf[0]:
             for layer in range(cfg.num_layers):

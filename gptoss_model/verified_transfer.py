@@ -58,11 +58,7 @@ class ChecksumMismatchError(TransferError):
     """A file still did not match its expected digest after one re-fetch."""
 
 
-class MirrorError(TransferError):
-    """Copying from a local or fsspec mirror failed."""
-
-
-class MirrorNotFoundError(MirrorError, SourceNotFoundError):
+class MirrorNotFoundError(SourceNotFoundError):
     """The mirror directory, or a file it listed, cannot be read."""
 
 
@@ -246,7 +242,7 @@ class Transfer(abc.ABC):
         free = shutil.disk_usage(self.dest).free
         if need > free:
             raise TransferError(f"{self.where}: {need} more bytes are needed in {self.dest} "
-                                   f"but only {free} are free.")
+                                f"but only {free} are free.")
 
     def _one(self, rf: RemoteFile) -> FileRecord:
         final = self.dest / rf.path
@@ -319,7 +315,7 @@ class Transfer(abc.ABC):
                 failures = 0 if part.have > before else failures + 1
                 if failures >= _RETRIES:
                     raise TransferError(f"{self.where}: file {rf.path!r}: giving up after {failures} failed "
-                                           f"tries at byte {part.have} of {rf.size}: {e}") from None
+                                        f"tries at byte {part.have} of {rf.size}: {e}") from None
                 log.info("%s: %s: %s; retrying from byte %d", self.where, rf.path, e, part.have)
                 time.sleep(min(0.5 * 2**failures, 10.0))
             else:
