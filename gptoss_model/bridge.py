@@ -16,6 +16,7 @@ a world of one is started.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,32 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = N
         raise NotADirectoryError(f"{path} is a file; expected a checkpoint directory or a Hub repo id")
     from gptoss_model.hub_download import cached_snapshot
 
-    return cached_snapshot(str(path_or_repo), revision, allow_patterns=HUB_ALLOW_PATTERNS,
-                           ignore_patterns=HUB_IGNORE_PATTERNS)
+    with _ProgressBar(f"download {path_or_repo}") as progress:
+        return cached_snapshot(str(path_or_repo), revision, allow_patterns=HUB_ALLOW_PATTERNS,
+                               ignore_patterns=HUB_IGNORE_PATTERNS, progress=progress)
+
+
+class _ProgressBar:
+    """A byte progress bar (huggingface_hub's tqdm: HF_HUB_DISABLE_PROGRESS_BARS silences it), fed
+    `(done, total)` from the download's worker threads; shown only once bytes actually move."""
+
+    def __init__(self, description: str):
+        self.description, self.bar, self.lock = description, None, threading.Lock()
+
+    def __call__(self, done: int, total: int) -> None:
+        from huggingface_hub.utils import tqdm
+
+        with self.lock:
+            if self.bar is None:
+                self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=self.description)
+            self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class AutoBridge:

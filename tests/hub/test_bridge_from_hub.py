@@ -52,12 +52,13 @@ def test_repo_id_resumes_after_kill9_and_fetches_only_the_rest(hub, tiny_repo, h
     dest = snapshot_cache_dir() / REPO.replace("/", "--") / commit
     partial = dest / PARTIAL_DIR / WEIGHTS
     hub.throttle = 256 * KB  # bytes/s: the weights take seconds, so the child dies mid-file
+    log = tmp_path / "child.log"
     child = subprocess.Popen([sys.executable, "-c", _CHILD, REPO], env=hub_env, cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not (partial.exists() and partial.stat().st_size >= 128 * KB):
-            assert child.poll() is None, f"the child ended before it could be killed:\n{child.stdout.read()}"
+            assert child.poll() is None, f"the child ended before it could be killed:\n{log.read_text()}"
             assert time.monotonic() < deadline, "no weight bytes on disk after 60 s"
             time.sleep(0.01)
     finally:
@@ -65,6 +66,7 @@ def test_repo_id_resumes_after_kill9_and_fetches_only_the_rest(hub, tiny_repo, h
         child.wait()
     on_disk = partial.stat().st_size
     assert 128 * KB <= on_disk < size and not (dest / WEIGHTS).exists()
+    assert f"download {REPO}" in log.read_text()  # the progress bar
 
     hub.throttle = None
     hub.reset_counters()
