@@ -23,9 +23,10 @@ from safetensors import safe_open
 from gptoss_model import mxfp4 as mx
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
+from gptoss_model.errors import PermanentError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PermanentError, ValueError):
     """The checkpoint does not match its config (missing tensor, wrong shape, bad index)."""
 
 

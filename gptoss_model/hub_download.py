@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
@@ -44,6 +45,7 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session
 
+from gptoss_model.errors import PermanentError
 from gptoss_model.verified_transfer import (CHUNK, DownloadResult, Part, Progress, RemoteFile, Retry,
                                             SourceNotFoundError, Transfer, TransferError, safe_relpath,
                                             select_files)
@@ -53,17 +55,24 @@ __all__ = ["download_snapshot", "cached_snapshot", "resolve_revision", "list_rem
 
 log = logging.getLogger(__name__)
 
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
 
 class HubDownloadError(TransferError):
     """A Hub download failed; the message names the repo (and file)."""
 
 
-class HubAuthError(HubDownloadError):
+class HubAuthError(PermanentError, HubDownloadError):
     """401/403: a token is required, or the one given was refused."""
 
 
 class HubNotFoundError(HubDownloadError, SourceNotFoundError):
-    """404: unknown repo, revision or file."""
+    """404: unknown repo, revision or file (permanent, as every SourceNotFoundError)."""
+
+
+class HubResponseError(PermanentError, HubDownloadError):
+    """The endpoint answered with something no Hub sends (e.g. a commit sha with path separators)."""
+
 
 LIBRARY_NAME = "gptoss-pipeline"  # in the User-Agent, via build_hf_headers
 _TIMEOUT = httpx.Timeout(30.0, read=120.0)  # per read: a stalled stream is retried from its bytes
@@ -126,8 +135,10 @@ def resolve_revision(repo_id: str, revision: str = "main", token=None, *, endpoi
     """Branch, tag or sha -> commit sha (the version everything is read at)."""
     info = _call_hub(lambda: _api(endpoint, token).model_info(repo_id, revision=revision),
                      repo_id, revision, token, endpoint)
-    if not info.sha:
-        raise HubDownloadError(f"Hub repo {repo_id!r}: no commit sha returned for revision {revision!r}.")
+    # The sha names local directories: anything but 40 hex digits (e.g. "x/../../victim") is refused.
+    if not isinstance(info.sha, str) or not _COMMIT_SHA.fullmatch(info.sha):
+        raise HubResponseError(f"Hub repo {repo_id!r}: the endpoint answered revision {revision!r} with "
+                               f"{str(info.sha)[:60]!r}, not a 40-hex-digit commit sha; refusing it.")
     return info.sha
 
 
@@ -285,7 +296,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None, *, allow_patterns
 
 
 def _is_sha(revision: str) -> bool:
-    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+    return _COMMIT_SHA.fullmatch(revision) is not None
 
 
 def _complete(dest: Path, commit: str, patterns) -> bool:
