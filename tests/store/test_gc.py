@@ -110,3 +110,16 @@ def test_kill_9_mid_s3_upload_leaves_nothing_after_gc(s3_bucket, tmp_path, monke
     assert list(store.backend.multipart_uploads()) == []
     assert store.incomplete_versions() == {}
     assert [p for p in work.iterdir() if p.is_dir()] == []
+
+
+def test_download_transfers_hold_the_lock_gc_checks(tmp_path):
+    """A download work dir being written is held under the same lock name gc tries."""
+    from gptoss_model.verified_transfer import _exclusive
+
+    work = tmp_path / "hf-downloads" / "org--m--abc"
+    work.mkdir(parents=True)
+    with _exclusive(work, "test"):
+        assert try_lock(work_dir_lock(work)) is None
+    fd = try_lock(work_dir_lock(work))
+    assert fd is not None
+    os.close(fd)
