@@ -5,9 +5,9 @@ The test reads the block out of README.md and executes its lines as written:
 the background (server, worker), every other line must exit 0. Only the
 placeholders change: the port, the bucket and the S3 endpoint (a moto server),
 and the Hub (HF_ENDPOINT points at the local test Hub serving a tiny
-checkpoint as openai/gpt-oss-20b). So the deployment defaults (the same
-download parameters as the nightly's) run exactly as a user would start them,
-with no Prefect block.
+checkpoint as openai/gpt-oss-20b). So the nightly deployment's defaults
+(download -> convert) run exactly as a user would start them, with no Prefect
+block.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_readme_deployment_steps_run_a_deployment(tmp_path, s3_endpoint, s3_bucket):
+def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoint, s3_bucket):
     from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
     from tasks.store import ArtifactStore
     from tests.hub_server import HubServer
@@ -120,4 +120,6 @@ def test_readme_deployment_steps_run_a_deployment(tmp_path, s3_endpoint, s3_buck
     store = ArtifactStore(f"s3://{s3_bucket}/gptoss", s3_endpoint_url=s3_endpoint)
     checkpoint = store.resolve("hf-checkpoint", "openai/gpt-oss-20b")  # what the watched run committed
     assert {"config.json", "model.safetensors.index.json"} <= {f.path for f in checkpoint.files}
+    megatron = store.resolve("megatron-checkpoint", "openai/gpt-oss-20b")
+    assert [i.version for i in megatron.inputs] == [checkpoint.version]
     assert "Completed" in done.stdout + done.stderr
