@@ -64,7 +64,6 @@ MXFP4_QUANTIZATION_CONFIG = {
                                "lm_head"],
     "quant_method": "mxfp4",
 }
-MXFP4_EXPERT_KINDS = (nm.GATE_UP, nm.DOWN)
 # Temporaries per quantize step: 4 MiB (mxfp4's default) measured 4x slower than 128 MiB on this
 # 2-core machine (per-step overhead); 128 MiB is small beside the layer held anyway.
 QUANTIZE_CHUNK_BYTES = 128 << 20
@@ -95,14 +94,14 @@ def hf_tensor_specs(cfg: GptOssModelConfig, weight_format: str, group: str) -> l
     specs = []
     for match in _layer_groups(cfg, group):
         for name, shape in zip(match.hf_names(), match.hf_shapes(cfg)):
-            if weight_format == "mxfp4" and match.rule.kind in MXFP4_EXPERT_KINDS:
-                e, k, rows = shape  # HF [E, in, out]; MXFP4 stores [E, out, in/32, 16] + [E, out, in/32]
-                if k % mxfp4.GROUP:
-                    raise ExportError(f"{name}: in_features {k} is not a multiple of {mxfp4.GROUP}; it cannot be "
-                                      "stored as MXFP4 (export as bfloat16 instead)")
+            if weight_format == "mxfp4" and nm.is_mxfp4_stored(match.rule):
+                if shape[1] % mxfp4.GROUP:  # HF [E, in, out]
+                    raise ExportError(f"{name}: in_features {shape[1]} is not a multiple of {mxfp4.GROUP}; it "
+                                      "cannot be stored as MXFP4 (export as bfloat16 instead)")
                 blocks, scales = mxfp4.mxfp4_pair_names(name)
-                specs.append(TensorSpec(blocks, (e, rows, k // mxfp4.GROUP, mxfp4.BLOCK_BYTES), torch.uint8))
-                specs.append(TensorSpec(scales, (e, rows, k // mxfp4.GROUP), torch.uint8))
+                blocks_shape, scales_shape = nm.mxfp4_stored_shapes(shape)
+                specs.append(TensorSpec(blocks, blocks_shape, torch.uint8))
+                specs.append(TensorSpec(scales, scales_shape, torch.uint8))
             else:
                 specs.append(TensorSpec(name, tuple(shape), dtype))
     return specs
@@ -118,18 +117,14 @@ def shard_plan(cfg: GptOssModelConfig, weight_format: str, max_shard_bytes: int)
 
 
 # ------------------------------------------------------------- conversion
-def _mxfp4_expert(kind: str, megatron_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's megatron weight -> MXFP4 (blocks, scales) of its stored [out, in] rows."""
-    if kind == nm.GATE_UP:  # fc1 = [gate; up]; stored rows interleave them: gate0, up0, gate1, ...
-        gate, up = megatron_expert.chunk(2, dim=0)
-        rows = torch.stack([gate, up], dim=1).flatten(0, 1)
-    else:  # fc2 [hidden, inter] is already the stored [out, in]
-        rows = megatron_expert
-    return mxfp4.quantize(rows, max_chunk_bytes=QUANTIZE_CHUNK_BYTES)
+def _mxfp4_expert(match: nm.Match, megatron_expert: torch.Tensor, cfg: GptOssModelConfig):
+    """One expert's megatron weight -> MXFP4 (blocks, scales) of its stored [out, in] rows.
 
-
-_EXPERT_TO_HF = {nm.GATE_UP: nm.fc1_to_gate_up, nm.GATE_UP_BIAS: nm.fc1_bias_to_gate_up, nm.DOWN: nm.fc2_to_down,
-                 nm.DOWN_BIAS: lambda t: t}
+    The stored rows are the transpose of the HF bf16 matrix (fc1's gate and up interleaved;
+    fc2 as is), quantized from a strided view: no transposed copy.
+    """
+    (hf,) = match.rule.mapping.to_hf(megatron_expert, cfg)
+    return mxfp4.quantize(hf.transpose(0, 1), max_chunk_bytes=QUANTIZE_CHUNK_BYTES)
 
 
 def write_group(reader: MegatronCheckpointReader, writer: ShardedSafetensorsWriter, cfg: GptOssModelConfig,
@@ -141,19 +136,19 @@ def write_group(reader: MegatronCheckpointReader, writer: ShardedSafetensorsWrit
     """
     dtype = _tensor_dtype(weight_format)
     for match in _layer_groups(cfg, group):
-        kind, hf_name = match.rule.kind, match.hf_names()[0]
-        if kind not in nm.EXPERT_KINDS:
+        mapping, hf_name = match.rule.mapping, match.hf_names()[0]
+        if not mapping.per_expert:
             name = match.megatron_name("local")
             for out_name, value in nm.megatron_to_hf(reader.read([name]), cfg):
                 writer.write(out_name, value.to(dtype).contiguous())
                 on_tensor()
             continue
         experts = [match.megatron_name("local", e) for e in range(cfg.num_experts)]
-        if weight_format == "mxfp4" and kind in MXFP4_EXPERT_KINDS:
+        if weight_format == "mxfp4" and nm.is_mxfp4_stored(match.rule):
             blocks_name, scales_name = mxfp4.mxfp4_pair_names(hf_name)
             scales = []  # 1/16 of the blocks' size: held until the blocks are written
             for name in experts:
-                blocks, expert_scales = _mxfp4_expert(kind, reader.read([name])[name])
+                blocks, expert_scales = _mxfp4_expert(match, reader.read([name])[name], cfg)
                 writer.write_rows(blocks_name, blocks.unsqueeze(0), 1)
                 scales.append(expert_scales)
             on_tensor()
@@ -161,7 +156,7 @@ def write_group(reader: MegatronCheckpointReader, writer: ShardedSafetensorsWrit
             on_tensor()
             continue
         for name in experts:
-            value = _EXPERT_TO_HF[kind](reader.read([name])[name])
+            (value,) = mapping.to_hf(reader.read([name])[name], cfg)
             writer.write_rows(hf_name, value.to(dtype).unsqueeze(0).contiguous(), 1)
         on_tensor()
 
