@@ -139,21 +139,39 @@ def _open_raw(unit: WorkUnit, storage_options: dict | None):
 
 
 def iter_lines(unit: WorkUnit, storage_options: dict | None = None) -> Iterator[tuple[int, bytes]]:
-    """(line number within the unit, 1-based; raw line bytes without the newline) for the unit's lines."""
+    """(line number within the unit, 1-based; line bytes without the newline) for the unit's lines."""
     with _open_raw(unit, storage_options) as stream:
         position = 0
         if unit.start > 0:
             # The line straddling `start` belongs to the unit before: skip through its newline.
             stream.seek(unit.start - 1)
-            position = unit.start - 1 + len(stream.readline())
+            position = unit.start - 1
         number = 0
-        while unit.file.compression or position < unit.end:
-            line = stream.readline()
-            if not line:
+        pending = b""
+        skipping = unit.start > 0
+        limit = None if unit.file.compression else unit.end
+        while True:
+            block = stream.read(_READ_BLOCK)
+            if not block:
                 break
-            number += 1
-            position += len(line)
-            yield number, line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+            data = pending + block if pending else block
+            begin = 0
+            while True:
+                cut = data.find(b"\n", begin)
+                if cut < 0:
+                    break
+                if skipping:
+                    skipping = False
+                else:
+                    if limit is not None and position >= limit:
+                        return
+                    number += 1
+                    yield number, data[begin:cut].rstrip(b"\r")
+                position += cut + 1 - begin
+                begin = cut + 1
+            pending = data[begin:]
+        if pending and not skipping and (limit is None or position < limit):
+            yield number + 1, pending.rstrip(b"\r")
 
 
 def line_number_in_file(unit: WorkUnit, line_in_unit: int, storage_options: dict | None = None) -> int:
