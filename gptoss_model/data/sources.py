@@ -21,7 +21,8 @@ import orjson
 
 from gptoss_model.errors import PermanentError
 
-BAD_REASONS = ("malformed_json", "missing_key", "not_a_string", "invalid_utf8", "empty_file")
+BAD_REASONS = ("malformed_json", "missing_key", "not_a_string", "not_a_conversation", "invalid_utf8", "empty_file",
+               "too_long")
 DEFAULT_UNIT_BYTES = 64 << 20
 _READ_BLOCK = 1 << 20
 
@@ -196,11 +197,13 @@ class RecordReader:
     """Turns a unit's lines into {key: text} records under a bad-input policy ("fail" or "skip")."""
 
     def __init__(self, unit: WorkUnit, json_keys: Sequence[str], policy: str,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, *, conversations: bool = False):
         if policy not in ("fail", "skip"):
             raise CorpusError(f"bad-input policy must be 'fail' or 'skip', got {policy!r}")
         self.unit, self.json_keys, self.policy = unit, tuple(json_keys), policy
         self.storage_options = storage_options
+        self.conversations = conversations  # values are chat `messages` lists, not strings
+        self.last_line = 0
         self.bad = BadRecords()
         self.blank_lines = 0
         self.lines = 0
@@ -208,7 +211,7 @@ class RecordReader:
     def _where(self, line_in_unit: int) -> str:
         return f"{self.unit.file.url}:{line_number_in_file(self.unit, line_in_unit, self.storage_options)}"
 
-    def _reject(self, reason: str, line_in_unit: int, detail: str) -> None:
+    def reject(self, reason: str, line_in_unit: int, detail: str) -> None:
         where = self._where(line_in_unit) if line_in_unit else self.unit.file.url
         if self.policy == "fail":
             raise BadRecordError.at(reason, where, detail)
@@ -221,10 +224,11 @@ class RecordReader:
                 self.blank_lines += 1
                 continue
             record = self._parse(number, line)
+            self.last_line = number
             if record is not None:
                 yield record
         if self.lines == 0 and self.unit.start == 0:
-            self._reject("empty_file", 0, "no lines")
+            self.reject("empty_file", 0, "no lines")
 
     def _parse(self, number: int, line: bytes) -> tuple[str, ...] | None:
         try:
@@ -233,26 +237,45 @@ class RecordReader:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as u:
-                self._reject("invalid_utf8", number, f"byte {u.start}: {u.reason}")
+                self.reject("invalid_utf8", number, f"byte {u.start}: {u.reason}")
                 return None
             import json  # the stdlib accepts what orjson refuses (NaN, huge ints): same as Megatron-LM
 
             try:
                 data = json.loads(text)
             except json.JSONDecodeError:
-                self._reject("malformed_json", number, str(e))
+                self.reject("malformed_json", number, str(e))
                 return None
         if not isinstance(data, dict):
-            self._reject("malformed_json", number, f"a JSON {type(data).__name__}, not an object")
+            self.reject("malformed_json", number, f"a JSON {type(data).__name__}, not an object")
             return None
         values = []
         for key in self.json_keys:
             if key not in data:
-                self._reject("missing_key", number, f"no key {key!r} (keys: {sorted(data)[:8]})")
+                self.reject("missing_key", number, f"no key {key!r} (keys: {sorted(data)[:8]})")
                 return None
             value = data[key]
-            if not isinstance(value, str):
-                self._reject("not_a_string", number, f"key {key!r} holds {'null' if value is None else type(value).__name__}")
+            if self.conversations:
+                problem = _conversation_problem(value)
+                if problem:
+                    self.reject("not_a_conversation", number, f"key {key!r}: {problem}")
+                    return None
+            elif not isinstance(value, str):
+                self.reject("not_a_string", number, f"key {key!r} holds {'null' if value is None else type(value).__name__}")
                 return None
             values.append(value)
         return tuple(values)
+
+
+def _conversation_problem(value) -> str | None:
+    """Why `value` is not an OpenAI/HF-style `messages` list, or None."""
+    if not isinstance(value, list) or not value:
+        return "expected a non-empty list of messages"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"message {i} has no string 'role'"
+        if not isinstance(message.get("content"), str):
+            return f"message {i} ({message['role']}) has no string 'content'"
+    if not any(m["role"] == "assistant" for m in value):
+        return "no assistant message (nothing to train on)"
+    return None
