@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
         os.replace(f"{stem}.{key}.tok.tmp", f"{stem}.{key}.tok")
         np.save(f"{stem}.{key}.len.npy", np.concatenate(lengths[key]) if lengths[key] else np.zeros(0, np.int64))
     summary = {"identity": identity, "unit": job.unit.index, "documents": documents, "tokens": tokens,
+               "process": f"{socket.gethostname()}:{os.getpid()}",
                "lines": reader.lines, "blank_lines": reader.blank_lines, "bad": reader.bad.as_dict()}
     tmp = summary_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary))
@@ -320,6 +322,7 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
         "input_bytes": sum(f.size for f in files),
         "work_units": len(units),
         "resumed_units": sum(bool(s["resumed"]) for s in summaries),
+        "tokenizing_processes": sorted({s["process"] for s in summaries}),
         "resumed_shards": sum(bool(s["resumed"]) for s in shards),
         "blank_lines": sum(s["blank_lines"] for s in summaries),
         "skipped_records": bad.as_dict(),

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -168,6 +169,8 @@ def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness):
         on_dask = preprocess_flow(PreprocessParams(name="dask", workdir=str(tmp_path / "w2"),
                                                    dask_address=cluster.scheduler_address, **base))
     assert on_dask.metrics["work_units"] > 1 and len(on_dask.metrics["shards"]) > 1
+    ran_on = set(on_dask.metrics["tokenizing_processes"])
+    assert len(ran_on) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in ran_on  # the two Dask workers
     assert [(f.path, f.sha256) for f in on_dask.files] == [(f.path, f.sha256) for f in local.files]
 
     from prefect.client.orchestration import get_client
