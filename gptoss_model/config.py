@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from gptoss_model.errors import PermanentError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -22,7 +24,7 @@ FULL = "full_attention"
 MCORE_QUICK_GELU_ALPHA = 1.702
 
 
-class NotGptOssConfigError(ValueError):
+class NotGptOssConfigError(PermanentError, ValueError):
     """A config.json that does not describe a GPT-OSS model."""
 
 

@@ -3,7 +3,7 @@
 Why not `huggingface_hub.snapshot_download`: after the process is killed it
 starts every file again from byte 0 (its partial files have per-process
 names) and it checks sizes only, so a corrupted body of the right size is
-accepted (see /work/shared/notes/prefect-s3-hub-on-this-machine.md). GPT-OSS
+accepted. GPT-OSS
 checkpoints are 13-65 GB, so this module resumes by itself and verifies
 every byte:
 

@@ -1,4 +1,4 @@
-"""The versioned artifact store (see ARCHITECTURE.md, "The artifact contract").
+"""The versioned artifact store (see docs/architecture.md, "The artifact contract").
 
 Layout under the store root:
     {kind}/{name}/{version}/...files...      immutable once MANIFEST.json exists
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from gptoss_model.errors import PermanentError
 
 from .backends import LocalBackend, PreconditionFailed, backend_for_url
 from .claims import CLAIM_FILE, LOCK_DIR, claim_for
@@ -24,12 +25,12 @@ from .manifest import MANIFEST_FILE, FileEntry, InputRef, Manifest, Producer
 from .names import (VERSION_RE, InvalidNameError, parse_artifact_spec, validate_kind, validate_name,
                     validate_ref, validate_relpath, validate_version)
 from .progress import ProgressSink
+from .settings import DEFAULT_STORE, settings
 
 log = logging.getLogger(__name__)
-DEFAULT_STORE = "file://.gptoss/store"
 
 
-class ArtifactNotFound(LookupError):
+class ArtifactNotFound(PermanentError, LookupError):
     pass
 
 
@@ -45,7 +46,7 @@ class ArtifactStore:
     def __init__(self, url: str | None = None, *, s3_endpoint_url: str | None = None,
                  s3_credentials: dict | None = None, storage_options: dict | None = None,
                  max_workers: int = 4):
-        self.backend = backend_for_url(url or os.environ.get("GPTOSS_STORE") or DEFAULT_STORE,
+        self.backend = backend_for_url(url or settings().store_url,
                                        s3_endpoint_url=s3_endpoint_url, s3_credentials=s3_credentials,
                                        storage_options=storage_options)
         self.url = self.backend.url
@@ -221,7 +222,7 @@ class ArtifactStore:
                 if not p.is_file() or p.stat().st_size != entry.size:
                     raise IntegrityError(f"{manifest.spec}: file {entry.path!r} is missing or has the wrong size")
             return root
-        cache_dir = Path(cache_dir or os.environ.get("GPTOSS_CACHE") or Path.home() / ".cache" / "gptoss")
+        cache_dir = Path(cache_dir or settings().cache_dir)
         dest = cache_dir / manifest.kind / manifest.name / manifest.version
         marker = dest / ".complete"
         if marker.is_file() and marker.read_text() == manifest.version:

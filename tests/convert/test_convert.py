@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from gptoss_model import convert, convert_writer
+from gptoss_model import convert, convert_writer, verify
 from gptoss_model.config import NotGptOssConfigError
 from gptoss_model.load_hf import CheckpointError
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
@@ -47,7 +47,7 @@ def test_convert_load_and_logits_match_transformers(sources, tmp_path, source, d
     elems = report["bytes"] / (2 if dtype == "bfloat16" else 4)
     assert elems == pytest.approx(report["params"], rel=0.01)
 
-    gate = convert.parity_check(out, sources[source], dtype=dtype)
+    gate = verify.parity_check(out, sources[source], dtype=dtype)
     print(gate)
     assert gate["max_abs_logit_diff"] < LOGIT_TOL
     # The sources hold bf16-representable values (bf16, or MXFP4 + bf16), so even the
@@ -147,7 +147,7 @@ def test_stage_commits_then_cache_hit(sources, tmp_path):
     print(f"\nstage metrics: {m.metrics}")
 
     # The committed artifact loads like any megatron checkpoint.
-    gate = convert.parity_check(store.local_path(m), store.local_path(hf), dtype="bfloat16")
+    gate = verify.parity_check(store.local_path(m), store.local_path(hf), dtype="bfloat16")
     assert gate["max_abs_logit_diff"] < LOGIT_TOL
 
     again = run_convert(params, store)

@@ -119,3 +119,32 @@ def test_flow_fails_fast_on_permanent_errors(prefect_harness, hub, tmp_path):
     assert state.is_failed() and time.monotonic() - t0 < 8
     with pytest.raises(Exception, match="org/missing"):
         state.result()
+
+
+def test_local_mirror_cache_hit_copies_nothing(payload, tmp_path, monkeypatch):
+    """The mirror is identified in place: a committed version is found before any byte is copied."""
+    import tasks.download as download
+
+    src = tmp_path / "mirror" / "gpt-oss-tiny"
+    src.mkdir(parents=True)
+    (src / "config.json").write_bytes(b"{}")
+    (src / "model.safetensors").write_bytes(payload(MB, 5))
+    params = DownloadParams(source_url=src.as_uri(), workdir=str(tmp_path / "work"),
+                            store=StoreSettings(url=(tmp_path / "store").as_uri()))
+    first = run_download(params)
+    assert not first.cache_hit
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a cache hit must not copy the mirror")
+
+    monkeypatch.setattr(download, "copy_local_snapshot", no_copy)
+    again = run_download(params)
+    assert again.cache_hit and again.manifest.version == first.manifest.version
+    assert not (tmp_path / "work" / "hf-downloads").exists() or not any(
+        p.is_dir() for p in (tmp_path / "work" / "hf-downloads").iterdir())
+
+    # A changed mirror is a new version, and is copied.
+    monkeypatch.undo()
+    (src / "model.safetensors").write_bytes(payload(MB, 6))
+    changed = run_download(params)
+    assert not changed.cache_hit and changed.manifest.version != first.manifest.version
