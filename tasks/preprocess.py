@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-from prefect import task
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
 from gptoss_model.data.sft import build_sft_dataset
 from gptoss_model.data.sources import expand_sources
 from gptoss_model.data.tokenizer import tokenizer_spec
-from gptoss_model.errors import PermanentError
-from tasks.common import StoreSettings, in_prefect_run, progress_sink, run_logged_stage
+from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
+                          run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 
 log = logging.getLogger(__name__)
@@ -146,30 +145,30 @@ def resolve_tokenizer(store: ArtifactStore, spec: str):
 
 
 class _Progress:
-    """Counts documents/tokens/bytes from the library; feeds the Prefect progress artifact and a callback."""
+    """Counts documents/tokens/bytes from the library; feeds the stage's progress artifact and a callback."""
 
     def __init__(self, total_bytes: int, description: str, callback: ProgressFn | None):
         self.total, self.callback = total_bytes, callback
         self.documents = self.tokens = self.bytes = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
-        self.sink = progress_sink()
-        self.sink.start(max(total_bytes, 1), description)
+        self.stage = StageProgress(description)
 
     def __call__(self, documents: int, tokens: int, nbytes: int) -> None:
         with self._lock:
             self.documents += documents
             self.tokens += tokens
             self.bytes += nbytes
-            self.sink.description = (f"{self.documents:,} documents, {self.tokens:,} tokens, "
-                                     f"{self.tokens / max(time.monotonic() - self.started, 1e-9):,.0f} tokens/s")
-        self.sink.advance(nbytes)
+            done, rate = self.bytes, self.tokens / max(time.monotonic() - self.started, 1e-9)
+            if self.stage.sink is not None:  # the artifact's text carries the counts and the rate
+                self.stage.sink.description = (f"{self.documents:,} documents, {self.tokens:,} tokens, "
+                                               f"{rate:,.0f} tokens/s")
+        self.stage(done, max(self.total, 1))
         if self.callback:
-            self.callback(self.documents, self.tokens, self.bytes, self.total)
+            self.callback(self.documents, self.tokens, done, self.total)
 
     def finish(self) -> None:
-        self.sink.done = self.sink.total
-        self.sink.finish()
+        self.stage.finish()
         if self.callback:
             self.callback(self.documents, self.tokens, self.total, self.total)
 
@@ -234,7 +233,7 @@ def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
         return
     from prefect.artifacts import create_table_artifact
 
-    create_table_artifact(table=summary_rows(metrics), key=None,
+    create_table_artifact(table=summary_rows(metrics), key=artifact_key(KIND, params.name, "summary"),
                           description=f"preprocess {params.name}: {metrics['documents']:,} documents, "
                                       f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s")
 
@@ -244,8 +243,10 @@ def dask_map(address: str):
     def run(function, jobs, on_done=None):
         from prefect_dask import DaskTaskRunner
 
+        from prefect import task
+
         remote = task(function, name=f"preprocess-{function.__name__.replace('_', '-')}", retries=1,
-                      retry_condition_fn=_retry_worthwhile)
+                      retry_condition_fn=retry_worthwhile)
         with DaskTaskRunner(address=address) as runner:
             futures = [runner.submit(remote, {"job": job}) for job in jobs]
             results = []
@@ -257,18 +258,5 @@ def dask_map(address: str):
     return run
 
 
-def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
-    try:
-        state.result()
-    except PermanentError:
-        return False
-    except Exception:
-        return True
-    return True
-
-
-@task(name="preprocess-dataset", retries=2, retry_delay_seconds=[30, 120],
-      retry_condition_fn=_retry_worthwhile, task_run_name="preprocess {params.name}")
-def preprocess_dataset(params: PreprocessParams):
-    """Prefect task: the dataset manifest (a cache hit when already committed)."""
-    return run_preprocess(params).manifest
+preprocess_dataset = stage_task(run_preprocess, name="preprocess-dataset",
+                                describe=lambda p: f"preprocess {p.name} ({p.mode}, {len(p.inputs)} input(s))")
