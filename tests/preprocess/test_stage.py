@@ -22,10 +22,10 @@ from tests.preprocess.fixtures import GOLDEN, U16_TOKENIZER, corpus_lines, write
 REPO = Path(__file__).resolve().parents[2]
 
 
-def commit_tokenizer(store: ArtifactStore, name: str = "tiny") -> str:
+def commit_tokenizer(store: ArtifactStore, name: str = "tiny", source: Path = U16_TOKENIZER) -> str:
     """An hf-checkpoint artifact holding only tokenizer files (all the stage reads of it)."""
     def build(staging: Path) -> dict:
-        for f in U16_TOKENIZER.iterdir():
+        for f in source.iterdir():
             shutil.copy(f, staging / f.name)
         return {}
 
@@ -73,6 +73,29 @@ def test_stage_on_file_store_cache_hit_and_cli(tmp_path):
     assert "tokens/s" in result.output and "shard 0" in result.output
     cli = store.resolve("dataset", "docs-cli")
     assert _shard_bytes(store, cli, tmp_path / "pulled-cli") == _golden("u16_noeod")
+
+
+def test_sft_mode_through_the_stage(tmp_path):
+    from gptoss_model.data.packed_sft import PackedSFTDataset
+    from gptoss_model.tiny_checkpoint import _write_tokenizer, build_tokenizer
+
+    chat_tokenizer = tmp_path / "chat_tok"
+    chat_tokenizer.mkdir()
+    _write_tokenizer(chat_tokenizer, build_tokenizer(), 1024)
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    tok = commit_tokenizer(store, "tiny-chat", chat_tokenizer)
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": "answer " * (i % 9 + 1)}]})
+                              + "\n" for i in range(40)))
+    m = run_preprocess(PreprocessParams(tokenizer=tok, name="chat", inputs=[str(corpus)], mode="sft",
+                                        target_length=128, workdir=str(tmp_path / "w")), store).manifest
+    assert 0.5 < m.metrics["packing_efficiency"] <= 1.0 and m.metrics["documents"] == 40
+    local = store.download(m, tmp_path / "pulled")
+    datasets = PackedSFTDataset.from_artifact(local)
+    assert sum(len(d) for d in datasets) == m.metrics["samples"]
+    assert max(int(d.sample_lengths.max()) for d in datasets) <= 128
+    assert m.metrics["data_prefixes"] == json.loads((local / "sft.json").read_text())["prefixes"]
 
 
 def test_params_are_validated():
