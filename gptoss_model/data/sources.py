@@ -175,10 +175,10 @@ def iter_lines(unit: WorkUnit, storage_options: dict | None = None) -> Iterator[
             yield number + 1, pending.rstrip(b"\r")
 
 
-def line_number_in_file(unit: WorkUnit, line_in_unit: int, storage_options: dict | None = None) -> int:
-    """The absolute 1-based line number of a unit's line (only computed on the error path)."""
+def lines_before(unit: WorkUnit, storage_options: dict | None = None) -> int:
+    """How many lines of the file precede the unit's first line (read only on the error path)."""
     if unit.start == 0:
-        return line_in_unit
+        return 0
     fs, path = fsspec.core.url_to_fs(unit.file.url, **(storage_options or {}))
     newlines = 0
     with fs.open(path, "rb") as f:
@@ -190,7 +190,7 @@ def line_number_in_file(unit: WorkUnit, line_in_unit: int, storage_options: dict
             newlines += block.count(b"\n")
             remaining -= len(block)
         newlines += f.readline().count(b"\n")  # the straddling line, if any, ends in this unit's skip
-    return newlines + line_in_unit
+    return newlines
 
 
 class RecordReader:
@@ -207,9 +207,12 @@ class RecordReader:
         self.bad = BadRecords()
         self.blank_lines = 0
         self.lines = 0
+        self._lines_before: int | None = None
 
     def _where(self, line_in_unit: int) -> str:
-        return f"{self.unit.file.url}:{line_number_in_file(self.unit, line_in_unit, self.storage_options)}"
+        if self._lines_before is None:
+            self._lines_before = lines_before(self.unit, self.storage_options)
+        return f"{self.unit.file.url}:{self._lines_before + line_in_unit}"
 
     def reject(self, reason: str, line_in_unit: int, detail: str) -> None:
         where = self._where(line_in_unit) if line_in_unit else self.unit.file.url
