@@ -18,10 +18,12 @@ from flows.download import download_flow
 from tasks.common import publish_lineage
 from tasks.convert import ConvertParams
 from tasks.download import DownloadParams
+from tasks.store.names import ARTIFACT_SPEC_PATTERN
 
 
 class PipelineConvertParams(ConvertParams):
-    source: str | None = Field(None, description="default: the version the download stage produced")
+    source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
+                               description="default: the version the download stage produced")
 
 
 class PipelineParams(BaseModel):

@@ -161,7 +161,12 @@ class GptOssModelConfig:
             where = str(path)
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
-            source = json.loads(path.read_text())
+            try:
+                source = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise NotGptOssConfigError(f"{path}: not valid JSON ({exc})") from None
+            if not isinstance(source, Mapping):
+                raise NotGptOssConfigError(f"{path}: expected a JSON object, got {type(source).__name__}")
         return _from_hf_dict(dict(source), where)
 
 

@@ -125,6 +125,15 @@ def _prepare_out_dir(out_dir: Path, plan: CheckpointPlan, resume: bool) -> str:
                           f"this conversion (same input, dtype and code); use an empty directory")
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def useful_workers(requested: int, chunks: int) -> int:
+    """More processes than chunks idle, more than cores only contend (each one imports torch: ~250 MB)."""
+    return max(1, min(requested, chunks, _cores()))
+
+
 @torch.no_grad()
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
                            source_sha: str | None = None, workers: int = 1, resume: bool = True,
@@ -146,13 +155,18 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     ckpt = open_validated_checkpoint(hf_dir, max_mapped_bytes=MAPPED_BYTES_LIMIT)
     ckpt.close()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    requested, workers = workers, useful_workers(workers, ckpt.cfg.num_layers + 2)
+    if workers < requested:
+        log.info("conversion: %d workers asked for, %d used (%d chunks, %d cores available)", requested,
+                 workers, ckpt.cfg.num_layers + 2, _cores())
     pool = start_workers(hf_dir, workers - 1) if workers > 1 else None  # this process is one of them
     try:
         report = _convert(ckpt, hf_dir, out_dir, dtype, source_sha, workers, pool, resume, progress)
     finally:
         if pool is not None:
             pool.shutdown()
-    report.update(workers=workers, seconds=round(time.time() - started, 3), rss_before_mb=rss_before,
+    report.update(workers=workers, workers_requested=requested, seconds=round(time.time() - started, 3),
+                  rss_before_mb=rss_before,
                   rss_after_mb=rss_mb(), peak_rss_mb=peak_rss_mb())
     log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, report["tensors"],
              report["params"], report["seconds"])

@@ -26,6 +26,7 @@ from gptoss_model.convert import convert_hf_to_megatron
 from gptoss_model.verify import ParityError, enforce_parity, parity_check
 from tasks.common import StageProgress, StoreSettings, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ __all__ = ["ConvertParams", "ParityError", "convert_checkpoint", "run_convert"]
 
 
 class ConvertParams(BaseModel):
-    source: str = Field(..., description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
-    name: str | None = Field(None, description="output artifact name; default: the input's name")
+    source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
+                        description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN,
+                             description="output artifact name; default: the input's name")
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="storage dtype of the weights "
                                                   "(RMSNorm weights stay fp32, as in a megatron bf16 model)")
     parity: bool = Field(True, description="run the logit parity gate (skipped above parity_max_params)")

@@ -23,11 +23,21 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
 
-from gptoss_model.hub_download import download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.hf_validate import require_checkpoint_files
+from gptoss_model.paths import is_within
 from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
 from tasks.common import (SecretBlockError, StageProgress, StoreSettings, default_workdir, load_secret_block,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, StageResult
+from tasks.store.names import ARTIFACT_NAME_PATTERN
+
+# JSON-schema patterns: the Prefect server refuses a run whose parameters miss them, naming the field.
+HF_REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+HF_REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
+# scheme://authority-without-@[/rest], or a plain path (no "://" in it)
+URL_WITHOUT_CREDENTIALS_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*(?:[/?#]\S*)?"
+                                   r"|(?:[^:\s]|:[^/\s]|:/[^/\s])+(?::/?)?)$")
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +50,15 @@ class DownloadParams(BaseModel):
     """What to download. Holds no secret in the clear: `hf_token` is a SecretStr
     and `hf_token_block` only names a Prefect Secret block."""
 
-    repo_id: str = Field("openai/gpt-oss-20b", description="Hugging Face model repo id")
-    revision: str = Field("main", description="branch, tag or commit sha; resolved to a sha first")
-    source_url: str | None = Field(None, description="fsspec URL of a mirror in HF layout to copy "
-                                   "instead of the Hub (air-gapped sites, the demo)")
-    name: str | None = Field(None, description="artifact name; default: repo_id")
+    repo_id: str = Field("openai/gpt-oss-20b", pattern=HF_REPO_ID_PATTERN,
+                         description="Hugging Face model repo id (owner/name)")
+    revision: str = Field("main", pattern=HF_REVISION_PATTERN,
+                          description="branch, tag or commit sha; resolved to a sha first")
+    source_url: str | None = Field(None, pattern=URL_WITHOUT_CREDENTIALS_PATTERN,
+                                   description="fsspec URL of a mirror in HF layout to copy instead of the Hub "
+                                   "(air-gapped sites, the demo); no user:password@ in it (it would be stored "
+                                   "with the run's parameters): use the filesystem's own credentials")
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="artifact name; default: repo_id")
     allow_patterns: list[str] | None = Field(None, description="only files matching one of these")
     ignore_patterns: list[str] | None = Field(None, description="skip files matching one of these")
     hf_token_block: str | None = Field(None, description="Prefect Secret block holding the HF token; "
@@ -69,13 +83,17 @@ def _token(params: DownloadParams) -> str | None:
     return None  # huggingface_hub then uses HF_TOKEN or the saved login
 
 
-def _link_tree(result: DownloadResult, src: Path, dest: Path) -> None:
-    """Exactly the downloaded files (not leftovers of other patterns) into dest."""
+def _link_tree(result: DownloadResult, src: Path, dest: Path, *, move: bool) -> None:
+    """Exactly the downloaded files (not leftovers of other patterns) into dest.
+
+    `move`: renamed rather than linked, so the staging file has no second link and a
+    file:// store hard-links it instead of copying (the bytes are written once).
+    """
     for rec in result.files:
         target = dest / rec.path
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(src / rec.path, target)
+            (os.replace if move else os.link)(src / rec.path, target)
         except OSError:  # another filesystem, or no hard links there
             shutil.copyfile(src / rec.path, target)
 
@@ -98,7 +116,7 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
         # A mirror has no commit sha: its content digest is the identity, read in place, so
         # a version already committed is found without copying a byte.
         listed = digest_local_snapshot(params.source_url, max_workers=params.max_workers, **patterns)
-        work = base / ("local--" + hashlib.sha256(params.source_url.encode()).hexdigest()[:16])
+        work = base / ("local--" + hashlib.sha256(listed.source.encode()).hexdigest()[:16])
         name = params.name or Path(params.source_url.rstrip("/")).name
         identity = {"source": listed.source, "content_sha256": listed.content_digest()}
 
@@ -121,11 +139,17 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
             return download_snapshot(params.repo_id, commit, work, token=token, endpoint=endpoint,
                                      max_workers=params.max_workers, progress=progress, **patterns)
 
+    if not is_within(base, work):  # names from a remote never reach outside the work dir
+        raise HubResponseError(f"refusing work directory {work}: outside {base}")
+
     def build(staging: Path) -> dict:
         result = fetch()
+        require_checkpoint_files([f.path for f in result.files], result.source)
         progress.finish()
         result.revision = params.revision if not params.source_url else None
-        _link_tree(result, work, staging)
+        # On a file:// store the commit is a local link, so giving up the work copy first costs
+        # nothing; before a long S3 upload it is kept, so a failed upload does not re-download.
+        _link_tree(result, work, staging, move=store.is_local and not params.keep_download)
         return _metrics(result)
 
     stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=name,

@@ -15,6 +15,11 @@ KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 VERSION_RE = re.compile(r"^[0-9a-f]{20}$")
 MAX_NAME_SEGMENTS = 4
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+# KIND/NAME[@VERSION|@REF] as a JSON-schema pattern: parameter models carry it, so the Prefect
+# server refuses a malformed spec when the run is created (parse_artifact_spec checks the rest).
+ARTIFACT_NAME_PATTERN = rf"^{_SEGMENT}(/{_SEGMENT}){{0,{MAX_NAME_SEGMENTS - 1}}}$"
+ARTIFACT_SPEC_PATTERN = rf"^[a-z][a-z0-9-]{{0,62}}/{_SEGMENT}(/{_SEGMENT}){{0,{MAX_NAME_SEGMENTS - 1}}}(@{_SEGMENT})?$"
 # Names a version directory or a name segment may not take, because the store
 # itself uses them inside `{kind}/{name}/`.
 RESERVED_SEGMENTS = {"refs", "MANIFEST.json", ".claim.json"}

@@ -237,14 +237,56 @@ def test_mxfp4_experts_dequantize_straight_into_megatron_layout(sources, dtype):
     for name in ("decoder.layers.1.mlp.experts.local_experts.5.linear_fc1.weight",
                  "decoder.layers.1.mlp.experts.local_experts.5.linear_fc2.weight"):
         match = nm.match_megatron(name, "local")
-        fast = read_for_param(ckpt, match, None, 0, 1, dtype=dtype)
+        fast = read_for_param(ckpt, match, tp_rank=0, tp_size=1, dtype=dtype)
         hf_name = match.hf_names()[0]
-        slow = nm.expert_to_megatron(match.rule.kind, ckpt.read(hf_name, expert=5)).to(dtype)
+        slow = match.rule.mapping.to_megatron([ckpt.read(hf_name, expert=5)], ckpt.cfg).to(dtype)
         assert fast.dtype == dtype and fast.shape == slow.shape
         assert torch.equal(fast, slow), name
         rows = fast.shape[0]
         for window in ((0, rows // 2), (rows // 2, rows), (3, rows - 5)):  # fc1's gate, up; any window
-            part = read_for_param(ckpt, match, None, 0, 1, dtype=dtype, rows=window)
+            part = read_for_param(ckpt, match, tp_rank=0, tp_size=1, dtype=dtype, rows=window)
             assert torch.equal(part, slow[window[0]:window[1]]), (name, window)
         checked += 1
     assert checked == 2
+
+
+def test_bad_files_are_named_and_nothing_is_written(sources, tmp_path):
+    """Truncated weights, invalid JSON and a wrong dtype: one error naming the file (and tensor)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(sources["fp32"], d)
+        return d
+
+    truncated = copy("truncated")
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: not a readable safetensors file"):
+        convert.convert_hf_to_megatron(truncated, tmp_path / "out")
+
+    bad_json = copy("bad-json")
+    (bad_json / "config.json").write_text('{"model_type": "gpt_oss",')
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        convert.convert_hf_to_megatron(bad_json, tmp_path / "out")
+
+    int8_head = copy("int8-head")
+    index = json.loads((int8_head / "model.safetensors.index.json").read_text())
+    file = int8_head / index["weight_map"]["lm_head.weight"]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.int8)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' is stored as I8; expected BF16 or F16 or F32"):
+        convert.convert_hf_to_megatron(int8_head, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_worker_count_is_capped_by_chunks_and_cores():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert convert.useful_workers(11, chunks=6) == min(6, cores)
+    assert convert.useful_workers(1, chunks=6) == 1
+    assert convert.useful_workers(256, chunks=1000) == cores
