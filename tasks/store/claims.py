@@ -181,6 +181,22 @@ class ObjectClaim:
         self.record = None
 
 
+def work_dir_lock(directory: Path) -> Path:
+    """The lock file that says a local work dir is in use: `.{name}.lock` beside it.
+
+    Staging dirs (run_stage) and download work dirs (verified transfers) share this
+    rule, so `gptoss artifacts gc` can tell a live one (lock held) from a leftover."""
+    directory = Path(directory)
+    return directory.parent / f".{directory.name}.lock"
+
+
+def hold_work_dir(directory: Path) -> int:
+    """Block until the work dir's lock is ours; returns the fd (close it to release)."""
+    fd = try_lock(work_dir_lock(directory), blocking=True)
+    assert fd is not None
+    return fd
+
+
 def claim_for(backend, prefix: str, *, ttl: float = 300.0):
     if isinstance(backend, LocalBackend):
         return LocalClaim(backend, prefix)
