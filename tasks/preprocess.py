@@ -14,7 +14,6 @@ see the inputs and the staging directory (object-store inputs, a shared workdir)
 """
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import threading
@@ -32,7 +31,6 @@ from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 
-log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
 KIND = "dataset"
@@ -213,7 +211,6 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
                              workdir=params.workdir, resumable=True)
     for scratch in scratch_dirs:  # committed: tokenised parts and pulled tokenizer files are no longer needed
         shutil.rmtree(scratch, ignore_errors=True)
-    log.info("%s: %s (%s)", STAGE, stage.spec, "cache hit" if stage.cache_hit else "committed")
     return stage
 
 
