@@ -173,7 +173,7 @@ def test_kill_9_then_resume_redoes_only_unfinished_work(tmp_path):
 
 
 @pytest.mark.prefect
-def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness):
+def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness, monkeypatch):
     """The flow runs with a Prefect progress and table artifact; its units on a 2-worker Dask cluster."""
     from distributed import LocalCluster
     from prefect.settings import PREFECT_API_URL
@@ -187,7 +187,7 @@ def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness):
                 store=StoreSettings(url=store.url))
     local = preprocess_flow(PreprocessParams(name="local", workdir=str(tmp_path / "w1"), **base))
 
-    os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the Dask workers report to the same server
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report to the same server
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         on_dask = preprocess_flow(PreprocessParams(name="dask", workdir=str(tmp_path / "w2"),
                                                    dask_address=cluster.scheduler_address, **base))
