@@ -30,6 +30,7 @@ from gptoss_model.data.tokenizer import tokenizer_spec
 from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 
 STAGE = "preprocess"
@@ -44,9 +45,9 @@ ProgressFn = Callable[[int, int, int, int], None]
 class PreprocessParams(BaseModel):
     inputs: list[str] = Field(..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs "
                               "(s3://...), plain, .gz or .zst; read in the order given, each glob sorted")
-    tokenizer: str = Field(..., description="hf-checkpoint/NAME[@VERSION|@REF] whose tokenizer (and chat "
-                           "template, for sft) is used")
-    name: str = Field(..., description="output dataset artifact name")
+    tokenizer: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN, description="hf-checkpoint/NAME[@VERSION|@REF] "
+                           "whose tokenizer (and chat template, for sft) is used")
+    name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output dataset artifact name")
     mode: Literal["pretrain", "sft"] = "pretrain"
     json_keys: list[str] = Field(["text"], min_length=1, description="pretrain: JSON keys to tokenise; one "
                                  "indexed dataset per key and shard (Megatron-LM's --json-keys)")
