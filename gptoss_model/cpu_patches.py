@@ -304,6 +304,10 @@ _DEVICE_MODULES = (
 _MASK_MODULES = ("megatron.core.transformer.utils",)
 _PIPELINE_MODULES = ("megatron.core.pipeline_parallel.schedules",
                      "megatron.core.pipeline_parallel.p2p_communication")
+_CHECKPOINT_MODULES = ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                       "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                       "megatron.core.dist_checkpointing.strategies.async_utils",
+                       "megatron.core.dist_checkpointing.exchange_utils")
 _OPTIMIZER_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
                       "megatron.core.optimizer.distrib_optimizer",
                       "megatron.core.distributed.param_and_grad_buffer")
@@ -395,6 +399,15 @@ PATCHES: tuple[Patch, ...] = (
         and _source_has("megatron.core.optimizer.clip_grads", "torch.cuda.FloatTensor",
                         attr="clip_grad_by_total_norm_fp32"),
         apply=lambda: (_use_cpu_torch(*_OPTIMIZER_MODULES)(), _cpu_clip_grads())),
+    Patch(
+        "cuda-checkpoint-preload",
+        symptom="AssertionError 'Torch not compiled with CUDA enabled' in dist_checkpointing.save "
+                "(torch_dist) of a training state: FileSystemWriterAsync.preload_tensors calls "
+                "torch.cuda.synchronize(), the save finaliser all-reduces a flag on current_device()",
+        reason="host copies are awaited with a CUDA sync and collective flags live on the CUDA "
+               "device; on CPU (gloo) no sync is needed and the flags live on the CPU",
+        needed=_cuda_absent, applies=_cpu_torch_applies(*_CHECKPOINT_MODULES),
+        apply=_use_cpu_torch(*_CHECKPOINT_MODULES)),
     Patch(
         "cpu-distributed-optimizer",
         symptom="TypeError 'Wrapped parameters must be one of torch.cuda.FloatTensor, ...' building "
