@@ -234,7 +234,42 @@ def build_gpt_model(cfg: GptOssModelConfig, layout: ParallelLayout, opts: BuildO
         vp_stage=vp_stage,
     )
     fix_expert_grad_tags(model, layout)
+    tag_tensor_parallel_params(model)
     return model
+
+
+def tag_tensor_parallel_params(model: torch.nn.Module) -> list[str]:
+    """Mark every TP-split parameter as such (megatron-core 0.16.1 leaves some untagged).
+
+    The grad norm (hence clipping) counts an untagged parameter only on TP rank 0,
+    as if it were replicated, so at TP>1 the norm comes out too small and clipping
+    differs from TP=1 (measured: 1.55 vs 1.88 on the tiny model). Untagged are
+    (a) the weights of column/row-parallel linears and the vocab-parallel
+    embedding when built with perform_initialization=False (the tags are set only
+    inside the init functions; every checkpoint-loaded model is built that way), and
+    (b) the learnable softmax offset (sinks), split per head across TP but never tagged.
+    Returns the names of parameters tagged here.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    tagged = []
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            param, dim = module.weight, 0
+        elif isinstance(module, RowParallelLinear):
+            param, dim = module.weight, 1
+        elif isinstance(module, DotProductAttention) and isinstance(module.softmax_offset, torch.nn.Parameter):
+            param, dim = module.softmax_offset, 0
+        else:
+            continue
+        if param is None or getattr(param, "tensor_model_parallel", False):
+            continue
+        set_tensor_model_parallel_attributes(param, True, dim, getattr(module, "stride", 1))
+        tagged.append(name)
+    return tagged
 
 
 def fix_expert_grad_tags(model: torch.nn.Module, layout: ParallelLayout) -> list[str]:
