@@ -152,8 +152,7 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
     if iteration is None:
         return None
     for stale in incomplete_dirs(root):
-        log.warning("ignoring %s: a save that never completed (the tracker names iteration %d)",
-                    stale, iteration)
+        _say(f"ignoring {stale}: a save that never completed (the tracker names iteration {iteration})")
     source = iter_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(source))
     saved_peft = common.get("peft")
@@ -173,6 +172,12 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
-    log.info("resumed from %s (iteration %d, %d samples consumed)", source, iteration,
-             loaded["consumed_samples"])
+    _say(f"resumed from {source} (iteration {iteration}, {loaded['consumed_samples']} samples consumed)")
     return iteration, int(loaded["consumed_samples"])
+
+
+def _say(message: str) -> None:
+    """Rank 0 to stdout (where torchrun users and the Prefect log stream look) and the log."""
+    log.info(message)
+    if dist.get_rank() == 0:
+        print(f"[checkpoint] {message}", flush=True)
