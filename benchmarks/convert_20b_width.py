@@ -4,7 +4,7 @@ Generates (once per layer count, cached under --workdir) a synthetic MXFP4 GPT-O
 checkpoint with openai/gpt-oss-20b's exact config -- hidden 2880, 32 experts top-4,
 intermediate 2880, 64 q / 8 kv heads of 64, vocab 201,088, sliding 128 alternating with
 full attention, yarn x32 -- but only N layers (benchmarks/synthetic_gptoss.py), checks
-that gptoss_model.convert.preflight accepts it, then runs each job in a FRESH
+that gptoss_model.hf_validate.open_validated_checkpoint accepts it, then runs each job in a FRESH
 subprocess while summing the RSS of its whole process tree (psutil, every 20 ms):
   ours Nw       convert_hf_to_megatron(src, out, dtype="bfloat16", workers=N)
   transformers  GptOssForCausalLM.from_pretrained(quantization_config=Mxfp4Config(dequantize=True),
@@ -195,7 +195,7 @@ def converter_takes_workers() -> bool:
 
 def bench_layers(n: int, args, workdir: Path, pass_workers: bool) -> list[dict]:
     import synthetic_gptoss as sg
-    from gptoss_model.convert import preflight
+    from gptoss_model.hf_validate import open_validated_checkpoint
     from gptoss_model.tiny_checkpoint import num_params
 
     tag = f"L{n}-v{args.vocab}-e{args.experts}"
@@ -206,7 +206,7 @@ def bench_layers(n: int, args, workdir: Path, pass_workers: bool) -> list[dict]:
     t = time.perf_counter()
     sg.write_synthetic_checkpoint(src, n, vocab_size=args.vocab, num_experts=args.experts, log=print)
     print(f"{n} layers: source {dir_bytes(src) / 1e9:.2f} GB at {src} ({time.perf_counter() - t:.1f}s)", flush=True)
-    preflight(src).close()
+    open_validated_checkpoint(src).close()
     est_out = num_params(cfg) * 2  # bf16 output of either converter
 
     jobs = [{"kind": "ours", "workers": w, "label": f"ours {w}w"} for w in args.workers]

@@ -15,12 +15,15 @@ from pydantic import BaseModel, Field
 
 from flows.convert import convert_flow
 from flows.download import download_flow
+from tasks.common import publish_lineage
 from tasks.convert import ConvertParams
 from tasks.download import DownloadParams
+from tasks.store.names import ARTIFACT_SPEC_PATTERN
 
 
 class PipelineConvertParams(ConvertParams):
-    source: str | None = Field(None, description="default: the version the download stage produced")
+    source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
+                               description="default: the version the download stage produced")
 
 
 class PipelineParams(BaseModel):
@@ -48,4 +51,5 @@ def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
     convert = ConvertParams.model_validate(
         {**params.convert.model_dump(), "source": params.convert.source or checkpoint.spec})
     megatron = convert_flow(convert)
+    publish_lineage([checkpoint, megatron])
     return {"hf-checkpoint": checkpoint.spec, "megatron-checkpoint": megatron.spec}

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gptoss_model.errors import PermanentError
 from gptoss_model.config import SLIDING, GptOssModelConfig
 from gptoss_model.parallel import ParallelLayout
 
 
-class LayoutError(ValueError):
+class LayoutError(PermanentError, ValueError):
     """A parallel layout that cannot build this model, or would train it wrongly."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from gptoss_model.errors import PermanentError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -22,7 +24,7 @@ FULL = "full_attention"
 MCORE_QUICK_GELU_ALPHA = 1.702
 
 
-class NotGptOssConfigError(ValueError):
+class NotGptOssConfigError(PermanentError, ValueError):
     """A config.json that does not describe a GPT-OSS model."""
 
 
@@ -159,7 +161,12 @@ class GptOssModelConfig:
             where = str(path)
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
-            source = json.loads(path.read_text())
+            try:
+                source = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise NotGptOssConfigError(f"{path}: not valid JSON ({exc})") from None
+            if not isinstance(source, Mapping):
+                raise NotGptOssConfigError(f"{path}: expected a JSON object, got {type(source).__name__}")
         return _from_hf_dict(dict(source), where)
 
 

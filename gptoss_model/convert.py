@@ -38,9 +38,10 @@ renamed into place only once complete). The tracker file is written last: a
 crash leaves no `latest_checkpointed_iteration.txt`, which Megatron-LM never
 loads (and the stage never commits).
 
-Pre-flight rejects non-GPT-OSS configs (`config.NotGptOssConfigError`),
-missing/misshaped tensors and unknown tensors (`load_hf.CheckpointError`)
-before anything is written.
+`hf_validate.open_validated_checkpoint` rejects non-GPT-OSS configs, missing/misshaped
+tensors and unknown tensors before anything is written. Reading the result back
+and comparing it with transformers is `verify.parity_check`; the directory layout
+is `checkpoint_layout`.
 
 No Prefect here: tasks/convert.py wraps this in a stage.
 """
@@ -51,7 +52,6 @@ import contextlib
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -60,114 +60,26 @@ from typing import Callable
 import torch
 
 from gptoss_model import name_map as nm
-from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
+from gptoss_model.checkpoint_layout import TRACKER_FILE, build_model, iter_dir_name, megatron_state_dict
 from gptoss_model.convert_plan import Chunk, CheckpointPlan, input_fingerprint, plan_checkpoint
 from gptoss_model.convert_writer import (MAPPED_BYTES_LIMIT, canonical_results, deterministic_writer,
                                           finished_chunks, start_workers, write_chunks)
-from gptoss_model.load_hf import CheckpointError, HFCheckpoint
+from gptoss_model.errors import InvalidParameterError, PermanentError
+from gptoss_model.hf_validate import open_validated_checkpoint
+from gptoss_model.parallel import world_of_one
+from gptoss_model.resources import peak_rss_mb, rss_mb
 
 log = logging.getLogger(__name__)
 
-ITER_DIR = "iter_0000000"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
+ITER_DIR = iter_dir_name(0)
 REPORT_FILE = "conversion_report.json"
 STATE_DIR = ".convert"  # progress of an unfinished conversion; removed once it completes
 PLAN_FILE = "plan.json"  # the input fingerprint a partial output was made from
-CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class ConversionError(RuntimeError):
-    """The conversion itself went wrong (output dir not empty, parity gate failed...)."""
-
-
-# ----------------------------------------------------------------- pre-flight
-def preflight(hf_dir: str | Path, **checkpoint_options) -> HFCheckpoint:
-    """Open and validate a HF checkpoint dir; raise before any output is written.
-
-    NotGptOssConfigError: config.json is not GPT-OSS (model_type/architecture/fields).
-    CheckpointError: a tensor is missing, has the wrong shape, or is not part of GPT-OSS.
-    """
-    hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise CheckpointError(f"{hf_dir}: no config.json; not a Hugging Face checkpoint directory")
-    raw = json.loads((hf_dir / "config.json").read_text())
-    model_type, archs = raw.get("model_type"), raw.get("architectures")
-    # Stricter than the config reader (which accepts either): both must say GPT-OSS when present.
-    if (model_type is not None and model_type != "gpt_oss") or (archs and "GptOssForCausalLM" not in archs):
-        raise NotGptOssConfigError(f"{hf_dir / 'config.json'}: not a GPT-OSS checkpoint (model_type="
-                                   f"{model_type!r}, architectures={archs!r}); the converter needs "
-                                   "model_type 'gpt_oss' and architecture 'GptOssForCausalLM'")
-    cfg = GptOssModelConfig.from_hf_config(hf_dir)  # NotGptOssConfigError on anything else
-    ckpt = HFCheckpoint(hf_dir, cfg, **checkpoint_options)
-    ckpt.validate()
-    unknown = ckpt.unknown_tensors()
-    if unknown:
-        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise CheckpointError(f"checkpoint {hf_dir} holds tensors that are not part of GPT-OSS: "
-                              f"{unknown[:5]}{more}; refusing to convert (they would be dropped)")
-    return ckpt
-
-
-# ------------------------------------------------------------- world of one
-class _WorldOfOne:
-    """torch.distributed + megatron parallel state at world 1 for the duration, if nobody set them up."""
-
-    def __enter__(self):
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from gptoss_model import parallel
-
-        self.created = False
-        if dist.is_initialized():
-            if dist.get_world_size() != 1:
-                raise ConversionError("conversion runs in a single process (world size 1); "
-                                      f"this one is rank {dist.get_rank()} of {dist.get_world_size()}")
-            if (not ps.model_parallel_is_initialized()
-                    or ps.get_tensor_model_parallel_world_size() != 1
-                    or ps.get_pipeline_model_parallel_world_size() != 1
-                    or ps.get_expert_model_parallel_world_size() != 1):
-                parallel.initialize(parallel.ParallelLayout())
-        else:
-            parallel.initialize(parallel.ParallelLayout())
-            self.created = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.created:
-            from gptoss_model import parallel
-
-            parallel.destroy()
-
-
-def build_model(cfg: GptOssModelConfig, dtype: torch.dtype, device: str = "cpu"):
-    """A world-1 GPTModel (local spec), uninitialised; on "meta" it holds no memory."""
-    from gptoss_model import build
-    from gptoss_model.parallel import ParallelLayout
-
-    opts = build.BuildOptions(params_dtype=dtype, use_te=False, perform_initialization=False)
-    with torch.device(device):
-        return build.build_gpt_model(cfg, ParallelLayout(), opts)
-
-
-def megatron_state_dict(model) -> dict:
-    """What Megatron-LM saves and loads for a model-only checkpoint (no optimizer, no RNG)."""
-    return {"model": model.sharded_state_dict(), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
-
-
-# ------------------------------------------------------------------ convert
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-def _rss_mb() -> float:
-    try:
-        import psutil
-
-        return round(psutil.Process().memory_info().rss / 2**20, 1)
-    except ImportError:  # pragma: no cover
-        return float("nan")
+class ConversionError(PermanentError, RuntimeError):
+    """The conversion itself cannot proceed (e.g. an output dir holding something else)."""
 
 
 def _finalizing_strategy(plan: CheckpointPlan, results: dict[int, list]):
@@ -213,6 +125,15 @@ def _prepare_out_dir(out_dir: Path, plan: CheckpointPlan, resume: bool) -> str:
                           f"this conversion (same input, dtype and code); use an empty directory")
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def useful_workers(requested: int, chunks: int) -> int:
+    """More processes than chunks idle, more than cores only contend (each one imports torch: ~250 MB)."""
+    return max(1, min(requested, chunks, _cores()))
+
+
 @torch.no_grad()
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
                            source_sha: str | None = None, workers: int = 1, resume: bool = True,
@@ -226,22 +147,27 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     `progress(done, total)` counts tensors (per tensor with 1 worker, per chunk otherwise).
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InvalidParameterError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise InvalidParameterError(f"workers must be >= 1, got {workers}")
     started = time.time()
-    rss_before = _rss_mb()
-    ckpt = preflight(hf_dir, max_mapped_bytes=MAPPED_BYTES_LIMIT)
+    rss_before = rss_mb()
+    ckpt = open_validated_checkpoint(hf_dir, max_mapped_bytes=MAPPED_BYTES_LIMIT)
     ckpt.close()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    requested, workers = workers, useful_workers(workers, ckpt.cfg.num_layers + 2)
+    if workers < requested:
+        log.info("conversion: %d workers asked for, %d used (%d chunks, %d cores available)", requested,
+                 workers, ckpt.cfg.num_layers + 2, _cores())
     pool = start_workers(hf_dir, workers - 1) if workers > 1 else None  # this process is one of them
     try:
         report = _convert(ckpt, hf_dir, out_dir, dtype, source_sha, workers, pool, resume, progress)
     finally:
         if pool is not None:
             pool.shutdown()
-    report.update(workers=workers, seconds=round(time.time() - started, 3), rss_before_mb=rss_before,
-                  rss_after_mb=_rss_mb(), peak_rss_mb=_peak_rss_mb())
+    report.update(workers=workers, workers_requested=requested, seconds=round(time.time() - started, 3),
+                  rss_before_mb=rss_before,
+                  rss_after_mb=rss_mb(), peak_rss_mb=peak_rss_mb())
     log.info("converted %s -> %s: %d tensors, %d params, %.1fs", hf_dir, out_dir, report["tensors"],
              report["params"], report["seconds"])
     return report
@@ -254,7 +180,7 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
 
     cfg = ckpt.cfg
     iter_dir, state_dir = out_dir / ITER_DIR, out_dir / STATE_DIR
-    with _WorldOfOne():
+    with world_of_one("conversion"):
         model = build_model(cfg, DTYPES[dtype], device="meta")
         state = megatron_state_dict(model)
         apply_factories(state["model"])  # e.g. GLU fc1 -> separate gate and up items
@@ -311,71 +237,3 @@ def _convert(ckpt, hf_dir: Path, out_dir: Path, dtype: str, source_sha, workers:
             "chunks_written": {"this_process": here, "spawned_workers": sum(by_pid.values())},
             # each spawned worker's own peak, reported with every chunk it wrote
             "peak_worker_rss_mb": max(peak_by_pid.values()) if peak_by_pid else None}
-
-
-# -------------------------------------------------------------- read back
-def checkpoint_iter_dir(megatron_dir: str | Path) -> Path:
-    """The iteration directory named by latest_checkpointed_iteration.txt."""
-    megatron_dir = Path(megatron_dir)
-    tracker = megatron_dir / TRACKER_FILE
-    if not tracker.is_file():
-        raise ConversionError(f"{megatron_dir}: no {TRACKER_FILE}")
-    it = tracker.read_text().strip()
-    return megatron_dir / ("release" if it == "release" else f"iter_{int(it):07d}")
-
-
-def load_megatron_checkpoint(model, megatron_dir: str | Path):
-    """Load a converted checkpoint into this rank's model chunk (any layout; parallel state must exist)."""
-    from megatron.core import dist_checkpointing
-
-    state = megatron_state_dict(model)
-    loaded = dist_checkpointing.load(state, str(checkpoint_iter_dir(megatron_dir)))
-    model.load_state_dict(loaded["model"], strict=True)
-    return model
-
-
-def fixed_batch(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 1234) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab_size, (batch, seq), generator=g)  # id 0 (pad) never an input
-
-
-@torch.no_grad()
-def parity_check(megatron_dir: str | Path, hf_dir: str | Path, dtype: str = "float32",
-                 batch: int = 2, seq: int = 32) -> dict:
-    """Logits of the converted checkpoint vs transformers' GptOssForCausalLM, at world 1, in fp32.
-
-    `dtype` is the checkpoint's storage dtype. The megatron model computes in fp32 (the
-    stored values, upcast), so the gate measures the conversion, not bf16 arithmetic:
-      * max_abs_logit_diff: against the reference whose weights are rounded to `dtype`
-        exactly as the converter rounds them (norm weights stay fp32, as in a megatron
-        bf16 model), so the same numbers go in and it is ~1e-6 when the conversion is right;
-      * max_rel_logit_diff: against the full-precision fp32 reference, divided by
-        max |reference logit| (the cost of storing in `dtype`; 0-ish for float32).
-    """
-    from gptoss_model.tiny_checkpoint import load_reference_model
-
-    cfg = GptOssModelConfig.from_hf_config(hf_dir)
-    ids = fixed_batch(cfg.vocab_size, batch, seq)
-    started = time.time()
-    with _WorldOfOne():
-        model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
-        got = model(ids, pos, None).float()
-        del model
-    ref_model = load_reference_model(hf_dir, dtype=torch.float32)
-    want_full = ref_model(ids).logits.float()
-    if DTYPES[dtype] != torch.float32:
-        # megatron keeps RMSNorm weights in fp32 in a bf16 model, so they are stored in fp32.
-        for name, p in ref_model.named_parameters():
-            if "norm" not in name:
-                p.data = p.data.to(DTYPES[dtype]).float()
-        want = ref_model(ids).logits.float()
-    else:
-        want = want_full
-    del ref_model
-    scale = want_full.abs().max().item()
-    rel = (got - want_full).abs().max().item()
-    return {"parity_dtype": dtype, "parity_batch": [batch, seq],
-            "max_abs_logit_diff": (got - want).abs().max().item(),
-            "max_rel_logit_diff": rel / scale if scale else float("inf"),
-            "parity_seconds": round(time.time() - started, 3)}

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from gptoss_model.errors import PermanentError
 from gptoss_model import name_map as nm
 
 PLAN_VERSION = "1"  # bump when the bytes a plan produces change
 
 
-class PlanError(RuntimeError):
+class PlanError(PermanentError, RuntimeError):
     """The megatron state dict does not map onto the HF checkpoint."""
 
 

@@ -38,6 +38,7 @@ import torch
 
 from gptoss_model.convert_plan import Chunk, item_key
 from gptoss_model.load_hf import CheckpointError, read_for_param, reads_row_windows
+from gptoss_model.resources import peak_rss_mb
 
 MAPPED_BYTES_LIMIT = 64 * 2**20  # safetensors pages a worker keeps mapped (and reads per piece of a big tensor)
 
@@ -263,16 +264,10 @@ def _worker_init(hf_dir: str, mapped_limit: int) -> None:
     _WORKER["ckpt"] = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
 def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[list, int, float]:
     with torch.no_grad():
         results = write_chunk(chunk, _WORKER["ckpt"], Path(iter_dir), Path(state_dir))
-    return results, os.getpid(), _peak_rss_mb()
+    return results, os.getpid(), peak_rss_mb()
 
 
 def _worker_ready() -> int:
@@ -326,7 +321,7 @@ def write_chunks(chunks: list[Chunk], ckpt, iter_dir: Path, state_dir: Path,
     def write_here() -> None:
         while (chunk := take()) is not None:
             finished(chunk, write_chunk(chunk, ckpt, iter_dir, state_dir, on_item if pool is None else None),
-                     os.getpid(), _peak_rss_mb())
+                     os.getpid(), peak_rss_mb())
 
     if pool is None:
         write_here()

@@ -3,7 +3,7 @@
 Why not `huggingface_hub.snapshot_download`: after the process is killed it
 starts every file again from byte 0 (its partial files have per-process
 names) and it checks sizes only, so a corrupted body of the right size is
-accepted (see /work/shared/notes/prefect-s3-hub-on-this-machine.md). GPT-OSS
+accepted. GPT-OSS
 checkpoints are 13-65 GB, so this module resumes by itself and verifies
 every byte:
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from urllib.parse import urljoin, urlsplit
 
@@ -41,6 +42,7 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session
 
+from gptoss_model.errors import PermanentError
 from gptoss_model.verified_transfer import (  # noqa: F401  (re-exported: one import for callers)
     CHUNK, PARTIAL_DIR, ChecksumMismatchError, DownloadResult, FileRecord, HubAuthError, HubDownloadError,
     HubNotFoundError, Part, Progress, RemoteFile, Retry, Transfer, copy_local_snapshot, safe_relpath, select_files)
@@ -50,6 +52,13 @@ __all__ = ["download_snapshot", "copy_local_snapshot", "resolve_revision", "list
            "PARTIAL_DIR"]
 
 log = logging.getLogger(__name__)
+
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class HubResponseError(PermanentError, HubDownloadError):
+    """The endpoint answered with something no Hub sends (e.g. a commit sha with path separators)."""
+
 
 LIBRARY_NAME = "gptoss-pipeline"  # in the User-Agent, via build_hf_headers
 _TIMEOUT = httpx.Timeout(30.0, read=120.0)  # per read: a stalled stream is retried from its bytes
@@ -112,8 +121,10 @@ def resolve_revision(repo_id: str, revision: str = "main", token=None, *, endpoi
     """Branch, tag or sha -> commit sha (the version everything is read at)."""
     info = _call_hub(lambda: _api(endpoint, token).model_info(repo_id, revision=revision),
                      repo_id, revision, token, endpoint)
-    if not info.sha:
-        raise HubDownloadError(f"Hub repo {repo_id!r}: no commit sha returned for revision {revision!r}.")
+    # The sha names local directories: anything but 40 hex digits (e.g. "x/../../victim") is refused.
+    if not isinstance(info.sha, str) or not _COMMIT_SHA.fullmatch(info.sha):
+        raise HubResponseError(f"Hub repo {repo_id!r}: the endpoint answered revision {revision!r} with "
+                               f"{str(info.sha)[:60]!r}, not a 40-hex-digit commit sha; refusing it.")
     return info.sha
 
 

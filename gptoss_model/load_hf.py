@@ -20,11 +20,12 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from gptoss_model.errors import PermanentError
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PermanentError, ValueError):
     """The checkpoint does not match its config (missing tensor, wrong shape, bad index)."""
 
 

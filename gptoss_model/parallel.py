@@ -7,6 +7,7 @@ port, so the same code path serves tests, the demo and a 1000-GPU job.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from gptoss_model.errors import PermanentError
 
 
 @dataclass(frozen=True)
@@ -123,3 +126,37 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class WorldSizeError(PermanentError, RuntimeError):
+    """A single-process job (conversion, verification) run inside a larger world."""
+
+
+@contextlib.contextmanager
+def world_of_one(job: str = "this job"):
+    """torch.distributed + megatron parallel state at world 1 for the duration, unless already there.
+
+    Conversion and verification build whole models in one process. Inside a
+    world of one set up by someone else (a test, a notebook) the groups are
+    reused or re-made at TP=PP=EP=1; a private world is torn down on exit.
+    """
+    from megatron.core import parallel_state as ps
+
+    created = False
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise WorldSizeError(f"{job} runs in a single process (world size 1); "
+                                 f"this one is rank {dist.get_rank()} of {dist.get_world_size()}")
+        if (not ps.model_parallel_is_initialized()
+                or ps.get_tensor_model_parallel_world_size() != 1
+                or ps.get_pipeline_model_parallel_world_size() != 1
+                or ps.get_expert_model_parallel_world_size() != 1):
+            initialize(ParallelLayout())
+    else:
+        initialize(ParallelLayout())
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            destroy()

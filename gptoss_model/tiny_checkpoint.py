@@ -35,7 +35,6 @@ __all__ = [
     "SPECIAL_TOKENS",
     "CHAT_TEMPLATE",
     "write_tiny_checkpoint",
-    "load_reference_model",
     "hf_tensor_names",
     "build_tokenizer",
     "num_params",
@@ -359,25 +358,6 @@ def _write_tokenizer(out: pathlib.Path, tok, max_len: int) -> None:
     _dump(out / "special_tokens_map.json", special)
     # The real repo ships the template as chat_template.jinja; so do we.
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-
-
-def load_reference_model(path, dtype: torch.dtype = torch.float32):
-    """transformers' GptOssForCausalLM in ``dtype`` with eager attention, for parity tests.
-
-    MXFP4 checkpoints are dequantized by transformers itself
-    (``Mxfp4Config(dequantize=True)``, which works on CPU), so the reference
-    stays independent of :mod:`gptoss_model.mxfp4`. Passing it explicitly also
-    matters: without it transformers' MXFP4 quantizer insists on ``accelerate``
-    being installed before it decides to fall back to dequantizing on CPU.
-    """
-    from transformers import GptOssForCausalLM, Mxfp4Config
-
-    config = json.loads((pathlib.Path(path) / "config.json").read_text())
-    kwargs = {}
-    if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **kwargs)
-    return model.eval()
 
 
 def num_params(cfg: dict) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import abc
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,10 +30,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterable
 
 from huggingface_hub.utils import filter_repo_objects
+
+from gptoss_model.errors import PermanentError
+from gptoss_model.paths import relative_path_problem, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +52,15 @@ class HubDownloadError(RuntimeError):
     """A download failed; the message names the repo (and file)."""
 
 
-class HubAuthError(HubDownloadError):
+class HubAuthError(PermanentError, HubDownloadError):
     """401/403: a token is required, or the one given was refused."""
 
 
-class HubNotFoundError(HubDownloadError):
+class HubNotFoundError(PermanentError, HubDownloadError):
     """404: unknown repo, revision or file (or a missing local source)."""
 
 
-class ChecksumMismatchError(HubDownloadError):
+class ChecksumMismatchError(PermanentError, HubDownloadError):
     """A file still did not match its expected digest after one re-fetch."""
 
 
@@ -114,9 +116,9 @@ class DownloadResult:
 
 def safe_relpath(path: str, where: str) -> str:
     """Refuse paths that would land outside dest_dir."""
-    p = PurePosixPath(path)
-    if not path or p.is_absolute() or ".." in p.parts or "\\" in path:
-        raise HubDownloadError(f"{where}: refusing unsafe file path {path!r}.")
+    problem = relative_path_problem(path)
+    if problem:
+        raise HubDownloadError(f"{where}: refusing unsafe file path {path!r} ({problem}).")
     return path
 
 
@@ -327,13 +329,12 @@ class Transfer(abc.ABC):
 def _exclusive(dest: Path, where: str):
     """One writer per dest_dir: two would append to the same partial files.
     An flock, so the kernel releases it when its holder dies (even kill -9)."""
-    fd = os.open(dest.parent / f".{dest.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = dest.parent / f".{dest.name}.lock"
+    fd = try_lock(lock)
+    if fd is None:
+        log.info("%s: another process is writing into %s; waiting for it", where, dest)
+        fd = try_lock(lock, blocking=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s: another process is writing into %s; waiting for it", where, dest)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (unlinking would race a new locker)
@@ -380,26 +381,70 @@ class _FsTransfer(Transfer):
         return part.have == rf.size and h.hexdigest() == part.sha256.hexdigest()
 
 
-def copy_local_snapshot(src_url: str, dest_dir, *, allow_patterns=None, ignore_patterns=None, max_workers: int = 4,
-                        progress: Progress | None = None, storage_options: dict | None = None) -> DownloadResult:
-    """Copy a directory in HF layout (any fsspec URL) the way `download_snapshot`
-    downloads: same resume, atomic placement and records (sha256 computed).
-    Sizes are checked against the source listing, as a mirror has no digests."""
-    import fsspec
+def normalized_url(url: str) -> str:
+    """One spelling per location, without credentials: a local path (relative, absolute,
+    trailing '/', file://) becomes its absolute file:// URI; other URLs lose user:password@."""
     from urllib.parse import urlsplit
 
-    t0 = time.monotonic()
-    u = urlsplit(src_url)
-    where = u._replace(netloc=u.hostname or "").geturl() if (u.username or u.password) else src_url
+    u = urlsplit(url)
+    if u.scheme in ("", "file"):
+        return Path(u.path if u.scheme else url).expanduser().resolve().as_uri()
+    if u.username or u.password:
+        u = u._replace(netloc=u.hostname + (f":{u.port}" if u.port else ""))
+    return u.geturl().rstrip("/")
+
+
+def _open_mirror(src_url: str, storage_options: dict | None):
+    """(fs, root, where): `where` names the mirror without any credentials in its URL."""
+    import fsspec
+
+    where = normalized_url(src_url)
     fs, root = fsspec.core.url_to_fs(src_url, **(storage_options or {}))
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise HubNotFoundError(f"Local snapshot {where} is not a directory.")
+    return fs, root, where
+
+
+def _mirror_files(fs, root: str, where: str, allow_patterns, ignore_patterns) -> list[RemoteFile]:
     files = []
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(root):].lstrip("/")
         if info.get("type") == "file" and not rel.startswith(_LOCAL_SKIP):
             files.append(RemoteFile(safe_relpath(rel, where), int(info["size"])))
-    files = select_files(files, allow_patterns, ignore_patterns)
+    return select_files(files, allow_patterns, ignore_patterns)
+
+
+def copy_local_snapshot(src_url: str, dest_dir, *, allow_patterns=None, ignore_patterns=None, max_workers: int = 4,
+                        progress: Progress | None = None, storage_options: dict | None = None) -> DownloadResult:
+    """Copy a directory in HF layout (any fsspec URL) the way `download_snapshot`
+    downloads: same resume, atomic placement and records (sha256 computed).
+    Sizes are checked against the source listing, as a mirror has no digests."""
+    t0 = time.monotonic()
+    fs, root, where = _open_mirror(src_url, storage_options)
+    files = _mirror_files(fs, root, where, allow_patterns, ignore_patterns)
     records = _FsTransfer(fs, root, where, dest_dir, max_workers, progress).run(files)
+    return DownloadResult(where, None, None, None, records, time.monotonic() - t0)
+
+
+def digest_local_snapshot(src_url: str, *, allow_patterns=None, ignore_patterns=None, max_workers: int = 4,
+                          storage_options: dict | None = None) -> DownloadResult:
+    """The records `copy_local_snapshot` would produce (sizes, sha256), read in place: nothing is written.
+
+    A mirror has no commit sha, so its content digest is its identity; knowing it
+    before copying lets a stage find an already committed version and copy nothing.
+    """
+    t0 = time.monotonic()
+    fs, root, where = _open_mirror(src_url, storage_options)
+    files = _mirror_files(fs, root, where, allow_patterns, ignore_patterns)
+
+    def one(rf: RemoteFile) -> FileRecord:
+        h = hashlib.sha256()
+        with fs.open(f"{root}/{rf.path}", "rb") as src:
+            while chunk := src.read(CHUNK):
+                h.update(chunk)
+        return FileRecord(rf.path, rf.size, h.hexdigest(), None, False, 0)
+
+    with ThreadPoolExecutor(max_workers, thread_name_prefix="digest") as pool:
+        records = list(pool.map(one, files))
     return DownloadResult(where, None, None, None, records, time.monotonic() - t0)

@@ -1,27 +1,45 @@
-"""Prefect glue shared by every stage: the store from settings or blocks,
-progress artifacts, and the stage helper as seen from a flow."""
+"""Prefect glue shared by every stage: the store from settings or blocks, the stage task
+declaration, progress, logs and artifacts in the flow run.
+
+A stage's task module is a params model, a `run_<stage>(params, store)` and one
+declaration:
+
+    preprocess_dataset = stage_task(run_preprocess, name="preprocess-dataset",
+                                    describe=lambda p: f"preprocess {p.name}")
+
+(see docs/architecture.md, "Adding a stage").
+"""
 from __future__ import annotations
 
-import os
+import contextlib
+import contextvars
+import logging
+import re
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
+from gptoss_model.errors import PermanentError, is_permanent
 from tasks.store import ArtifactStore, InputRef, Manifest, ProgressSink, StageResult, run_stage
-from tasks.store.store import DEFAULT_STORE
+from tasks.store.settings import settings
+
+log = logging.getLogger(__name__)
 
 _BOTO_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+# Our loggers, forwarded into the Prefect run's logs while a stage task runs.
+STAGE_LOGGERS = ("gptoss_model", "tasks")
 
 
 class StoreSettings(BaseModel):
     """Where artifacts live. Holds no secret: credentials come from the named
     Prefect Secret block or from boto3's usual chain (environment, profile, role)."""
 
-    url: str = Field(default_factory=lambda: os.environ.get("GPTOSS_STORE", DEFAULT_STORE),
+    url: str = Field(default_factory=lambda: settings().store_url,
                      description="fsspec URL of the store root: file://... (default) or s3://bucket/prefix")
-    s3_endpoint_url: str | None = Field(default_factory=lambda: os.environ.get("GPTOSS_S3_ENDPOINT_URL"),
+    s3_endpoint_url: str | None = Field(default_factory=lambda: settings().s3_endpoint_url,
                                         description="S3-compatible endpoint (MinIO, Ceph, moto); None for AWS")
     credentials_block: str | None = Field(
         default=None, description="Name of a Prefect Secret block holding JSON "
@@ -30,24 +48,53 @@ class StoreSettings(BaseModel):
     def open(self) -> ArtifactStore:
         creds = None
         if self.credentials_block:
-            from prefect.blocks.system import Secret
-
-            value = Secret.load(self.credentials_block).get()
+            value = load_secret_block(self.credentials_block, "S3 credentials")
             if not isinstance(value, dict):
-                raise ValueError(f"Prefect Secret block {self.credentials_block!r} must hold a JSON object "
-                                 f"with keys {', '.join(_BOTO_KEYS[:2])}")
+                raise SecretBlockError(f"Prefect Secret block {self.credentials_block!r} must hold a JSON object "
+                                       f"with keys {', '.join(_BOTO_KEYS[:2])}")
             creds = {k: value[k] for k in _BOTO_KEYS if value.get(k)}
         return ArtifactStore(self.url, s3_endpoint_url=self.s3_endpoint_url, s3_credentials=creds)
 
 
+def default_workdir(workdir: str | None) -> Path:
+    return Path(workdir) if workdir else settings().workdir
+
+
+# ------------------------------------------------------------------- secrets
+class SecretBlockError(PermanentError, ValueError):
+    """A named Prefect Secret block that is missing or holds the wrong shape of value."""
+
+
+def load_secret_block(block: str, what: str):
+    """The value of Prefect Secret block `block`; a missing block is named with how to create it."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(block).get()
+    except ValueError as exc:
+        if "Unable to find block document" not in str(exc):
+            raise
+        raise SecretBlockError(
+            f"Prefect Secret block {block!r} ({what}) does not exist. Create it with: "
+            f"python -c \"from prefect.blocks.system import Secret; Secret(value='...').save('{block}')\", "
+            "or leave the parameter unset") from None
+
+
+# ------------------------------------------------------------------ context
 def in_prefect_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) from kind/name parts."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:100]
+
+
+# ----------------------------------------------------------------- progress
 class PrefectProgress(ProgressSink):
-    """A Prefect progress artifact, updated at most every few seconds."""
+    """A Prefect progress artifact, updated at most every few seconds, and at 100% on finish."""
 
     def __init__(self, min_interval: float = 2.0):
         super().__init__(min_interval=min_interval)
@@ -67,16 +114,63 @@ def progress_sink() -> ProgressSink:
     return PrefectProgress() if in_prefect_run() else ProgressSink()
 
 
+class StageProgress:
+    """The one adapter from a library's `progress(done, total)` callback to a progress sink.
+
+    Library code reports absolute counts, possibly from worker threads; sinks take
+    deltas. Calls run in a copy of the creating thread's context, so a Prefect
+    progress artifact updated from a worker thread still belongs to this task run.
+    `finish()` marks the work complete (100%), whatever the last throttled update was.
+    """
+
+    def __init__(self, description: str, sink: ProgressSink | None = None):
+        self.description = description
+        self.sink = sink if sink is not None else progress_sink()
+        self._lock, self._last, self._started = threading.Lock(), 0, False
+        self._ctx = contextvars.copy_context()
+
+    def _call(self, fn, *args) -> None:
+        if self.sink is None:
+            return
+        try:
+            self._ctx.copy().run(fn, *args)
+        except Exception as e:  # a progress bar must never fail a 65 GB job
+            log.warning("progress reporting failed (%s); continuing without it", type(e).__name__)
+            self.sink = None
+
+    def __call__(self, done: int, total: int) -> None:
+        with self._lock:
+            start = not self._started
+            self._started = True
+            delta, self._last = done - self._last, done
+        if start:
+            self._call(lambda: self.sink.start(total, self.description))
+        self._call(lambda: self.sink.advance(delta))
+
+    def finish(self) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        if not self._started:
+            self._call(lambda: sink.start(0, self.description))
+        elif sink.done < sink.total:
+            self._call(lambda: sink.advance(sink.total - sink.done))
+        self._call(sink.finish)
+
+
+# --------------------------------------------------------------- the stage
 def run_logged_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str, name: str,
                      params: Any, build: Callable[[Path], dict | None],
                      inputs: Iterable[Manifest | InputRef] = (), **kw) -> StageResult:
-    """run_stage plus a markdown artifact describing what was produced or reused."""
+    """run_stage plus a keyed markdown artifact describing what was produced or reused."""
     result = run_stage(store, stage=stage, code_version=code_version, kind=kind, name=name, params=params,
                        build=build, inputs=inputs, progress=progress_sink(), **kw)
+    log.info("%s: %s (%s)", stage, result.spec, "cache hit" if result.cache_hit else "committed")
     if in_prefect_run():
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(markdown=manifest_markdown(store, result), description=f"{stage} output")
+        create_markdown_artifact(key=artifact_key(kind, name), markdown=manifest_markdown(store, result),
+                                 description=f"{stage} output: {result.spec}")
     return result
 
 
@@ -90,3 +184,73 @@ def manifest_markdown(store: ArtifactStore, result: StageResult) -> str:
     if m.metrics:
         lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(m.metrics.items())]
     return "\n".join(lines)
+
+
+def retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    """Retry unless the failure is a PermanentError (bad input, failed gate): those fail at once."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # the result could not be read back: judge by what was raised instead
+        exc = e
+    return not is_permanent(exc)
+
+
+@contextlib.contextmanager
+def run_logs_forwarded():
+    """Our library's and tasks' log records also go to the Prefect run's logs (the UI), for the duration."""
+    from prefect.logging.handlers import APILogHandler
+
+    handler = APILogHandler()
+    loggers = [logging.getLogger(n) for n in STAGE_LOGGERS]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def stage_task(run: Callable[[P], StageResult], *, name: str, describe: Callable[[P], str],
+               retries: int = 2, retry_delay_seconds: Iterable[float] = (30, 120),
+               timeout_seconds: float | None = None):
+    """Declare a stage's Prefect task: `task(params) -> Manifest` (a cache hit when committed).
+
+    Retries back off on transient failures and never repeat a PermanentError; the task
+    run is named `describe(params)`; our loggers reach the run's logs.
+    """
+    from prefect import task
+
+    def run_name() -> str:
+        from prefect.runtime import task_run
+
+        return describe(task_run.parameters["params"])
+
+    def stage(params: P) -> Manifest:
+        with run_logs_forwarded():
+            return run(params).manifest
+
+    stage.__name__ = stage.__qualname__ = name.replace("-", "_")
+    stage.__doc__ = f"Prefect task for {run.__module__}.{run.__name__}: {(run.__doc__ or '').strip()}"
+    return task(stage, name=name, retries=retries, retry_delay_seconds=list(retry_delay_seconds),
+                retry_condition_fn=retry_worthwhile, task_run_name=run_name, timeout_seconds=timeout_seconds)
+
+
+def publish_lineage(manifests: Iterable[Manifest], key: str = "gptoss-pipeline-lineage") -> None:
+    """A keyed table artifact on the calling flow run: what each stage produced, from what."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"artifact": f"{m.kind}/{m.name}", "version": m.version, "stage": m.producer.stage,
+             "files": len(m.files), "MB": round(m.total_bytes / 1e6, 1), "created": m.created_at,
+             "inputs": ", ".join(f"{i.kind}/{i.name}@{i.version}" for i in m.inputs) or "-"}
+            for m in manifests]
+    create_table_artifact(key=key, table=rows, description="artifacts of this pipeline run and their lineage")

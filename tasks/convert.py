@@ -20,15 +20,13 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from prefect import task
 from pydantic import BaseModel, Field
 
-from gptoss_model.config import NotGptOssConfigError
-from gptoss_model.convert import ConversionError, convert_hf_to_megatron, parity_check
-from gptoss_model.convert_plan import PlanError
-from gptoss_model.load_hf import CheckpointError
-from tasks.common import StoreSettings, progress_sink, run_logged_stage
+from gptoss_model.convert import convert_hf_to_megatron
+from gptoss_model.verify import ParityError, enforce_parity, parity_check
+from tasks.common import StageProgress, StoreSettings, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +36,14 @@ INPUT_KIND = "hf-checkpoint"
 CODE_VERSION = "2"  # bump when what lands in the artifact changes for the same inputs
 
 
-class ParityError(ValueError):
-    """The converted checkpoint's logits are too far from transformers'."""
+__all__ = ["ConvertParams", "ParityError", "convert_checkpoint", "run_convert"]
 
 
 class ConvertParams(BaseModel):
-    source: str = Field(..., description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
-    name: str | None = Field(None, description="output artifact name; default: the input's name")
+    source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
+                        description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN,
+                             description="output artifact name; default: the input's name")
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="storage dtype of the weights "
                                                   "(RMSNorm weights stay fp32, as in a megatron bf16 model)")
     parity: bool = Field(True, description="run the logit parity gate (skipped above parity_max_params)")
@@ -77,61 +76,31 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
 
     def build(staging: Path) -> dict:
         hf_dir = store.local_path(source)
-        sink = progress_sink()
-        seen = [None]
-
-        def progress(done: int, total: int) -> None:
-            if seen[0] is None:
-                sink.start(total, f"convert {source.spec}")
-                seen[0] = 0
-            sink.advance(done - seen[0])
-            seen[0] = done
-
+        progress = StageProgress(f"convert {source.spec}")
         # The staging dir persists across attempts (resumable stage): chunks an earlier,
         # killed attempt finished are kept, the rest is written now.
         report = convert_hf_to_megatron(hf_dir, staging, dtype=params.dtype, source_sha=source.version,
                                         workers=params.workers, resume=True, progress=progress)
-        sink.finish()
+        progress.finish()
         metrics = {**report, "source": source.spec}
         if params.parity and report["params"] <= params.parity_max_params:
             gate = parity_check(staging, hf_dir, dtype=params.dtype)
             metrics.update(gate, parity_tolerance=params.parity_tolerance)
-            if not gate["max_abs_logit_diff"] <= params.parity_tolerance:
+            try:
+                enforce_parity(gate, params.parity_tolerance, f"{source.spec} -> {KIND}")
+            except ParityError:
                 shutil.rmtree(staging)  # a retry must not resume into a checkpoint that failed its gate
-                raise ParityError(
-                    f"parity gate failed for {source.spec} -> {KIND} ({params.dtype}): max |logit diff| "
-                    f"{gate['max_abs_logit_diff']:.3g} > {params.parity_tolerance:g} "
-                    f"(relative to fp32 weights: {gate['max_rel_logit_diff']:.3g})")
+                raise
             log.info("parity gate passed: max |logit diff| %.3g", gate["max_abs_logit_diff"])
         else:
             metrics["parity_skipped"] = ("disabled" if not params.parity else
                                          f"{report['params']} params > parity_max_params")
         return metrics
 
-    stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
-                             name=params.name or source.name, params=params.fingerprint_params(),
-                             build=build, inputs=[source], workdir=params.workdir, resumable=True)
-    log.info("%s: %s (%s)", STAGE, stage.spec, "cache hit" if stage.cache_hit else "committed")
-    return stage
+    return run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
+                            name=params.name or source.name, params=params.fingerprint_params(),
+                            build=build, inputs=[source], workdir=params.workdir, resumable=True)
 
 
-# Failures a retry cannot fix: fail the task at once instead of backing off.
-_PERMANENT = (NotGptOssConfigError, CheckpointError, ConversionError, PlanError, ParityError, ValueError, LookupError)
-
-
-def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
-    return not isinstance(getattr(state, "data", None), _PERMANENT)
-
-
-def _task_run_name() -> str:
-    from prefect.runtime import task_run
-
-    params = task_run.parameters["params"]
-    return f"convert {params.source} ({params.dtype})"
-
-
-@task(name="convert-to-megatron", retries=2, retry_delay_seconds=[30, 120],
-      retry_condition_fn=_retry_worthwhile, task_run_name=_task_run_name)
-def convert_checkpoint(params: ConvertParams):
-    """Prefect task: the megatron-checkpoint manifest (a cache hit when already committed)."""
-    return run_convert(params).manifest
+convert_checkpoint = stage_task(run_convert, name="convert-to-megatron",
+                                describe=lambda p: f"convert {p.source} ({p.dtype})")

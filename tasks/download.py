@@ -15,22 +15,29 @@ filesystem allows) into the staging dir the store uploads and commits.
 """
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import logging
 import os
 import shutil
-import tempfile
-import threading
 from pathlib import Path
 
-from prefect import task
 from pydantic import BaseModel, Field, SecretStr
 
-from gptoss_model.hub_download import (ChecksumMismatchError, DownloadResult, HubAuthError, HubNotFoundError,
-                                       copy_local_snapshot, download_snapshot, hub_endpoint, resolve_revision)
-from tasks.common import StoreSettings, progress_sink, run_logged_stage
-from tasks.store import ArtifactStore, ProgressSink, StageResult
+from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.hf_validate import require_checkpoint_files
+from gptoss_model.paths import is_within
+from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
+from tasks.common import (SecretBlockError, StageProgress, StoreSettings, default_workdir, load_secret_block,
+                          run_logged_stage, stage_task)
+from tasks.store import ArtifactStore, StageResult
+from tasks.store.names import ARTIFACT_NAME_PATTERN
+
+# JSON-schema patterns: the Prefect server refuses a run whose parameters miss them, naming the field.
+HF_REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
+HF_REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
+# scheme://authority-without-@[/rest], or a plain path (no "://" in it)
+URL_WITHOUT_CREDENTIALS_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*(?:[/?#]\S*)?"
+                                   r"|(?:[^:\s]|:[^/\s]|:/[^/\s])+(?::/?)?)$")
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +50,15 @@ class DownloadParams(BaseModel):
     """What to download. Holds no secret in the clear: `hf_token` is a SecretStr
     and `hf_token_block` only names a Prefect Secret block."""
 
-    repo_id: str = Field("openai/gpt-oss-20b", description="Hugging Face model repo id")
-    revision: str = Field("main", description="branch, tag or commit sha; resolved to a sha first")
-    source_url: str | None = Field(None, description="fsspec URL of a mirror in HF layout to copy "
-                                   "instead of the Hub (air-gapped sites, the demo)")
-    name: str | None = Field(None, description="artifact name; default: repo_id")
+    repo_id: str = Field("openai/gpt-oss-20b", pattern=HF_REPO_ID_PATTERN,
+                         description="Hugging Face model repo id (owner/name)")
+    revision: str = Field("main", pattern=HF_REVISION_PATTERN,
+                          description="branch, tag or commit sha; resolved to a sha first")
+    source_url: str | None = Field(None, pattern=URL_WITHOUT_CREDENTIALS_PATTERN,
+                                   description="fsspec URL of a mirror in HF layout to copy instead of the Hub "
+                                   "(air-gapped sites, the demo); no user:password@ in it (it would be stored "
+                                   "with the run's parameters): use the filesystem's own credentials")
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="artifact name; default: repo_id")
     allow_patterns: list[str] | None = Field(None, description="only files matching one of these")
     ignore_patterns: list[str] | None = Field(None, description="skip files matching one of these")
     hf_token_block: str | None = Field(None, description="Prefect Secret block holding the HF token; "
@@ -65,48 +76,24 @@ def _token(params: DownloadParams) -> str | None:
     if params.hf_token is not None:
         return params.hf_token.get_secret_value()
     if params.hf_token_block:
-        from prefect.blocks.system import Secret
-
-        value = Secret.load(params.hf_token_block).get()
+        value = load_secret_block(params.hf_token_block, "Hugging Face token")
         if not isinstance(value, str) or not value:
-            raise ValueError(f"Prefect Secret block {params.hf_token_block!r} must hold the HF token as a string")
+            raise SecretBlockError(f"Prefect Secret block {params.hf_token_block!r} must hold the HF token as a string")
         return value
     return None  # huggingface_hub then uses HF_TOKEN or the saved login
 
 
-class _ToSink:
-    """download_snapshot reports (done, total) from its worker threads; sinks take
-    deltas. Calls run in a copy of the creating thread's context, so a Prefect
-    progress artifact made from a worker still belongs to this task run."""
+def _link_tree(result: DownloadResult, src: Path, dest: Path, *, move: bool) -> None:
+    """Exactly the downloaded files (not leftovers of other patterns) into dest.
 
-    def __init__(self, sink: ProgressSink, description: str):
-        self.sink, self.description = sink, description
-        self._lock, self._last, self._started = threading.Lock(), 0, False
-        self._ctx = contextvars.copy_context()
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.sink is None:
-            return
-        try:
-            with self._lock:
-                start = not self._started
-                self._started = True
-                delta, self._last = done - self._last, done
-                if start:
-                    self._ctx.copy().run(self.sink.start, total, self.description)
-            self._ctx.copy().run(self.sink.advance, delta)
-        except Exception as e:  # a progress bar must never fail a 65 GB download
-            log.warning("progress reporting failed (%s); continuing without it", type(e).__name__)
-            self.sink = None
-
-
-def _link_tree(result: DownloadResult, src: Path, dest: Path) -> None:
-    """Exactly the downloaded files (not leftovers of other patterns) into dest."""
+    `move`: renamed rather than linked, so the staging file has no second link and a
+    file:// store hard-links it instead of copying (the bytes are written once).
+    """
     for rec in result.files:
         target = dest / rec.path
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(src / rec.path, target)
+            (os.replace if move else os.link)(src / rec.path, target)
         except OSError:  # another filesystem, or no hard links there
             shutil.copyfile(src / rec.path, target)
 
@@ -121,18 +108,24 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
     """The whole stage without Prefect's task machinery (tests, the CLI)."""
     store = store or params.store.open()
     token = _token(params)
-    base = Path(params.workdir or os.environ.get("GPTOSS_WORKDIR") or tempfile.gettempdir()) / "hf-downloads"
+    base = default_workdir(params.workdir) / "hf-downloads"
     patterns = {"allow_patterns": params.allow_patterns, "ignore_patterns": params.ignore_patterns}
-    progress = _ToSink(progress_sink(), f"download {params.source_url or params.repo_id}")
+    progress = StageProgress(f"download {params.source_url or params.repo_id}")
 
     if params.source_url:
-        # A mirror has no commit sha: copy it first, then its content digest is the identity.
-        work = base / ("local--" + hashlib.sha256(params.source_url.encode()).hexdigest()[:16])
-        copied = copy_local_snapshot(params.source_url, work, max_workers=params.max_workers,
-                                     progress=progress, **patterns)
+        # A mirror has no commit sha: its content digest is the identity, read in place, so
+        # a version already committed is found without copying a byte.
+        listed = digest_local_snapshot(params.source_url, max_workers=params.max_workers, **patterns)
+        work = base / ("local--" + hashlib.sha256(listed.source.encode()).hexdigest()[:16])
         name = params.name or Path(params.source_url.rstrip("/")).name
-        identity = {"source": copied.source, "content_sha256": copied.content_digest()}
-        fetch = lambda: copied  # noqa: E731
+        identity = {"source": listed.source, "content_sha256": listed.content_digest()}
+
+        def fetch() -> DownloadResult:
+            copied = copy_local_snapshot(params.source_url, work, max_workers=params.max_workers,
+                                         progress=progress, **patterns)
+            if copied.content_digest() != identity["content_sha256"]:
+                raise MirrorChangedError(f"{listed.source} changed while it was being copied; run again")
+            return copied
     else:
         endpoint = hub_endpoint(params.endpoint)
         commit = resolve_revision(params.repo_id, params.revision, token, endpoint=endpoint)
@@ -146,39 +139,30 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
             return download_snapshot(params.repo_id, commit, work, token=token, endpoint=endpoint,
                                      max_workers=params.max_workers, progress=progress, **patterns)
 
+    if not is_within(base, work):  # names from a remote never reach outside the work dir
+        raise HubResponseError(f"refusing work directory {work}: outside {base}")
+
     def build(staging: Path) -> dict:
         result = fetch()
+        require_checkpoint_files([f.path for f in result.files], result.source)
+        progress.finish()
         result.revision = params.revision if not params.source_url else None
-        _link_tree(result, work, staging)
+        # On a file:// store the commit is a local link, so giving up the work copy first costs
+        # nothing; before a long S3 upload it is kept, so a failed upload does not re-download.
+        _link_tree(result, work, staging, move=store.is_local and not params.keep_download)
         return _metrics(result)
 
     stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=name,
-                             params={**identity, **patterns}, build=build,
-                             workdir=params.workdir or os.environ.get("GPTOSS_WORKDIR"))
+                             params={**identity, **patterns}, build=build, workdir=params.workdir)
     if not params.keep_download:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("%s: %s (%s)", STAGE, stage.spec, "cache hit" if stage.cache_hit else "committed")
     return stage
 
 
-# Failures a retry cannot fix: fail the task at once instead of backing off.
-_PERMANENT = (HubAuthError, HubNotFoundError, ChecksumMismatchError, ValueError)
+class MirrorChangedError(RuntimeError):
+    """The mirror's files changed between identifying and copying them (transient: retried)."""
 
 
-def _retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
-    return not isinstance(getattr(state, "data", None), _PERMANENT)
-
-
-def _task_run_name() -> str:
-    from prefect.runtime import task_run
-
-    params = task_run.parameters["params"]
-    return f"download {params.source_url or f'{params.repo_id}@{params.revision}'}"
-
-
-@task(name="download-hf-checkpoint", retries=3, retry_delay_seconds=[10, 60, 300],
-      retry_condition_fn=_retry_worthwhile, task_run_name=_task_run_name)
-def download_checkpoint(params: DownloadParams):
-    """Prefect task: the hf-checkpoint manifest (a cache hit when already committed).
-    Retries resume from the bytes already on disk."""
-    return run_download(params).manifest
+download_checkpoint = stage_task(
+    run_download, name="download-hf-checkpoint", retries=3, retry_delay_seconds=(10, 60, 300),
+    describe=lambda p: f"download {p.source_url or f'{p.repo_id}@{p.revision}'}")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .settings import settings
+
 CHUNK = 8 << 20
 Progress = Callable[[int], None]
 
@@ -181,12 +183,12 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.endpoint_url = endpoint_url or os.environ.get("GPTOSS_S3_ENDPOINT_URL") or None
+        self.endpoint_url = endpoint_url or settings().s3_endpoint_url
         session = boto3.session.Session(**(credentials or {}))
         self.client = session.client(
             "s3",
             endpoint_url=self.endpoint_url,
-            region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            region_name=region or settings().aws_region,
             config=Config(
                 max_pool_connections=max_concurrency * 2 + 8,
                 retries={"max_attempts": 6, "mode": "standard"},

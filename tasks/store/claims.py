@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from gptoss_model.paths import try_lock
+
 from .backends import LocalBackend, PreconditionFailed, S3Backend
 
 CLAIM_FILE = ".claim.json"
@@ -59,14 +61,9 @@ class LocalClaim:
 
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_lock(self.path)
+        if fd is None:
             return False
-        # The lock file is never unlinked: unlinking races with a writer that
-        # already opened the old inode and would then lock a different file.
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({**owner_record(), "prefix": self.prefix}).encode(), 0)
         self._fd = fd

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import re
 
+from gptoss_model.errors import PermanentError
+from gptoss_model.paths import relative_path_problem
+
 KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 VERSION_RE = re.compile(r"^[0-9a-f]{20}$")
 MAX_NAME_SEGMENTS = 4
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+# KIND/NAME[@VERSION|@REF] as a JSON-schema pattern: parameter models carry it, so the Prefect
+# server refuses a malformed spec when the run is created (parse_artifact_spec checks the rest).
+ARTIFACT_NAME_PATTERN = rf"^{_SEGMENT}(/{_SEGMENT}){{0,{MAX_NAME_SEGMENTS - 1}}}$"
+ARTIFACT_SPEC_PATTERN = rf"^[a-z][a-z0-9-]{{0,62}}/{_SEGMENT}(/{_SEGMENT}){{0,{MAX_NAME_SEGMENTS - 1}}}(@{_SEGMENT})?$"
 # Names a version directory or a name segment may not take, because the store
 # itself uses them inside `{kind}/{name}/`.
 RESERVED_SEGMENTS = {"refs", "MANIFEST.json", ".claim.json"}
 RESERVED_FILES = {"MANIFEST.json", ".claim.json"}
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(PermanentError, ValueError):
     """A kind, name, version, ref or artifact file path that the store refuses."""
 
 
@@ -74,19 +82,9 @@ def validate_ref(ref: str) -> str:
 
 def validate_relpath(path: str) -> str:
     """A file path inside an artifact: relative, '/'-separated, no traversal."""
-    if not isinstance(path, str) or not path:
-        raise InvalidNameError(f"invalid file path {path!r} in artifact: empty")
-    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
-        raise InvalidNameError(f"invalid file path {path!r} in artifact: absolute paths are not allowed")
-    if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise InvalidNameError(
-            f"invalid file path {path!r} in artifact: backslashes and control characters are not allowed"
-        )
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            raise InvalidNameError(
-                f"invalid file path {path!r} in artifact: empty, '.' or '..' component"
-            )
+    problem = relative_path_problem(path)
+    if problem:
+        raise InvalidNameError(f"invalid file path {path!r} in artifact: {problem}")
     if path in RESERVED_FILES:
         raise InvalidNameError(f"invalid file path {path!r} in artifact: reserved by the store")
     return path

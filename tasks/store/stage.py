@@ -6,7 +6,6 @@ else claim the version, build into a local staging dir, upload, commit.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -18,6 +17,7 @@ from typing import Any
 from .fingerprint import fingerprint
 from .manifest import InputRef, Manifest, Producer, git_sha, package_version
 from .progress import ProgressSink
+from .settings import settings
 from .store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         removed = store.clear_incomplete(kind, name, version)
         if removed:
             log.info("stage %s: removed %d files of an interrupted attempt at %s", stage, removed, spec)
-        base = Path(workdir or os.environ.get("GPTOSS_WORKDIR") or tempfile.gettempdir())
+        base = Path(workdir or settings().workdir)
         base.mkdir(parents=True, exist_ok=True)
         if resumable:
             staging = base / f"{stage}-{version}"

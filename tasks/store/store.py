@@ -1,4 +1,4 @@
-"""The versioned artifact store (see ARCHITECTURE.md, "The artifact contract").
+"""The versioned artifact store (see docs/architecture.md, "The artifact contract").
 
 Layout under the store root:
     {kind}/{name}/{version}/...files...      immutable once MANIFEST.json exists
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from gptoss_model.errors import PermanentError
 
 from .backends import LocalBackend, PreconditionFailed, backend_for_url
 from .claims import CLAIM_FILE, LOCK_DIR, claim_for
@@ -24,12 +25,13 @@ from .manifest import MANIFEST_FILE, FileEntry, InputRef, Manifest, Producer
 from .names import (VERSION_RE, InvalidNameError, parse_artifact_spec, validate_kind, validate_name,
                     validate_ref, validate_relpath, validate_version)
 from .progress import ProgressSink
+from .local_verify import LocalIntegrityError, stamp_committed, verify_in_place
+from .settings import DEFAULT_STORE, settings
 
 log = logging.getLogger(__name__)
-DEFAULT_STORE = "file://.gptoss/store"
 
 
-class ArtifactNotFound(LookupError):
+class ArtifactNotFound(PermanentError, LookupError):
     pass
 
 
@@ -41,15 +43,24 @@ class IntegrityError(RuntimeError):
     """A pulled file does not match its manifest (size or sha256)."""
 
 
+class CorruptArtifactError(PermanentError, IntegrityError):
+    """A committed version in the store itself no longer matches its manifest (a retry reads the same bytes)."""
+
+
 class ArtifactStore:
     def __init__(self, url: str | None = None, *, s3_endpoint_url: str | None = None,
                  s3_credentials: dict | None = None, storage_options: dict | None = None,
                  max_workers: int = 4):
-        self.backend = backend_for_url(url or os.environ.get("GPTOSS_STORE") or DEFAULT_STORE,
+        self.backend = backend_for_url(url or settings().store_url,
                                        s3_endpoint_url=s3_endpoint_url, s3_credentials=s3_credentials,
                                        storage_options=storage_options)
         self.url = self.backend.url
         self.max_workers = max_workers
+
+    @property
+    def is_local(self) -> bool:
+        """A file:// store (commits hard-link staging files; reads happen in place)."""
+        return isinstance(self.backend, LocalBackend)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
@@ -180,6 +191,8 @@ class ArtifactStore:
             winner = self.get_manifest(kind, name, version)
             log.info("version %s/%s@%s was committed by another writer; reusing it", kind, name, version)
             return winner, False
+        if isinstance(self.backend, LocalBackend):  # every byte was just hashed on its way in
+            stamp_committed(self.backend.path(prefix), manifest, settings().cache_dir / "verified")
         return manifest, True
 
     # -- pulling ----------------------------------------------------------
@@ -210,18 +223,21 @@ class ArtifactStore:
                    progress: ProgressSink | None = None) -> Path:
         """A local directory holding the version, verified.
 
-        On a local store that is the version directory itself (sizes checked;
-        full hashing of tens of GB on every read is not "cheap"); elsewhere a
-        download into a cache that is reused once complete.
+        On a local store that is the version directory itself, every file checked
+        against the manifest's sha256 (hashed once, then trusted while its inode is
+        untouched: see local_verify); elsewhere a download into a cache that is
+        reused once complete.
         """
         if isinstance(self.backend, LocalBackend):
             root = self.backend.path(self.prefix(manifest.kind, manifest.name, manifest.version))
-            for entry in manifest.files:
-                p = root / entry.path
-                if not p.is_file() or p.stat().st_size != entry.size:
-                    raise IntegrityError(f"{manifest.spec}: file {entry.path!r} is missing or has the wrong size")
+            try:
+                hashed = verify_in_place(root, manifest, settings().cache_dir / "verified", self.max_workers)
+            except LocalIntegrityError as exc:
+                raise CorruptArtifactError(str(exc)) from None
+            if hashed:
+                log.info("%s: verified %d bytes in place against the manifest", manifest.spec, hashed)
             return root
-        cache_dir = Path(cache_dir or os.environ.get("GPTOSS_CACHE") or Path.home() / ".cache" / "gptoss")
+        cache_dir = Path(cache_dir or settings().cache_dir)
         dest = cache_dir / manifest.kind / manifest.name / manifest.version
         marker = dest / ".complete"
         if marker.is_file() and marker.read_text() == manifest.version:

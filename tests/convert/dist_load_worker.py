@@ -28,8 +28,9 @@ LAYOUTS = {"ep2": (1, 1, 2, False), "tp2_sp": (2, 1, 1, True), "pp2": (1, 2, 1, 
 
 def main(jobs_json: str, out: str) -> None:
     from gptoss_model import AutoBridge
-    from gptoss_model.convert import fixed_batch, load_megatron_checkpoint
-    from gptoss_model.tiny_checkpoint import load_reference_model
+    from gptoss_model.checkpoint_layout import load_megatron_checkpoint
+    from gptoss_model.verify import fixed_batch
+    from gptoss_model.reference import load_reference_model
     from tests.model import _parity as P
     from tests.model.dist_worker import _logits_via_schedule, _max_all
 

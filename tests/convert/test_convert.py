@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from gptoss_model import convert, convert_writer
+from gptoss_model import convert, convert_writer, verify
 from gptoss_model.config import NotGptOssConfigError
 from gptoss_model.load_hf import CheckpointError
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
@@ -47,7 +47,7 @@ def test_convert_load_and_logits_match_transformers(sources, tmp_path, source, d
     elems = report["bytes"] / (2 if dtype == "bfloat16" else 4)
     assert elems == pytest.approx(report["params"], rel=0.01)
 
-    gate = convert.parity_check(out, sources[source], dtype=dtype)
+    gate = verify.parity_check(out, sources[source], dtype=dtype)
     print(gate)
     assert gate["max_abs_logit_diff"] < LOGIT_TOL
     # The sources hold bf16-representable values (bf16, or MXFP4 + bf16), so even the
@@ -147,7 +147,7 @@ def test_stage_commits_then_cache_hit(sources, tmp_path):
     print(f"\nstage metrics: {m.metrics}")
 
     # The committed artifact loads like any megatron checkpoint.
-    gate = convert.parity_check(store.local_path(m), store.local_path(hf), dtype="bfloat16")
+    gate = verify.parity_check(store.local_path(m), store.local_path(hf), dtype="bfloat16")
     assert gate["max_abs_logit_diff"] < LOGIT_TOL
 
     again = run_convert(params, store)
@@ -248,3 +248,45 @@ def test_mxfp4_experts_dequantize_straight_into_megatron_layout(sources, dtype):
             assert torch.equal(part, slow[window[0]:window[1]]), (name, window)
         checked += 1
     assert checked == 2
+
+
+def test_bad_files_are_named_and_nothing_is_written(sources, tmp_path):
+    """Truncated weights, invalid JSON and a wrong dtype: one error naming the file (and tensor)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(sources["fp32"], d)
+        return d
+
+    truncated = copy("truncated")
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: not a readable safetensors file"):
+        convert.convert_hf_to_megatron(truncated, tmp_path / "out")
+
+    bad_json = copy("bad-json")
+    (bad_json / "config.json").write_text('{"model_type": "gpt_oss",')
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        convert.convert_hf_to_megatron(bad_json, tmp_path / "out")
+
+    int8_head = copy("int8-head")
+    index = json.loads((int8_head / "model.safetensors.index.json").read_text())
+    file = int8_head / index["weight_map"]["lm_head.weight"]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["lm_head.weight"] = tensors["lm_head.weight"].to(torch.int8)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'lm_head.weight' is stored as I8; expected BF16 or F16 or F32"):
+        convert.convert_hf_to_megatron(int8_head, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_worker_count_is_capped_by_chunks_and_cores():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert convert.useful_workers(11, chunks=6) == min(6, cores)
+    assert convert.useful_workers(1, chunks=6) == 1
+    assert convert.useful_workers(256, chunks=1000) == cores

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gptoss_model import convert, convert_writer
+from gptoss_model import convert, convert_writer, verify
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -44,7 +44,7 @@ def test_two_workers_write_the_bytes_one_worker_writes(source, reference, tmp_pa
         sorted(f"__{i}_0.distcp" for i in range(layers + 2))
     assert not (tmp_path / "m" / convert.STATE_DIR).exists()
     assert seen[-1] == (report["tensors"], report["tensors"]) and report["peak_worker_rss_mb"] > 0
-    gate = convert.parity_check(tmp_path / "m", source, dtype="bfloat16")
+    gate = verify.parity_check(tmp_path / "m", source, dtype="bfloat16")
     assert gate["max_abs_logit_diff"] < 1e-4
 
 

@@ -53,7 +53,7 @@ def test_stage_commits_pinned_version_and_reuses_it(hub, payload, tmp_path):
 
 def test_stage_resumes_after_a_failed_attempt_and_keeps_token_out(hub, payload, tmp_path, caplog):
     secret = "hf_StageSecretToken42"
-    files = {"w.safetensors": payload(3 * MB, 2)}
+    files = {"config.json": b"{}", "w.safetensors": payload(3 * MB, 2)}
     hub.add_repo("org/private", files, token=secret)
     store = ArtifactStore((tmp_path / "store").as_uri())
     caplog.set_level(logging.DEBUG)
@@ -63,7 +63,7 @@ def test_stage_resumes_after_a_failed_attempt_and_keeps_token_out(hub, payload, 
     hub.drop("org/private", "w.safetensors", after=MB, times=1)
     hub.reset_counters()
     ok = run_download(_params(hub, tmp_path, repo_id="org/private", hf_token=SecretStr(secret)), store)
-    assert ok.manifest.files[0].size == 3 * MB
+    assert {f.path: f.size for f in ok.manifest.files}["w.safetensors"] == 3 * MB
     assert secret not in json.dumps(ok.manifest.model_dump()) and secret not in caplog.text
 
 
@@ -119,3 +119,103 @@ def test_flow_fails_fast_on_permanent_errors(prefect_harness, hub, tmp_path):
     assert state.is_failed() and time.monotonic() - t0 < 8
     with pytest.raises(Exception, match="org/missing"):
         state.result()
+
+
+def test_local_mirror_cache_hit_copies_nothing(payload, tmp_path, monkeypatch):
+    """The mirror is identified in place: a committed version is found before any byte is copied."""
+    import tasks.download as download
+
+    src = tmp_path / "mirror" / "gpt-oss-tiny"
+    src.mkdir(parents=True)
+    (src / "config.json").write_bytes(b"{}")
+    (src / "model.safetensors").write_bytes(payload(MB, 5))
+    params = DownloadParams(source_url=src.as_uri(), workdir=str(tmp_path / "work"),
+                            store=StoreSettings(url=(tmp_path / "store").as_uri()))
+    first = run_download(params)
+    assert not first.cache_hit
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a cache hit must not copy the mirror")
+
+    monkeypatch.setattr(download, "copy_local_snapshot", no_copy)
+    again = run_download(params)
+    assert again.cache_hit and again.manifest.version == first.manifest.version
+    assert not (tmp_path / "work" / "hf-downloads").exists() or not any(
+        p.is_dir() for p in (tmp_path / "work" / "hf-downloads").iterdir())
+
+    # A changed mirror is a new version, and is copied.
+    monkeypatch.undo()
+    (src / "model.safetensors").write_bytes(payload(MB, 6))
+    changed = run_download(params)
+    assert not changed.cache_hit and changed.manifest.version != first.manifest.version
+
+
+def test_hostile_commit_sha_is_refused_before_anything_is_written(hub, payload, tmp_path, monkeypatch):
+    """An endpoint answering a 'sha' with path separators never names a directory."""
+    import gptoss_model.hub_download as hd
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("user data")
+    hub.add_repo("org/evil", {"config.json": b"{}", "w.safetensors": payload(MB, 8)})
+
+    real = hd.HfApi.model_info
+
+    def lying_model_info(self, *args, **kwargs):
+        info = real(self, *args, **kwargs)
+        info.sha = "x/../../../victim"
+        return info
+
+    monkeypatch.setattr(hd.HfApi, "model_info", lying_model_info)
+    with pytest.raises(hd.HubResponseError, match="40-hex-digit"):
+        run_download(_params(hub, tmp_path, repo_id="org/evil"))
+    assert (victim / "keep.txt").read_text() == "user data"
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.safetensors"))
+
+
+def test_download_refuses_a_set_without_config_or_weights(hub, payload, tmp_path):
+    from gptoss_model.load_hf import CheckpointError
+
+    hub.add_repo("org/docs-only", {"README.md": b"hello", "config.json": b"{}"})
+    with pytest.raises(CheckpointError, match="no \\*.safetensors weights"):
+        run_download(_params(hub, tmp_path, repo_id="org/docs-only"))
+    empty = tmp_path / "empty-mirror"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no config.json and no"):
+        run_download(DownloadParams(source_url=empty.as_uri(), workdir=str(tmp_path / "work"),
+                                    store=StoreSettings(url=(tmp_path / "store").as_uri())))
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    assert store.list() == []  # nothing committed, no `latest` pointing at an empty checkpoint
+
+
+@pytest.mark.parametrize("spelling", ["relative", "absolute", "trailing-slash", "file-uri"])
+def test_mirror_spellings_are_one_version(payload, tmp_path, monkeypatch, spelling):
+    src = tmp_path / "mirror" / "gpt-oss-tiny"
+    src.mkdir(parents=True)
+    (src / "config.json").write_bytes(b"{}")
+    (src / "model.safetensors").write_bytes(payload(MB, 9))
+    monkeypatch.chdir(tmp_path)
+    url = {"relative": "mirror/gpt-oss-tiny", "absolute": str(src), "trailing-slash": f"{src}/",
+           "file-uri": src.as_uri()}[spelling]
+    store = (tmp_path / "store").as_uri()
+    reference = run_download(DownloadParams(source_url=src.as_uri(), workdir=str(tmp_path / "w"),
+                                            store=StoreSettings(url=store)))
+    again = run_download(DownloadParams(source_url=url, workdir=str(tmp_path / "w"), store=StoreSettings(url=store)))
+    assert again.cache_hit and again.manifest.version == reference.manifest.version
+
+
+def test_download_into_a_file_store_writes_each_byte_once(hub, payload, tmp_path, monkeypatch):
+    """The work copy is renamed into staging, which the store hard-links: no file is copied."""
+    import tasks.store.backends as backends
+
+    copies = []
+    real_copy = backends.copy_hashing
+    monkeypatch.setattr(backends, "copy_hashing", lambda src, *a, **k: copies.append(src) or real_copy(src, *a, **k))
+    hub.add_repo("org/once", {"config.json": b"{}", "w.safetensors": payload(2 * MB, 10)})
+    result = run_download(_params(hub, tmp_path, repo_id="org/once"))
+    assert not result.cache_hit and copies == []
+    stored = ArtifactStore((tmp_path / "store").as_uri()).local_path(result.manifest) / "w.safetensors"
+    assert stored.stat().st_nlink == 1 and stored.read_bytes() == payload(2 * MB, 10)
+    kept = run_download(_params(hub, tmp_path, repo_id="org/once", name="org/once-kept", keep_download=True))
+    assert len(copies) == 2  # a kept work copy is never shared with the store: copied
+    assert not kept.cache_hit

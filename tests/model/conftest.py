@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_model.tiny_checkpoint import load_reference_model, write_tiny_checkpoint
+from gptoss_model.reference import load_reference_model
+from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
 
 # Parity bounds of the issue: fp32 logits (absolute) and gradients (relative).
 LOGIT_TOL = 1e-4

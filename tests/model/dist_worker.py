@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from gptoss_model import AutoBridge, build  # noqa: E402
-from gptoss_model.tiny_checkpoint import load_reference_model  # noqa: E402
+from gptoss_model.reference import load_reference_model  # noqa: E402
 from tests.model import _parity as P  # noqa: E402
 
 # name: (TP, PP, EP, SP, dispatcher, apply the expert-grad fix)

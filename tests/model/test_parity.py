@@ -13,7 +13,7 @@ import torch
 from gptoss_model import build
 from gptoss_model import name_map as nm
 from gptoss_model.load_hf import CheckpointError
-from gptoss_model.tiny_checkpoint import load_reference_model
+from gptoss_model.reference import load_reference_model
 
 from . import _parity as P
 from .conftest import GRAD_TOL, LOGIT_TOL, build_loaded

@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 
 from gptoss_model import mxfp4 as mx
+from gptoss_model.reference import load_reference_model
 from gptoss_model.tiny_checkpoint import (
     SPECIAL_TOKENS,
     TINY_HF_CONFIG,
     TINY_MXFP4_INTERMEDIATE_SIZE,
     hf_tensor_names,
-    load_reference_model,
     write_tiny_checkpoint,
 )
 

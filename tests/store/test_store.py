@@ -206,3 +206,22 @@ def test_local_commit_links_staging_files_it_owns_and_copies_shared_ones(tmp_pat
     (tmp_path / "kept-work-copy.bin").write_bytes(b"edited")  # cannot reach the artifact
     assert (local / "shared.bin").read_bytes() == b"b" * 1000
     assert {f.path: f.sha256 for f in manifest.files}["owned.bin"] == hashlib.sha256(b"a" * 1000).hexdigest()
+
+
+def test_same_size_change_in_a_file_store_is_caught_by_local_path(tmp_path, monkeypatch):
+    """A stage reading its input in place sees a same-size byte change (sizes alone would not)."""
+    from tasks.store.store import CorruptArtifactError
+
+    monkeypatch.setenv("GPTOSS_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    m = commit_tree(store, tmp_path, {"config.json": b"{}", "w.bin": os.urandom(3 << 20)})
+    root = store.local_path(m)  # stamped by the commit: nothing to hash
+    assert (root / "w.bin").stat().st_size == 3 << 20
+    tamper(store, m, "w.bin")
+    with pytest.raises(CorruptArtifactError, match=r"'w\.bin'.*sha256 [0-9a-f]{64} on disk, [0-9a-f]{64} committed"):
+        store.local_path(m)
+    # The stamp is tied to the inode's ctime: restoring the right bytes makes it readable again, verified.
+    key = f"{store.prefix(m.kind, m.name, m.version)}/w.bin"
+    tamper(store, m, "w.bin")  # flips the same byte back
+    assert store.local_path(m) == root
+    assert store.backend.path(key).is_file()
