@@ -227,6 +227,28 @@ def _torch_norm_sequence_parallel():
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+def _window_keeps_given_mask():
+    """Sliding-window layers AND the window with a given attention mask (per-document packing)."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer import utils as tutils
+
+    orig = FusedScaleMaskSoftmax.forward_torch_softmax
+
+    def forward_torch_softmax(self, input, mask, softmax_offset=None):
+        window_size = self.window_size
+        if window_size is None or mask is None:
+            return orig(self, input, mask, softmax_offset)
+        window = tutils.get_sliding_window_causal_mask(input.size(2), input.size(3), window_size)
+        self.window_size = None  # orig then applies the combined mask as given
+        try:
+            return orig(self, input, mask | window.to(mask.device), softmax_offset)
+        finally:
+            self.window_size = window_size
+
+    forward_torch_softmax._gptoss_orig = orig
+    FusedScaleMaskSoftmax.forward_torch_softmax = forward_torch_softmax
+
+
 def _rewrite_source(owner, attr: str, replacements: list[tuple[str, str]]) -> None:
     """Recompile `owner.attr` from mcore's own source with literal replacements.
 
@@ -380,6 +402,16 @@ PATCHES: tuple[Patch, ...] = (
         applies=lambda: _source_has("megatron.core.transformer.torch_norm",
                                     "assert not config.sequence_parallel", attr="WrappedTorchNorm"),
         apply=_torch_norm_sequence_parallel),
+    Patch(
+        "window-keeps-given-mask",
+        symptom="packed (per-document) attention leaks across documents on sliding-window layers: "
+                "the torch softmax path replaces a given attention mask by the window mask (no error)",
+        reason="the window must be applied *in addition to* the caller's mask; OR-ing the two masks "
+               "(True = masked) keeps both (full-attention layers already use the given mask)",
+        needed=_local_spec,
+        applies=lambda: _source_has("megatron.core.fusions.fused_softmax",
+                                    "mask = get_sliding_window_causal_mask(sq, sk, self.window_size)"),
+        apply=_window_keeps_given_mask),
     Patch(
         "cuda-pipeline-schedules",
         symptom="forward_backward_func fails on device='cuda' (total_num_tokens) even at PP=1; p2p "

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gptoss_model.checkpoint_layout import CHECKPOINT_VERSION, TRACKER_FILE, iter_dir_name
 from gptoss_model.errors import PermanentError
 from gptoss_model.training import peft as peft_mod
 from gptoss_model.training.config import RunConfig, save_yaml, to_dict
 
 log = logging.getLogger(__name__)
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0
 DIST_OPT_SHARDING = "dp_reshardable"  # the only distributed-optimizer format that resumes exactly here
 
 
@@ -43,7 +42,7 @@ class CheckpointError(PermanentError, RuntimeError):
 
 
 def iter_dir(root: Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
+    return Path(root) / iter_dir_name(iteration)
 
 
 def latest_iteration(root: Path) -> int | None:

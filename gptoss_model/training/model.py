@@ -73,7 +73,7 @@ def build_chunks(run: RunConfig, m: GptOssModelConfig) -> list:
 
 
 def load_initial_weights(model, source: str | Path, m: GptOssModelConfig) -> None:
-    from gptoss_model.convert import TRACKER_FILE, load_megatron_checkpoint
+    from gptoss_model.checkpoint_layout import TRACKER_FILE, load_megatron_checkpoint
     from gptoss_model.load_hf import load_hf_weights
 
     source = Path(source)

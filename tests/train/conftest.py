@@ -10,7 +10,7 @@ def train_env(tmp_path_factory):
     from gptoss_model.recipes import tiny_pretrain_config
     from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
     from gptoss_model.training.config import save_yaml
-    from tests.train.data import write_tiny_pretrain_dataset
+    from tests.train.data import write_tiny_pretrain_dataset, write_tiny_sft_dataset
 
     root = tmp_path_factory.mktemp("train")
     ckpt = write_tiny_checkpoint(root / "hf", dtype="float32", seed=0)
@@ -21,4 +21,5 @@ def train_env(tmp_path_factory):
     run.scheduler.lr_decay_iters = 30
     config = root / "base.yaml"
     save_yaml(run, config)
-    return {"root": root, "ckpt": ckpt, "prefixes": prefixes, "config": config}
+    sft_prefixes = write_tiny_sft_dataset(root / "sft")
+    return {"root": root, "ckpt": ckpt, "prefixes": prefixes, "sft_prefixes": sft_prefixes, "config": config}

@@ -58,3 +58,34 @@ def write_tiny_pretrain_dataset(root: Path, shards: int = 2) -> list[str]:
         write_pretrain_shard(prefix, tok, eod, docs[k::shards])
         prefixes.append(str(prefix))
     return prefixes
+
+
+def write_tiny_sft_dataset(root: Path, target_length: int = 64) -> list[str]:
+    """A packed SFT artifact (sft.json + one shard) from real text: each document is a
+    "user" paragraph start (mask 0) and its continuation as the "assistant" (mask 1),
+    greedily packed to `target_length` through the preprocess stage's writer."""
+    from gptoss_model.data.packed_sft import PackedSample, write_packed_sft, write_sft_metadata
+    from gptoss_model.tiny_checkpoint import build_tokenizer
+
+    tok = build_tokenizer()
+    eod = tok.token_to_id("<|endoftext|>")
+    docs = []
+    for text in real_text_documents():
+        ids = tok.encode(text).ids[: target_length // 2 - 1]
+        if len(ids) < 8:
+            continue
+        cut = len(ids) // 3
+        docs.append((ids + [eod], [0] * cut + [1] * (len(ids) - cut) + [1]))
+    samples, current = [], []
+    for doc in docs:
+        if current and sum(len(t) for t, _ in current) + len(doc[0]) > target_length:
+            samples.append(PackedSample.from_documents(current))
+            current = []
+        current.append(doc)
+    if current:
+        samples.append(PackedSample.from_documents(current))
+    root.mkdir(parents=True, exist_ok=True)
+    write_packed_sft(root / "shard_00000_sft", samples, target_length=target_length)
+    write_sft_metadata(root, target_length=target_length, pad_token_id=eod, eod_token_id=eod,
+                       prefixes=["shard_00000_sft"])
+    return [str(root / "shard_00000_sft")]

@@ -1,9 +1,10 @@
-"""Training on CPU with the tiny GPT-OSS (gloo): layouts, loss, resume, LoRA/DoRA.
+"""Training on CPU with the tiny GPT-OSS (gloo): layouts, loss, resume, LoRA/DoRA, SFT.
 
 Launches (kept few: each torchrun start costs ~15 s here):
   1. a world-of-one reference run (`python -m gptoss_model.train`, 3 steps);
   2. one 2-process torchrun running, in turn: TP2+SP, PP2 (3 steps each), EP2
-     (30 steps, checkpoints every 10: the uninterrupted run), LoRA at EP2 and DoRA;
+     (30 steps, checkpoints every 10: the uninterrupted run), LoRA SFT on the packed
+     format and DoRA pretraining, both at EP2;
   3. `torchrun -m gptoss_model.train` at EP2, killed with SIGKILL (whole process
      group) right after its step-10 checkpoint; then a half-written iter_0000015/ is
      planted; 4. the same command again resumes to step 20.
@@ -55,11 +56,12 @@ def two_process(train_env, tmp_path_factory):
             for n, ov in LAYOUTS.items()]
     runs.append({"name": "ep2", "config": cfg, "overrides": [_dir(train_env, "ep2"), *EP2,
                                                              "checkpoint.save_interval=10"]})
-    for method, dim, alpha in (("lora", 4, 4), ("dora", 4, 8)):
+    sft = ["data.kind=sft", f"data.data_paths=[{', '.join(train_env['sft_prefixes'])}]"]
+    for method, dim, alpha, data in (("lora", 4, 4, sft), ("dora", 4, 8, [])):  # LoRA: packed SFT data
         runs.append({"name": method, "config": cfg, "overrides": [
             _dir(train_env, method), *EP2, f"peft.method={method}", f"peft.dim={dim}", f"peft.alpha={alpha}",
             f"train.train_iters={PEFT_STEPS}", f"checkpoint.save_interval={PEFT_STEPS}", "train.eval_interval=0",
-            "optimizer.lr=1e-2"]})
+            "optimizer.lr=1e-2", *data]})
     spec = tmp_path_factory.mktemp("spec") / "spec.json"
     spec.write_text(json.dumps({"runs": runs}))
     return run_torchrun(WORKER, spec, result=spec.with_name("out.json"), timeout=600)
