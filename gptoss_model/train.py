@@ -10,6 +10,7 @@ overrides follow as dotted keys. Without torchrun it runs as a world of one.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
@@ -25,11 +26,28 @@ def load_run_config(source: str, overrides: list[str]) -> RunConfig:
     return apply_overrides(run, overrides)
 
 
+def die_with_torchrun() -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when torchrun dies (Linux).
+
+    torchrun starts ranks in their own sessions: without this a killed torchrun
+    leaves its ranks training (and writing checkpoints) as orphans."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # torchrun already gone before the call took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    die_with_torchrun()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         run = load_run_config(argv[0], argv[1:])

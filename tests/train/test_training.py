@@ -11,6 +11,7 @@ Launches (kept few: each torchrun start costs ~15 s here):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gptoss_model.training.metrics import read_metrics
@@ -135,8 +137,14 @@ def test_resume_after_kill_is_bitwise_exact_and_ignores_incomplete_saves(two_pro
         assert proc.poll() is None, f"run ended before its step-10 checkpoint:\n{proc.stdout.read()[-4000:]}"
         assert time.time() < deadline, "no step-10 checkpoint within 300 s"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-training
-    proc.wait()
+    ranks = psutil.Process(proc.pid).children()
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group, mid-training: the ranks are in their own
+    proc.wait()                          # sessions, so they must die of PR_SET_PDEATHSIG
+    _, alive = psutil.wait_procs(ranks, timeout=20)
+    assert not alive, f"ranks outlived the killed torchrun: {[p.pid for p in alive]}"
+    for r in ranks:  # idle multiprocessing helpers of the checkpoint writer stay in the ranks' groups
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(r.pid, signal.SIGKILL)
     # A save that a crash cut short: files of a checkpoint, no tracker update.
     half = ckpts / "iter_0000015"
     shutil.copytree(ckpts / "iter_0000010", half)
