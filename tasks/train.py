@@ -179,6 +179,11 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
     if rc != 0:
         raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: "
                              f"{sorted(state['committed'])} (a retry resumes from the newest)")
+    recs = [r for r in read_metrics(run.metrics_path()) if "loss" in r] if run.metrics_path().is_file() else []
+    reached = recs[-1]["iteration"] if recs else 0
+    if reached < run.train.train_iters:  # torchrun exits 0 when its ranks were terminated by a signal
+        raise TrainingFailed(f"training stopped at iteration {reached} of {run.train.train_iters}; "
+                             f"checkpoints committed: {sorted(state['committed'])}")
     progress.finish()
     publish_metrics(run)
     if state["last"] is None:  # everything was already committed (a rerun)
