@@ -52,8 +52,10 @@ class TrainParams(BaseModel):
     store: StoreSettings = Field(default_factory=StoreSettings)
 
 
-def resolve_run(params: TrainParams, store: ArtifactStore):
-    """(RunConfig with local input paths, the input manifests, the run identity)."""
+def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool = True):
+    """(RunConfig with local input paths, the input manifests, the run identity).
+
+    `materialize=False` skips pulling the inputs (the identity needs only their versions)."""
     from gptoss_model.training.recipes import RECIPES, recipe
     from gptoss_model.train import load_run_config
 
@@ -64,17 +66,18 @@ def resolve_run(params: TrainParams, store: ArtifactStore):
     if params.base_checkpoint:
         base = _resolve(store, params.base_checkpoint, "megatron-checkpoint")
         inputs.append(base)
-        run.checkpoint.pretrained_checkpoint = str(store.local_path(base))
+        run.checkpoint.pretrained_checkpoint = str(store.local_path(base)) if materialize else base.spec
     if params.dataset:
         data = _resolve(store, params.dataset, "dataset")
         inputs.append(data)
-        root = store.local_path(data)
         prefixes = data.metrics.get("data_prefixes")
         if not prefixes:
             raise ConfigError(f"{data.spec}: its manifest lists no data_prefixes")
-        run.data.data_paths = [str(root / p) for p in prefixes]
-        if (root / "sft.json").is_file():
+        if any(f.path == "sft.json" for f in data.files):  # the packed SFT layout
             run.data.kind = "sft"
+        if materialize:
+            root = store.local_path(data)
+            run.data.data_paths = [str(root / p) for p in prefixes]
     identity_cfg = to_dict(run)
     identity_cfg["checkpoint"]["pretrained_checkpoint"] = None
     identity_cfg["data"]["data_paths"] = []
@@ -98,7 +101,7 @@ def run_dir(params: TrainParams, identity: str) -> Path:
 def pid_file(params: TrainParams, store: ArtifactStore | None = None) -> Path:
     """Where the running torchrun's pid is kept (the cancellation hook reads it)."""
     store = store or params.store.open()
-    _, _, identity = resolve_run(params, store)
+    _, _, identity = resolve_run(params, store, materialize=False)
     return run_dir(params, identity) / "torchrun.pid"
 
 

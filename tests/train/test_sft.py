@@ -65,3 +65,20 @@ def test_documents_do_not_see_each_other(world1_model):
     diff_a = (packed[0, :20] - first[0]).abs().max().item()
     print(f"\nmax |logit diff| packed vs alone: doc 1 {diff_a:.2e}, doc 2 {diff_b:.2e}")
     assert diff_a < 1e-4 and diff_b < 1e-4
+
+
+@torch.no_grad()
+def test_without_the_window_mask_patch_documents_leak(world1_model, monkeypatch):
+    """Control: megatron-core's own softmax path drops the document mask on sliding layers."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+
+    monkeypatch.setattr(FusedScaleMaskSoftmax, "forward_torch_softmax",
+                        FusedScaleMaskSoftmax.forward_torch_softmax._gptoss_orig)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(1, 512, (20,), generator=g), torch.randint(1, 512, (12,), generator=g)
+    sample = {"tokens": torch.cat([a, b]).numpy(), "loss_mask": np.ones(32, np.uint8),
+              "doc_lengths": np.array([20, 12])}
+    batch = sample_to_batch(sample, seq_length=40, pad_id=0)
+    packed = world1_model(batch["tokens"][None], batch["position_ids"][None], batch["attention_mask"][None])
+    alone = world1_model(b[None], torch.arange(12)[None], None)
+    assert (packed[0, 20:32] - alone[0]).abs().max().item() > 1e-2

@@ -13,7 +13,7 @@ import pytest
 
 from gptoss_model.training.metrics import read_metrics
 
-OVERRIDES = {"train.train_iters": 8, "checkpoint.save_interval": 4, "train.eval_interval": 0,
+OVERRIDES = {"train.train_iters": 16, "checkpoint.save_interval": 4, "train.eval_interval": 0,
              "scheduler.lr_decay_iters": 30}
 
 
@@ -70,16 +70,19 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
     store, base, data = store_inputs
     straight = _params("straight", store_inputs, tmp_path)
     done = run_train(straight, store)
-    assert done.manifest.parameters["iteration"] == 8
+    assert done.manifest.parameters["iteration"] == 16
     versions = sorted((m for m in store.list(KIND) if m.name == "straight"), key=lambda m: m.parameters["iteration"])
-    assert [m.parameters["iteration"] for m in versions] == [4, 8]
+    assert [m.parameters["iteration"] for m in versions] == [4, 8, 12, 16]
     assert {(i.kind, i.name, i.version) for i in versions[0].inputs} == {
         (base.kind, base.name, base.version), (data.kind, data.name, data.version)}
-    assert versions[0].parameters["config"]["train"]["train_iters"] == 8
+    assert versions[0].parameters["config"]["train"]["train_iters"] == 16
 
     crashed = _params("crashed", store_inputs, tmp_path)
     _, _, identity = resolve_run(crashed, store)
     save_dir = run_dir(crashed, identity) / "checkpoints"
+
+    pidf = pid_file(crashed, store)
+    crashed_at = []
 
     def crash_after_first_commit():
         from gptoss_model.training.launch import kill_from_pid_file
@@ -87,11 +90,12 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
         deadline = time.time() + 300
         while time.time() < deadline:
             if any(m.name == "crashed" and m.parameters.get("iteration") == 4 for m in store.list(KIND)):
-                kill_from_pid_file(pid_file(crashed, store))  # the first attempt dies...
+                crashed_at.append(max(_losses(crashed, store)))
+                kill_from_pid_file(pidf)  # the first attempt dies...
                 time.sleep(1)
                 shutil.rmtree(save_dir, ignore_errors=True)  # ...and its machine's disk with it
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=crash_after_first_commit, daemon=True)
     killer.start()
@@ -102,12 +106,13 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
 
     manifest = train_with_fast_retry(crashed)
     killer.join()
-    assert manifest.parameters["iteration"] == 8
+    assert crashed_at and crashed_at[0] < 16, "the first attempt was not interrupted"
+    assert manifest.parameters["iteration"] == 16
     got, want = _losses(crashed, store), _losses(straight, store)
-    for it in range(5, 9):
+    for it in range(5, 17):
         assert got[it]["loss"] == want[it]["loss"] and got[it]["grad_norm"] == want[it]["grad_norm"], it
-    print(f"\nretried run, iterations 5-8 bitwise equal to the uninterrupted run: "
-          f"{[got[i]['loss'] for i in range(5, 9)]}")
+    print(f"\nfirst attempt killed after iteration {crashed_at[0]} (checkpoint 4 committed, local disk "
+          f"wiped); the retry's iterations 5-16 are bitwise those of the uninterrupted run")
 
 
 @pytest.mark.slow
