@@ -10,11 +10,10 @@ optimizer's in the dp_reshardable format), "opt_param_scheduler", "iteration",
 "consumed_samples", "checkpoint_version", "run_config", "peft", and per rank
 "rng_state" (python, numpy, torch and megatron's tracker streams).
 
-Exactness: with the plain megatron optimizer a resumed run's losses are bitwise those
-of an uninterrupted one (tested). With the distributed optimizer (dp_reshardable) the
-first resumed step is exact but the next ones differ slightly (measured on the tiny
-model: 6.0919 vs 6.0714 at the second step after resume): some optimizer state is not
-restored exactly; open.
+Exactness: with the plain megatron optimizer a resumed run's losses are bitwise those of
+an uninterrupted one (tested). With the distributed optimizer (dp_reshardable) the resume
+loads and the first resumed step is exact, but later steps drift (tiny model, DP2: 6.048
+vs 6.071 one step later): some optimizer state is still not restored exactly. Open.
 
 Resume reads the tracker file only, so an `iter_*` directory a crash left
 half-written (its iteration never reached the tracker) is ignored, and
@@ -180,11 +179,28 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
     unwrap(chunks[0]).load_state_dict(loaded["model"], strict=not run.peft.method)
     if "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     _say(f"resumed from {source} (iteration {iteration}, {loaded['consumed_samples']} samples consumed)")
     return iteration, int(loaded["consumed_samples"])
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam `step` tensor.
+
+    megatron-core 0.16.1's DistributedOptimizer.load_state_dict (torch Adam, no TE/Apex)
+    assigns ONE step tensor to every parameter's state; torch's Adam increments each
+    parameter's step in place, so after a resume the shared step grew by the number of
+    parameters per iteration and the bias correction went wrong. Copies restore
+    per-parameter steps (necessary, not yet sufficient: see the module docstring).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def _say(message: str) -> None:
