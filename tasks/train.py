@@ -82,8 +82,8 @@ def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool 
     identity_cfg["checkpoint"]["pretrained_checkpoint"] = None
     identity_cfg["data"]["data_paths"] = []
     identity_cfg["dir"] = None
-    blob = json.dumps({"config": identity_cfg, "inputs": [(m.kind, m.name, m.version) for m in inputs]},
-                      sort_keys=True)
+    blob = json.dumps({"name": params.name, "config": identity_cfg,
+                       "inputs": [(m.kind, m.name, m.version) for m in inputs]}, sort_keys=True)
     return run, inputs, hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
