@@ -14,7 +14,7 @@ _LAZY = {
     "GptOssModelConfig": "gptoss_model.config",
     "ParallelLayout": "gptoss_model.parallel",
     "load_hf_weights": "gptoss_model.load_hf",
-    "HFCheckpoint": "gptoss_model.load_hf",
+    "HFCheckpoint": "gptoss_model.hf_reader",
 }
 
 __all__ = sorted(_LAZY)

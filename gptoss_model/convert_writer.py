@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 
 from gptoss_model.convert_plan import Chunk, item_key
-from gptoss_model.load_hf import CheckpointError, read_for_param, reads_row_windows
+from gptoss_model.hf_reader import CheckpointError
+from gptoss_model.load_hf import read_for_param, reads_row_windows
 from gptoss_model.resources import peak_rss_mb
 
 MAPPED_BYTES_LIMIT = 64 * 2**20  # safetensors pages a worker keeps mapped (and reads per piece of a big tensor)
@@ -99,12 +100,13 @@ class _ChunkPlanner:
         window = _row_window(src)
         if window is not None and reads_row_windows(self.ckpt, src.match):
             # Just this item's rows (fc1's gate or up half): no whole-fc1 tensor, no clone.
-            part = read_for_param(self.ckpt, src.match, None, 0, 1, dtype=dtype, rows=window)
+            part = read_for_param(self.ckpt, src.match, tp_rank=0, tp_size=1, dtype=dtype, rows=window)
             self._check_shape(src, part, (window[1] - window[0], *src.param_shape[1:]))
         else:
             if self._cached is None or self._cached[0] != src.name:
                 self._cached = None  # drop the previous tensor before reading the next
-                full = read_for_param(self.ckpt, src.match, src.param_shape, 0, 1, dtype=dtype).contiguous()
+                full = read_for_param(self.ckpt, src.match, src.param_shape, tp_rank=0, tp_size=1,
+                                      dtype=dtype).contiguous()
                 self._check_shape(src, full, src.param_shape)
                 self._cached = (src.name, full)
             full = self._cached[1]
@@ -259,7 +261,7 @@ def _worker_init(hf_dir: str, mapped_limit: int) -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the converter
     torch.set_num_threads(1)  # one process per core does the parallelism
-    from gptoss_model.load_hf import HFCheckpoint
+    from gptoss_model.hf_reader import HFCheckpoint
 
     _WORKER["ckpt"] = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
-from gptoss_model.load_hf import CheckpointError, HFCheckpoint
+from gptoss_model.hf_reader import CheckpointError, HFCheckpoint
 
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype codes a GPT-OSS tensor may be stored in: floats for weights, uint8 for MXFP4

@@ -3,9 +3,8 @@
 Why not `huggingface_hub.snapshot_download`: after the process is killed it
 starts every file again from byte 0 (its partial files have per-process
 names) and it checks sizes only, so a corrupted body of the right size is
-accepted. GPT-OSS
-checkpoints are 13-65 GB, so this module resumes by itself and verifies
-every byte:
+accepted. GPT-OSS checkpoints are 13-65 GB, so this module resumes by
+itself and verifies every byte:
 
 * the revision (branch, tag or sha) is resolved to a commit sha first and
   everything else is read at that sha, so the result is one fixed version;
@@ -21,7 +20,9 @@ every byte:
 
 The placement/verification engine (shared with `copy_local_snapshot`, for
 local or fsspec mirrors in HF layout) is `gptoss_model.verified_transfer`;
-this module adds the Hub: metadata, HTTP with Range, redirects, auth errors.
+this module adds the Hub: metadata, HTTP with Range, redirects, auth errors,
+and `cached_snapshot`, the commit-keyed cache that `AutoBridge` reads repo
+ids through (the one way into the Hub).
 
 The token (argument, HF_TOKEN or the saved login, via huggingface_hub) goes
 only to the endpoint host: redirects to a CDN are followed without it. It is
@@ -30,11 +31,13 @@ never logged and never part of results or error messages.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
-from urllib.parse import urljoin, urlsplit
+from pathlib import Path
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
 from huggingface_hub import HfApi, constants, hf_hub_url
@@ -43,17 +46,28 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.verified_transfer import (  # noqa: F401  (re-exported: one import for callers)
-    CHUNK, PARTIAL_DIR, ChecksumMismatchError, DownloadResult, FileRecord, HubAuthError, HubDownloadError,
-    HubNotFoundError, Part, Progress, RemoteFile, Retry, Transfer, copy_local_snapshot, safe_relpath, select_files)
+from gptoss_model.verified_transfer import (CHUNK, DownloadResult, Part, Progress, RemoteFile, Retry,
+                                            SourceNotFoundError, Transfer, TransferError, safe_relpath,
+                                            select_files)
 
-__all__ = ["download_snapshot", "copy_local_snapshot", "resolve_revision", "list_remote_files", "DownloadResult",
-           "FileRecord", "HubDownloadError", "HubAuthError", "HubNotFoundError", "ChecksumMismatchError",
-           "PARTIAL_DIR"]
+__all__ = ["download_snapshot", "cached_snapshot", "resolve_revision", "list_remote_files", "snapshot_cache_dir",
+           "HubDownloadError", "HubAuthError", "HubNotFoundError"]
 
 log = logging.getLogger(__name__)
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class HubDownloadError(TransferError):
+    """A Hub download failed; the message names the repo (and file)."""
+
+
+class HubAuthError(PermanentError, HubDownloadError):
+    """401/403: a token is required, or the one given was refused."""
+
+
+class HubNotFoundError(HubDownloadError, SourceNotFoundError):
+    """404: unknown repo, revision or file (permanent, as every SourceNotFoundError)."""
 
 
 class HubResponseError(PermanentError, HubDownloadError):
@@ -230,3 +244,73 @@ def download_snapshot(repo_id: str, revision: str, dest_dir, *, allow_patterns=N
     log.info("Hub repo %s@%s: %d bytes fetched in %.1f s", repo_id, commit[:12], result.bytes_fetched,
              result.seconds)
     return result
+
+
+# --------------------------------------------------------------------------
+# A snapshot cache for callers that want a directory, not a download stage
+# --------------------------------------------------------------------------
+_COMPLETE = ".complete.json"
+
+
+def snapshot_cache_dir() -> Path:
+    """Where `cached_snapshot` keeps snapshots: $HF_HOME/gptoss-pipeline/snapshots (HF_HOME read at
+    call time; huggingface_hub's default home otherwise)."""
+    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser() / "gptoss-pipeline" / "snapshots"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, *, allow_patterns=None, ignore_patterns=None,
+                    token=None, endpoint: str | None = None, cache_dir=None, progress: Progress | None = None) -> Path:
+    """A verified local copy of `repo_id` at `revision`, as a directory in HF layout.
+
+    The revision is resolved to a commit and the snapshot downloaded with `download_snapshot`
+    into `cache_dir/<org>--<name>/<commit>`, so a killed call resumes where it stopped and
+    every byte is verified. A snapshot completed earlier with the same patterns is reused
+    without re-hashing (its directory is named after an immutable commit). With
+    HF_HUB_OFFLINE set, the commit last downloaded for `revision` is used, or the call fails.
+    """
+    revision = revision or "main"
+    root = Path(cache_dir or snapshot_cache_dir()) / repo_id.replace("/", "--")
+    ref = root / "refs" / quote(revision, safe="")
+    patterns = [sorted(allow_patterns or []), sorted(ignore_patterns or [])]
+    if _offline():
+        commit = ref.read_text().strip() if ref.is_file() else revision if _is_sha(revision) else None
+        if commit is None or not _complete(root / commit, commit, patterns):
+            raise HubDownloadError(f"Hub repo {repo_id!r} revision {revision!r}: HF_HUB_OFFLINE is set and no "
+                                   f"complete snapshot of it is cached under {root}.")
+        return root / commit
+    commit = resolve_revision(repo_id, revision, token, endpoint=endpoint)
+    dest = root / commit
+    if not _complete(dest, commit, patterns):
+        result = download_snapshot(repo_id, commit, dest, allow_patterns=allow_patterns,
+                                   ignore_patterns=ignore_patterns, token=token, progress=progress,
+                                   endpoint=endpoint)
+        files = [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in result.files]
+        _write_atomically(dest / _COMPLETE, json.dumps({"commit": commit, "patterns": patterns,
+                                                        "files": files}))
+    _write_atomically(ref, commit)
+    return dest
+
+
+def _is_sha(revision: str) -> bool:
+    return _COMMIT_SHA.fullmatch(revision) is not None
+
+
+def _complete(dest: Path, commit: str, patterns) -> bool:
+    try:
+        done = json.loads((dest / _COMPLETE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (done.get("commit") == commit and done.get("patterns") == patterns
+            and all((dest / f["path"]).is_file() and (dest / f["path"]).stat().st_size == f["size"]
+                    for f in done.get("files", [])))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

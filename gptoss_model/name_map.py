@@ -18,6 +18,14 @@ Layouts (the reason this module exists; each was a real bug somewhere):
     per-expert matrix is square (2880x2880): a missing transpose keeps the
     shape and silently ruins the model. Only logits parity catches it.
   * sinks, router, norms, o_proj, embeddings, lm_head: same layout, new name.
+
+Each `Rule` carries its `ParamMapping` (a direct copy, the QKV merge, the
+gate/up interleave, the down transpose): the transforms both ways, how TP
+splits the tensor and, for MXFP4-stored experts, which stored rows make the
+megatron tensor. Loaders, the converter and the exporter call the mapping and
+never branch on the tensor's name. The rules' shapes (in config symbols) are
+the one source of the HF layout: validation, the tiny test checkpoints and the
+benchmark's synthetic checkpoints all derive their tensor lists from them.
 """
 
 from __future__ import annotations
@@ -28,12 +36,11 @@ from typing import Iterator, Mapping
 
 import torch
 
+from gptoss_model import mxfp4 as mx
 from gptoss_model.config import GptOssModelConfig
-
-# Transform kinds (see the functions below).
-COPY, QKV, QKV_BIAS, GATE_UP, GATE_UP_BIAS, DOWN, DOWN_BIAS = (
-    "copy", "qkv", "qkv_bias", "gate_up", "gate_up_bias", "down", "down_bias")
-EXPERT_KINDS = {GATE_UP, GATE_UP_BIAS, DOWN, DOWN_BIAS}
+from gptoss_model.param_mapping import (  # noqa: F401  (the transforms are part of this module's API)
+    DirectMapping, GateUpMapping, ParamMapping, QKVMapping, TransposeMapping, down_to_fc2, fc1_bias_to_gate_up,
+    fc1_to_gate_up, fc2_to_down, gate_up_bias_to_fc1, gate_up_to_fc1, qkv_from_megatron, qkv_to_megatron)
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,13 @@ class Rule:
     hf: tuple[str, ...]  # HF tensor names ({layer}); several = fused into one megatron tensor
     local: str  # megatron name, local layer spec ({layer}, {expert})
     te: str  # megatron name, Transformer Engine layer spec
-    kind: str  # transform
-    hf_shape: tuple[str, ...]  # per HF tensor, dims in config symbols (see _SYMBOLS)
-    tp_dim: int | None  # dim megatron splits across TP ranks (None: replicated)
+    mapping: ParamMapping  # the transforms between the two layouts, and the TP split
+    hf_shape: tuple[str, ...]  # per HF tensor, dims in config symbols (see _symbols)
+    init: str  # family of values it holds (synthetic checkpoints draw from one distribution per family)
+
+    @property
+    def tp_dim(self) -> int | None:
+        return self.mapping.tp_dim
 
 
 L = "model.layers.{layer}."
@@ -51,30 +62,41 @@ M = "decoder.layers.{layer}."
 EXP_LOCAL = M + "mlp.experts.local_experts.{expert}."
 EXP_TE = M + "mlp.experts."
 
+# One instance per transform: rules share them, tests may patch them.
+REPLICATED = DirectMapping()
+ROW_SPLIT = DirectMapping(tp_dim=0)  # vocab-parallel embedding/head, per-head sinks
+COLUMN_SPLIT = DirectMapping(tp_dim=1)  # o_proj: row-parallel linear, input dim split
+QKV_MERGE = QKVMapping()
+GATE_UP_INTERLEAVE = GateUpMapping(bias=False)
+GATE_UP_BIAS_INTERLEAVE = GateUpMapping(bias=True)
+DOWN_TRANSPOSE = TransposeMapping()
+EXPERT_DIRECT = DirectMapping(per_expert=True)
+
+# Megatron TP dims: embedding/lm_head/sinks/qkv by rows (vocab, heads), o_proj by columns.
+# Experts are never TP-split: GPT-OSS runs with expert tensor parallel size 1.
 # fmt: off
 RULES: tuple[Rule, ...] = (
-    #     HF name(s)                                                   megatron, local spec                            megatron, TE spec                                   transform     HF shape(s)                   TP dim
-    Rule(("model.embed_tokens.weight",),                              "embedding.word_embeddings.weight",              "embedding.word_embeddings.weight",                 COPY,         ("V,H",),                     0),
-    Rule((L + "input_layernorm.weight",),                             M + "input_layernorm.weight",                    M + "self_attention.linear_qkv.layer_norm_weight",  COPY,         ("H",),                       None),
+    #     HF name(s)                                                   megatron, local spec                            megatron, TE spec                                   mapping                  HF shape(s)                   init
+    Rule(("model.embed_tokens.weight",),                              "embedding.word_embeddings.weight",              "embedding.word_embeddings.weight",                 ROW_SPLIT,               ("V,H",),                     "embedding"),
+    Rule((L + "input_layernorm.weight",),                             M + "input_layernorm.weight",                    M + "self_attention.linear_qkv.layer_norm_weight",  REPLICATED,              ("H",),                       "norm"),
     Rule((L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight",
-          L + "self_attn.v_proj.weight"),                             M + "self_attention.linear_qkv.weight",          M + "self_attention.linear_qkv.weight",             QKV,          ("NQ,H", "NKV,H", "NKV,H"),   0),
+          L + "self_attn.v_proj.weight"),                             M + "self_attention.linear_qkv.weight",          M + "self_attention.linear_qkv.weight",             QKV_MERGE,               ("NQ,H", "NKV,H", "NKV,H"),   "linear"),
     Rule((L + "self_attn.q_proj.bias", L + "self_attn.k_proj.bias",
-          L + "self_attn.v_proj.bias"),                               M + "self_attention.linear_qkv.bias",            M + "self_attention.linear_qkv.bias",               QKV_BIAS,     ("NQ", "NKV", "NKV"),         0),
-    Rule((L + "self_attn.sinks",),                                    M + "self_attention.core_attention.softmax_offset", M + "self_attention.core_attention.softmax_offset", COPY,     ("N",),                       0),
-    Rule((L + "self_attn.o_proj.weight",),                            M + "self_attention.linear_proj.weight",         M + "self_attention.linear_proj.weight",            COPY,         ("H,NQ",),                    1),
-    Rule((L + "self_attn.o_proj.bias",),                              M + "self_attention.linear_proj.bias",           M + "self_attention.linear_proj.bias",              COPY,         ("H",),                       None),
-    Rule((L + "post_attention_layernorm.weight",),                    M + "pre_mlp_layernorm.weight",                  M + "pre_mlp_layernorm.weight",                     COPY,         ("H",),                       None),
-    Rule((L + "mlp.router.weight",),                                  M + "mlp.router.weight",                         M + "mlp.router.weight",                            COPY,         ("E,H",),                     None),
-    Rule((L + "mlp.router.bias",),                                    M + "mlp.router.bias",                           M + "mlp.router.bias",                              COPY,         ("E",),                       None),
-    Rule((L + "mlp.experts.gate_up_proj",),                           EXP_LOCAL + "linear_fc1.weight",                 EXP_TE + "linear_fc1.weight{expert}",               GATE_UP,      ("E,H,2I",),                  None),
-    Rule((L + "mlp.experts.gate_up_proj_bias",),                      EXP_LOCAL + "linear_fc1.bias",                   EXP_TE + "linear_fc1.bias{expert}",                 GATE_UP_BIAS, ("E,2I",),                    None),
-    Rule((L + "mlp.experts.down_proj",),                              EXP_LOCAL + "linear_fc2.weight",                 EXP_TE + "linear_fc2.weight{expert}",               DOWN,         ("E,I,H",),                   None),
-    Rule((L + "mlp.experts.down_proj_bias",),                         EXP_LOCAL + "linear_fc2.bias",                   EXP_TE + "linear_fc2.bias{expert}",                 DOWN_BIAS,    ("E,H",),                     None),
-    Rule(("model.norm.weight",),                                      "decoder.final_layernorm.weight",                "decoder.final_layernorm.weight",                   COPY,         ("H",),                       None),
-    Rule(("lm_head.weight",),                                         "output_layer.weight",                           "output_layer.weight",                              COPY,         ("V,H",),                     0),
+          L + "self_attn.v_proj.bias"),                               M + "self_attention.linear_qkv.bias",            M + "self_attention.linear_qkv.bias",               QKV_MERGE,               ("NQ", "NKV", "NKV"),         "bias"),
+    Rule((L + "self_attn.sinks",),                                    M + "self_attention.core_attention.softmax_offset", M + "self_attention.core_attention.softmax_offset", ROW_SPLIT,          ("N",),                       "sink"),
+    Rule((L + "self_attn.o_proj.weight",),                            M + "self_attention.linear_proj.weight",         M + "self_attention.linear_proj.weight",            COLUMN_SPLIT,            ("H,NQ",),                    "linear"),
+    Rule((L + "self_attn.o_proj.bias",),                              M + "self_attention.linear_proj.bias",           M + "self_attention.linear_proj.bias",              REPLICATED,              ("H",),                       "bias"),
+    Rule((L + "post_attention_layernorm.weight",),                    M + "pre_mlp_layernorm.weight",                  M + "pre_mlp_layernorm.weight",                     REPLICATED,              ("H",),                       "norm"),
+    Rule((L + "mlp.router.weight",),                                  M + "mlp.router.weight",                         M + "mlp.router.weight",                            REPLICATED,              ("E,H",),                     "router"),
+    Rule((L + "mlp.router.bias",),                                    M + "mlp.router.bias",                           M + "mlp.router.bias",                              REPLICATED,              ("E",),                       "router_bias"),
+    Rule((L + "mlp.experts.gate_up_proj",),                           EXP_LOCAL + "linear_fc1.weight",                 EXP_TE + "linear_fc1.weight{expert}",               GATE_UP_INTERLEAVE,      ("E,H,2I",),                  "linear"),
+    Rule((L + "mlp.experts.gate_up_proj_bias",),                      EXP_LOCAL + "linear_fc1.bias",                   EXP_TE + "linear_fc1.bias{expert}",                 GATE_UP_BIAS_INTERLEAVE, ("E,2I",),                    "bias"),
+    Rule((L + "mlp.experts.down_proj",),                              EXP_LOCAL + "linear_fc2.weight",                 EXP_TE + "linear_fc2.weight{expert}",               DOWN_TRANSPOSE,          ("E,I,H",),                   "linear"),
+    Rule((L + "mlp.experts.down_proj_bias",),                         EXP_LOCAL + "linear_fc2.bias",                   EXP_TE + "linear_fc2.bias{expert}",                 EXPERT_DIRECT,           ("E,H",),                     "bias"),
+    Rule(("model.norm.weight",),                                      "decoder.final_layernorm.weight",                "decoder.final_layernorm.weight",                   REPLICATED,              ("H",),                       "norm"),
+    Rule(("lm_head.weight",),                                         "output_layer.weight",                           "output_layer.weight",                              ROW_SPLIT,               ("V,H",),                     "linear"),
 )
 # fmt: on
-# Experts are never TP-split: GPT-OSS runs with expert tensor parallel size 1.
 
 
 def _symbols(cfg: GptOssModelConfig) -> dict[str, int]:
@@ -147,7 +169,7 @@ def match_megatron(name: str, spec: str = "local") -> Match | None:
 
 
 def iter_groups(cfg: GptOssModelConfig) -> Iterator[Match]:
-    """Every HF tensor group of the model, in checkpoint order (one Match per rule and layer)."""
+    """Every HF tensor group of the model, rule by rule (one Match per rule and layer)."""
     for rule in RULES:
         if "{layer}" in rule.hf[0]:
             for layer in range(cfg.num_layers):
@@ -156,82 +178,65 @@ def iter_groups(cfg: GptOssModelConfig) -> Iterator[Match]:
             yield Match(rule, None)
 
 
+def iter_checkpoint_groups(cfg: GptOssModelConfig) -> Iterator[Match]:
+    """The same groups layer by layer, as a HF checkpoint stores them: what precedes the layers
+    (embedding), every layer's groups in RULES order, then what follows (final norm, head)."""
+    layered = [i for i, r in enumerate(RULES) if "{layer}" in r.hf[0]]
+    before = [r for i, r in enumerate(RULES) if i < layered[0] and i not in layered]
+    after = [r for i, r in enumerate(RULES) if i > layered[0] and i not in layered]
+    yield from (Match(r, None) for r in before)
+    for layer in range(cfg.num_layers):
+        yield from (Match(RULES[i], layer) for i in layered)
+    yield from (Match(r, None) for r in after)
+
+
 def expected_hf_shapes(cfg: GptOssModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a bf16/fp32 HF GPT-OSS checkpoint must hold, with its shape."""
-    return {n: s for g in iter_groups(cfg) for n, s in zip(g.hf_names(), g.hf_shapes(cfg))}
+    """Every tensor a bf16/fp32 HF GPT-OSS checkpoint must hold, with its shape (checkpoint order)."""
+    return {n: s for g in iter_checkpoint_groups(cfg) for n, s in zip(g.hf_names(), g.hf_shapes(cfg))}
 
 
-# ---------------------------------------------------------------- transforms
-# Each works on any contiguous slice of query groups / on one expert, so a
-# loader can transform just what a rank owns.
-def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads_per_group: int,
-                    head_dim: int) -> torch.Tensor:
-    """[q; k; v] (grouped-query heads, weight or bias) -> per-group [q.., k, v] rows."""
-    groups = k.shape[0] // head_dim
-    rest = q.shape[1:]
-    q = q.reshape(groups, heads_per_group * head_dim, *rest)
-    k = k.reshape(groups, head_dim, *rest)
-    v = v.reshape(groups, head_dim, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+# -------------------------------------------------------------- MXFP4 storage
+# openai/gpt-oss-* store the expert weights (the mappings with `stored_rows`) as MXFP4: per
+# expert, the transpose of the HF bf16 matrix ([out, in] rows), each row as groups of 32 FP4
+# values, 16 bytes of blocks and one E8M0 scale byte per group.
+def is_mxfp4_stored(rule: Rule) -> bool:
+    """Whether openai's checkpoints store this rule's HF tensor as MXFP4 blocks/scales."""
+    return rule.mapping.stored_rows is not None
 
 
-def qkv_from_megatron(qkv: torch.Tensor, heads_per_group: int, head_dim: int):
-    rest = qkv.shape[1:]
-    per_group = (heads_per_group + 2) * head_dim
-    g = qkv.reshape(qkv.shape[0] // per_group, per_group, *rest)
-    q, k, v = torch.split(g, [heads_per_group * head_dim, head_dim, head_dim], dim=1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+def mxfp4_stored_shapes(hf_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """HF bf16 [E, in, out] -> the (blocks [E, out, in/32, 16], scales [E, out, in/32]) it is stored as."""
+    e, in_features, out_features = hf_shape
+    groups = -(-in_features // mx.GROUP)
+    return (e, out_features, groups, mx.BLOCK_BYTES), (e, out_features, groups)
 
 
-def gate_up_to_fc1(gate_up: torch.Tensor) -> torch.Tensor:
-    """One expert: HF [hidden, 2*inter] (gate/up interleaved) -> megatron fc1 [2*inter, hidden] = [gate; up]."""
-    return torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], dim=-1).transpose(-1, -2).contiguous()
+def hf_shape_of_mxfp4(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The logical HF bf16 shape [E, in, out] of MXFP4 blocks [E, out, G, 16]."""
+    e, out_features, groups, block_bytes = blocks_shape
+    return (e, groups * block_bytes * 2, out_features)
 
 
-def fc1_to_gate_up(fc1: torch.Tensor) -> torch.Tensor:
-    gate, up = fc1.chunk(2, dim=-2)
-    return torch.stack([gate, up], dim=-2).flatten(-3, -2).transpose(-1, -2).contiguous()
+def expected_stored_shapes(cfg: GptOssModelConfig, *, mxfp4: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor as the checkpoint file holds it, in checkpoint order; with `mxfp4` the expert
+    weights appear as their `_blocks`/`_scales` pairs, as in openai/gpt-oss-*."""
+    out: dict[str, tuple[int, ...]] = {}
+    for g in iter_checkpoint_groups(cfg):
+        for name, shape in zip(g.hf_names(), g.hf_shapes(cfg)):
+            if mxfp4 and is_mxfp4_stored(g.rule):
+                blocks, scales = mx.mxfp4_pair_names(name)
+                out[blocks], out[scales] = mxfp4_stored_shapes(shape)
+            else:
+                out[name] = shape
+    return out
 
 
-def gate_up_bias_to_fc1(bias: torch.Tensor) -> torch.Tensor:
-    """One expert: HF [2*inter] interleaved -> megatron [gate; up]."""
-    return torch.cat([bias[..., 0::2], bias[..., 1::2]], dim=-1)
-
-
-def fc1_bias_to_gate_up(bias: torch.Tensor) -> torch.Tensor:
-    gate, up = bias.chunk(2, dim=-1)
-    return torch.stack([gate, up], dim=-1).flatten(-2)
-
-
-def down_to_fc2(down: torch.Tensor) -> torch.Tensor:
-    """One expert: HF [inter, hidden] (x @ W) -> megatron fc2 [hidden, inter] (x @ W.T)."""
-    return down.transpose(-1, -2).contiguous()
-
-
-def fc2_to_down(fc2: torch.Tensor) -> torch.Tensor:
-    return fc2.transpose(-1, -2).contiguous()
-
-
-_EXPERT_TO_MEGATRON = {GATE_UP: gate_up_to_fc1, GATE_UP_BIAS: gate_up_bias_to_fc1,
-                       DOWN: down_to_fc2, DOWN_BIAS: lambda t: t}
-_EXPERT_TO_HF = {GATE_UP: fc1_to_gate_up, GATE_UP_BIAS: fc1_bias_to_gate_up,
-                 DOWN: fc2_to_down, DOWN_BIAS: lambda t: t}
-
-
-# MXFP4 stores each expert's weight as [out, in] rows (the transpose of HF's bf16 layout), so
-# megatron's tensor is just a selection of stored rows: fc1 = [gate; up] = even rows, then odd
-# rows; fc2 = all rows. A loader can dequantize straight into megatron layout, no transposes.
-_MEGATRON_ROWS_OF_STORED = {GATE_UP: (slice(0, None, 2), slice(1, None, 2)), DOWN: (slice(None),)}
-
-
-def megatron_rows_of_stored(kind: str) -> tuple[slice, ...] | None:
-    """Row slices of an expert's stored [out, in] MXFP4 weight that make its megatron tensor, in order."""
-    return _MEGATRON_ROWS_OF_STORED.get(kind)
-
-
-def expert_to_megatron(kind: str, hf_expert_slice: torch.Tensor) -> torch.Tensor:
-    """One expert's slice of a stacked HF expert tensor -> that expert's megatron tensor."""
-    return _EXPERT_TO_MEGATRON[kind](hf_expert_slice)
+def init_of(hf_name: str) -> str:
+    """The value family (`Rule.init`) of a HF tensor name, or of its MXFP4 blocks/scales."""
+    m = match_hf(mx.logical_name(hf_name))
+    if m is None:
+        raise KeyError(f"not a GPT-OSS tensor name: {hf_name!r}")
+    return m.rule.init
 
 
 # --------------------------------------------------- whole-group conversions
@@ -249,12 +254,11 @@ def hf_to_megatron(hf_tensors: Mapping[str, torch.Tensor], cfg: GptOssModelConfi
     if missing:
         raise KeyError(f"{names[0]} needs the whole group {list(names)}; missing {missing}")
     t = [hf_tensors[n] for n in names]
-    kind = first.rule.kind
-    if kind in (QKV, QKV_BIAS):
-        return [(first.megatron_name(spec), qkv_to_megatron(*t, cfg.heads_per_group, cfg.head_dim))]
-    if kind in EXPERT_KINDS:
-        return [(first.megatron_name(spec, e), expert_to_megatron(kind, t[0][e])) for e in range(t[0].shape[0])]
-    return [(first.megatron_name(spec), t[0])]
+    mapping = first.rule.mapping
+    if mapping.per_expert:
+        return [(first.megatron_name(spec, e), mapping.to_megatron([x[e] for x in t], cfg))
+                for e in range(t[0].shape[0])]
+    return [(first.megatron_name(spec), mapping.to_megatron(t, cfg))]
 
 
 def megatron_to_hf(meg_tensors: Mapping[str, torch.Tensor], cfg: GptOssModelConfig,
@@ -263,15 +267,13 @@ def megatron_to_hf(meg_tensors: Mapping[str, torch.Tensor], cfg: GptOssModelConf
     first = match_megatron(next(iter(meg_tensors)), spec)
     if first is None:
         raise KeyError(f"not a GPT-OSS megatron name: {next(iter(meg_tensors))!r}")
-    kind = first.rule.kind
+    mapping = first.rule.mapping
     names = first.hf_names()
-    if kind in (QKV, QKV_BIAS):
-        qkv = meg_tensors[first.megatron_name(spec)]
-        return list(zip(names, qkv_from_megatron(qkv, cfg.heads_per_group, cfg.head_dim)))
-    if kind in EXPERT_KINDS:
+    if mapping.per_expert:
         want = [first.megatron_name(spec, e) for e in range(cfg.num_experts)]
         missing = [n for n in want if n not in meg_tensors]
         if missing:
             raise KeyError(f"{names[0]} stacks all {cfg.num_experts} experts; missing {missing[:3]}...")
-        return [(names[0], torch.stack([_EXPERT_TO_HF[kind](meg_tensors[n]) for n in want]))]
-    return [(names[0], meg_tensors[first.megatron_name(spec)])]
+        per_expert = [mapping.to_hf(meg_tensors[n], cfg) for n in want]
+        return [(name, torch.stack([parts[i] for parts in per_expert])) for i, name in enumerate(names)]
+    return list(zip(names, mapping.to_hf(meg_tensors[first.megatron_name(spec)], cfg)))

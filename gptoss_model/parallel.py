@@ -128,6 +128,13 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 class WorldSizeError(PermanentError, RuntimeError):
     """A single-process job (conversion, verification) run inside a larger world."""
 

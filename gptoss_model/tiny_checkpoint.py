@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from . import mxfp4 as _mx  # aliased: `mxfp4` is also a keyword argument below
+from . import name_map as nm
+from .config import GptOssModelConfig
 
 __all__ = [
     "TINY_HF_CONFIG",
@@ -135,64 +137,38 @@ def _merged_config(mxfp4_on: bool, overrides: dict) -> dict:
     return cfg
 
 
-def hf_tensor_names(config, *, mxfp4: bool = False) -> list[str]:
-    """Checkpoint tensor names in canonical order (embed, layers, norm, lm_head).
+def _model_config(config) -> GptOssModelConfig:
+    if isinstance(config, GptOssModelConfig):
+        return config
+    d = dict(config) if isinstance(config, dict) else config.to_dict()
+    return GptOssModelConfig.from_hf_config({"model_type": "gpt_oss", **d})
 
-    ``config`` is a dict or a config object; with ``mxfp4`` the expert weights
-    appear as their ``_blocks``/``_scales`` pairs, as in openai/gpt-oss-*.
+
+def hf_tensor_names(config, *, mxfp4: bool = False) -> list[str]:
+    """Checkpoint tensor names in canonical order (embed, layers, norm, lm_head), from `name_map`.
+
+    ``config`` is a config.json dict, a transformers config or a GptOssModelConfig;
+    with ``mxfp4`` the expert weights appear as their ``_blocks``/``_scales`` pairs,
+    as in openai/gpt-oss-*.
     """
-    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
-    names = ["model.embed_tokens.weight"]
-    for i in range(get("num_hidden_layers")):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names += [f"{p}self_attn.{proj}.weight", f"{p}self_attn.{proj}.bias"]
-        names += [p + "self_attn.sinks", p + "mlp.router.weight", p + "mlp.router.bias"]
-        for proj in ("gate_up_proj", "down_proj"):
-            w = f"{p}mlp.experts.{proj}"
-            names += [*_mx.mxfp4_pair_names(w)] if mxfp4 else [w]
-            names.append(w + "_bias")
-    return names + ["model.norm.weight", "lm_head.weight"]
+    return list(nm.expected_stored_shapes(_model_config(config), mxfp4=mxfp4))
 
 
 def _logical_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Logical (HF-layout) shape and init kind for every tensor of the float checkpoint."""
-    h, v, e = cfg["hidden_size"], cfg["vocab_size"], cfg["num_local_experts"]
-    inter, d = cfg["intermediate_size"], cfg["head_dim"]
-    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    out: dict[str, tuple[tuple[int, ...], str]] = {"model.embed_tokens.weight": ((v, h), "embed")}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = ((h,), "norm")
-        out[p + "post_attention_layernorm.weight"] = ((h,), "norm")
-        for proj, rows in (("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
-            out[f"{p}self_attn.{proj}.weight"] = ((rows, h), "linear")
-            out[f"{p}self_attn.{proj}.bias"] = ((rows,), "bias")
-        out[p + "self_attn.o_proj.weight"] = ((h, nq * d), "linear")
-        out[p + "self_attn.o_proj.bias"] = ((h,), "bias")
-        out[p + "self_attn.sinks"] = ((nq,), "sink")
-        out[p + "mlp.router.weight"] = ((e, h), "router")
-        out[p + "mlp.router.bias"] = ((e,), "router_bias")
-        # transformers' GptOssExperts layout: x @ W, so [E, in, out]
-        out[p + "mlp.experts.gate_up_proj"] = ((e, h, 2 * inter), "linear")
-        out[p + "mlp.experts.gate_up_proj_bias"] = ((e, 2 * inter), "bias")
-        out[p + "mlp.experts.down_proj"] = ((e, inter, h), "linear")
-        out[p + "mlp.experts.down_proj_bias"] = ((e, h), "bias")
-    out["model.norm.weight"] = ((h,), "norm")
-    out["lm_head.weight"] = ((v, h), "linear")
-    return out
+    """Logical (HF-layout) shape and value family (`name_map.Rule.init`) of every tensor of the
+    float checkpoint, in checkpoint order."""
+    return {name: (shape, nm.init_of(name)) for name, shape in nm.expected_hf_shapes(_model_config(cfg)).items()}
 
 
-# std (or range) per kind: O(0.02-0.1) keeps the residual stream sane; sinks
+# std (or range) per value family: O(0.02-0.1) keeps the residual stream sane; sinks
 # and router get larger spreads so softmax/top-k are not near-ties everywhere.
-_INIT = {"embed": 0.1, "linear": 0.08, "bias": 0.03, "sink": 0.5, "router": 0.2, "router_bias": 0.1}
+_INIT_STD = {"embedding": 0.1, "linear": 0.08, "bias": 0.03, "sink": 0.5, "router": 0.2, "router_bias": 0.1}
 
 
-def _random_tensor(shape, kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "norm":  # around 1 but never exactly 1
+def _random_tensor(shape, init: str, gen: torch.Generator) -> torch.Tensor:
+    if init == "norm":  # around 1 but never exactly 1
         return 0.75 + 0.5 * torch.rand(shape, generator=gen)
-    return torch.randn(shape, generator=gen) * _INIT[kind]
+    return torch.randn(shape, generator=gen) * _INIT_STD[init]
 
 
 def _state_dict(cfg: dict, dtype: torch.dtype, mxfp4_on: bool, seed: int) -> dict[str, torch.Tensor]:
@@ -200,9 +176,9 @@ def _state_dict(cfg: dict, dtype: torch.dtype, mxfp4_on: bool, seed: int) -> dic
     tensors: dict[str, torch.Tensor] = {}
     # Draw order is fixed by the canonical name order, and the MXFP4 variant
     # draws exactly what the float one does, then quantizes the experts.
-    for name, (shape, kind) in _logical_shapes(cfg).items():
-        t = _random_tensor(shape, kind, gen)
-        if mxfp4_on and name.endswith(("gate_up_proj", "down_proj")):
+    for name, (shape, init) in _logical_shapes(cfg).items():
+        t = _random_tensor(shape, init, gen)
+        if mxfp4_on and nm.is_mxfp4_stored(nm.match_hf(name).rule):
             # File rows are [E, out, in]: transpose of the HF parameter.
             blocks, scales = _mx.quantize(t.transpose(1, 2))
             b, s = _mx.mxfp4_pair_names(name)

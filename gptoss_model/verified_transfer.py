@@ -48,20 +48,20 @@ _RETRIES = 5  # consecutive failed requests without progress before a file fails
 Progress = Callable[[int, int], None]  # (bytes_done, bytes_total)
 
 
-class HubDownloadError(RuntimeError):
-    """A download failed; the message names the repo (and file)."""
+class TransferError(RuntimeError):
+    """A snapshot transfer failed; the message names the source (and file)."""
 
 
-class HubAuthError(PermanentError, HubDownloadError):
-    """401/403: a token is required, or the one given was refused."""
+class SourceNotFoundError(PermanentError, TransferError):
+    """The source, or a file it lists, does not exist (a Hub 404, a missing mirror)."""
 
 
-class HubNotFoundError(PermanentError, HubDownloadError):
-    """404: unknown repo, revision or file (or a missing local source)."""
-
-
-class ChecksumMismatchError(PermanentError, HubDownloadError):
+class ChecksumMismatchError(PermanentError, TransferError):
     """A file still did not match its expected digest after one re-fetch."""
+
+
+class MirrorNotFoundError(SourceNotFoundError):
+    """The mirror directory, or a file it listed, cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def safe_relpath(path: str, where: str) -> str:
     """Refuse paths that would land outside dest_dir."""
     problem = relative_path_problem(path)
     if problem:
-        raise HubDownloadError(f"{where}: refusing unsafe file path {path!r} ({problem}).")
+        raise TransferError(f"{where}: refusing unsafe file path {path!r} ({problem}).")
     return path
 
 
@@ -243,8 +243,8 @@ class Transfer(abc.ABC):
             need += rf.size - (partial.stat().st_size if partial.is_file() else 0)
         free = shutil.disk_usage(self.dest).free
         if need > free:
-            raise HubDownloadError(f"{self.where}: {need} more bytes are needed in {self.dest} "
-                                   f"but only {free} are free.")
+            raise TransferError(f"{self.where}: {need} more bytes are needed in {self.dest} "
+                                f"but only {free} are free.")
 
     def _one(self, rf: RemoteFile) -> FileRecord:
         final = self.dest / rf.path
@@ -316,8 +316,8 @@ class Transfer(abc.ABC):
             except Retry as e:
                 failures = 0 if part.have > before else failures + 1
                 if failures >= _RETRIES:
-                    raise HubDownloadError(f"{self.where}: file {rf.path!r}: giving up after {failures} failed "
-                                           f"tries at byte {part.have} of {rf.size}: {e}") from None
+                    raise TransferError(f"{self.where}: file {rf.path!r}: giving up after {failures} failed "
+                                        f"tries at byte {part.have} of {rf.size}: {e}") from None
                 log.info("%s: %s: %s; retrying from byte %d", self.where, rf.path, e, part.have)
                 time.sleep(min(0.5 * 2**failures, 10.0))
             else:
@@ -368,7 +368,7 @@ class _FsTransfer(Transfer):
                 while part.have <= rf.size and (chunk := src.read(CHUNK)):
                     part.add(chunk)
         except (FileNotFoundError, PermissionError) as e:
-            raise HubNotFoundError(f"{self.where}: cannot read file {rf.path!r}: {type(e).__name__}.") from None
+            raise MirrorNotFoundError(f"{self.where}: cannot read file {rf.path!r}: {type(e).__name__}.") from None
         except OSError as e:
             raise Retry(f"{type(e).__name__}: {e}") from None
 
@@ -402,7 +402,7 @@ def _open_mirror(src_url: str, storage_options: dict | None):
     fs, root = fsspec.core.url_to_fs(src_url, **(storage_options or {}))
     root = root.rstrip("/")
     if not fs.isdir(root):
-        raise HubNotFoundError(f"Local snapshot {where} is not a directory.")
+        raise MirrorNotFoundError(f"Local snapshot {where} is not a directory.")
     return fs, root, where
 
 

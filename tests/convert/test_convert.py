@@ -237,14 +237,14 @@ def test_mxfp4_experts_dequantize_straight_into_megatron_layout(sources, dtype):
     for name in ("decoder.layers.1.mlp.experts.local_experts.5.linear_fc1.weight",
                  "decoder.layers.1.mlp.experts.local_experts.5.linear_fc2.weight"):
         match = nm.match_megatron(name, "local")
-        fast = read_for_param(ckpt, match, None, 0, 1, dtype=dtype)
+        fast = read_for_param(ckpt, match, tp_rank=0, tp_size=1, dtype=dtype)
         hf_name = match.hf_names()[0]
-        slow = nm.expert_to_megatron(match.rule.kind, ckpt.read(hf_name, expert=5)).to(dtype)
+        slow = match.rule.mapping.to_megatron([ckpt.read(hf_name, expert=5)], ckpt.cfg).to(dtype)
         assert fast.dtype == dtype and fast.shape == slow.shape
         assert torch.equal(fast, slow), name
         rows = fast.shape[0]
         for window in ((0, rows // 2), (rows // 2, rows), (3, rows - 5)):  # fc1's gate, up; any window
-            part = read_for_param(ckpt, match, None, 0, 1, dtype=dtype, rows=window)
+            part = read_for_param(ckpt, match, tp_rank=0, tp_size=1, dtype=dtype, rows=window)
             assert torch.equal(part, slow[window[0]:window[1]]), (name, window)
         checked += 1
     assert checked == 2

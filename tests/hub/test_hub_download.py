@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_model.hub_download import (ChecksumMismatchError, HubAuthError, HubNotFoundError, PARTIAL_DIR,
-                                       copy_local_snapshot, download_snapshot, resolve_revision)
+from gptoss_model.hub_download import HubAuthError, HubNotFoundError, download_snapshot, resolve_revision
+from gptoss_model.verified_transfer import (PARTIAL_DIR, ChecksumMismatchError, MirrorNotFoundError,
+                                            copy_local_snapshot)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MB = 1 << 20
@@ -266,8 +267,9 @@ def test_copy_local_snapshot_matches_hub_records(hub, payload, tmp_path):
                                ignore_patterns=["original/*"])
     assert [(r.path, r.size, r.sha256) for r in pulled.files] == [(r.path, r.size, r.sha256) for r in copied.files]
     assert pulled.content_digest() == copied.content_digest()
-    with pytest.raises(HubNotFoundError, match="not a directory"):
+    with pytest.raises(MirrorNotFoundError, match="not a directory") as missing:
         copy_local_snapshot(str(tmp_path / "missing"), tmp_path / "x")
+    assert not isinstance(missing.value, HubNotFoundError)  # named after the source: a mirror, not the Hub
 
 
 def test_server_speaks_huggingface_hub_protocol(hub, payload, tmp_path, monkeypatch):

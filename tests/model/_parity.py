@@ -14,7 +14,27 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from gptoss_model.load_hf import InMemoryCheckpoint, iter_param_values
+from gptoss_model.load_hf import iter_param_values
+
+
+class InMemoryCheckpoint:
+    """HF-named tensors held in memory, read like HFCheckpoint (the reference gradients)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], cfg):
+        self.tensors, self.cfg = tensors, cfg
+
+    def read(self, name, *, expert=None, rows=None, cols=None) -> torch.Tensor:
+        t = self.tensors[name]
+        if expert is not None:
+            return t[expert]
+        if rows is not None:
+            return t[rows[0]:rows[1]]
+        if cols is not None:
+            return t[:, cols[0]:cols[1]]
+        return t
+
+    def where(self, name: str) -> str:
+        return "<memory>"
 
 
 def make_batch(vocab_size: int, batch: int = 2, seq: int = 40, seed: int = 0, pad_token_id: int | None = 0):

@@ -49,20 +49,7 @@ def test_without_weights_nothing_is_read(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())  # megatron's own init
 
 
-def test_repo_id_goes_through_the_hub_cache(tiny_ckpt, monkeypatch):
-    """A repo id is resolved by huggingface_hub.snapshot_download (cache, HF_ENDPOINT, offline mode)."""
-    import huggingface_hub
-
-    calls = []
-
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
-        calls.append((repo_id, revision, allow_patterns))
-        return str(tiny_ckpt)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    b = AutoBridge.from_hf_pretrained("openai/gpt-oss-20b", revision="main")
-    assert b.checkpoint_dir == tiny_ckpt and calls[0][:2] == ("openai/gpt-oss-20b", "main")
-    assert "*.safetensors" in calls[0][2] and "config.json" in calls[0][2]
+# A repo id goes through the verified, resumable download: tests/hub/test_bridge_from_hub.py.
 
 
 def test_a_file_is_not_a_checkpoint(tmp_path):

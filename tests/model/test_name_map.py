@@ -97,3 +97,55 @@ def test_single_expert_tensor_fans_out():
     assert all(v.shape == (cfg.hidden_size, cfg.intermediate_size) for _, v in out)
     with pytest.raises(KeyError, match="whole group"):
         nm.hf_to_megatron({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, cfg)
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_each_tp_rank_reads_exactly_its_slice_of_the_unsharded_tensor(tp_size):
+    """What a rank reads through its rule's `tp_slices`, transformed, is its slice of the megatron tensor
+    (QKV: whole query groups from q, k and v; o_proj: input columns; embedding/head/sinks: rows)."""
+    cfg = tiny().replace(num_layers=1, num_key_value_heads=4, num_attention_heads=8)
+    hf = _random_hf(cfg)
+    split = 0
+    for group in nm.iter_groups(cfg):
+        mapping = group.rule.mapping
+        if mapping.per_expert:
+            continue
+        (name, full), = nm.hf_to_megatron({n: hf[n] for n in group.hf_names()}, cfg)
+        dim = mapping.tp_dim
+        for rank in range(tp_size):
+            local_shape = list(full.shape)
+            if dim is not None:
+                local_shape[dim] //= tp_size
+            slices = mapping.tp_slices(cfg, tuple(local_shape), rank, tp_size)
+            parts = []
+            for n, where in zip(group.hf_names(), slices):
+                t = hf[n]
+                if "rows" in where:
+                    t = t[where["rows"][0]:where["rows"][1]]
+                if "cols" in where:
+                    t = t[:, where["cols"][0]:where["cols"][1]]
+                parts.append(t)
+            got = mapping.to_megatron(parts, cfg)
+            want = full if dim is None else full.chunk(tp_size, dim=dim)[rank]
+            assert torch.equal(got, want), (name, rank)
+        split += dim is not None
+    assert split == 6  # embedding, qkv weight and bias, sinks, o_proj weight, lm_head
+
+
+def test_stored_shapes_follow_the_rules_and_mxfp4_layout():
+    cfg = gpt_oss_20b()
+    plain, mx4 = nm.expected_stored_shapes(cfg, mxfp4=False), nm.expected_stored_shapes(cfg, mxfp4=True)
+    assert plain == nm.expected_hf_shapes(cfg)
+    assert mx4["model.layers.0.mlp.experts.gate_up_proj_blocks"] == (32, 5760, 90, 16)  # [E, out, in/32, 16]
+    assert mx4["model.layers.0.mlp.experts.down_proj_scales"] == (32, 2880, 90)
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in mx4
+    assert mx4["model.layers.0.mlp.experts.gate_up_proj_bias"] == (32, 5760)  # biases stay plain
+    assert len(mx4) == len(plain) + 2 * cfg.num_layers
+    for name, shape in plain.items():
+        if name + "_blocks" in mx4:
+            assert nm.hf_shape_of_mxfp4(mx4[name + "_blocks"]) == shape
+    # checkpoint order: embedding first, then layer by layer, then the final norm and the head
+    names = list(plain)
+    assert names[0] == "model.embed_tokens.weight" and names[-2:] == ["model.norm.weight", "lm_head.weight"]
+    layers = [int(n.split(".")[2]) for n in names[1:-2]]
+    assert layers == sorted(layers)
