@@ -163,8 +163,11 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
     def watch() -> None:
         tracker = save_dir / TRACKER_FILE
         if tracker.is_file():
-            it = int(tracker.read_text().strip())
-            if it not in state["committed"]:
+            # Every iter dir up to the tracker's iteration is complete (the tracker moves only
+            # after a save finished); commit each, also those two polls apart.
+            latest = int(tracker.read_text().strip())
+            saved = sorted(int(d.name[5:]) for d in save_dir.glob("iter_*") if d.name[5:].isdigit())
+            for it in (i for i in saved if i <= latest and i not in state["committed"]):
                 state["last"] = commit(it)
                 state["committed"].add(it)
         if run.metrics_path().is_file():

@@ -32,7 +32,7 @@ def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
            on_line: Callable[[str], None] = print, env: dict | None = None, cwd: str | Path | None = None,
            poll: Callable[[], None] | None = None) -> int:
     """Run training to completion; returns torchrun's exit code. `poll()` is called about
-    once a second while it runs (checkpoint watching); if it raises, the run is killed."""
+    twice a second while it runs (checkpoint watching); if it raises, the run is killed."""
     env = {**os.environ, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.Popen(torchrun_command(config_yaml, nproc_per_node), env=env, cwd=cwd,
@@ -52,7 +52,7 @@ def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
         while proc.poll() is None:
             if poll is not None:
                 poll()
-            time.sleep(1.0)
+            time.sleep(0.5)
         reader.join(timeout=10)
         if poll is not None:
             poll()

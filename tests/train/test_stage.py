@@ -89,7 +89,7 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
 
         deadline = time.time() + 300
         while time.time() < deadline:
-            if any(m.name == "crashed" and m.parameters.get("iteration") == 4 for m in store.list(KIND)):
+            if any(m.name == "crashed" and m.parameters.get("iteration", 16) < 16 for m in store.list(KIND)):
                 crashed_at.append(max(_losses(crashed, store)))
                 kill_from_pid_file(pidf)  # the first attempt dies...
                 time.sleep(1)
@@ -111,7 +111,7 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
     got, want = _losses(crashed, store), _losses(straight, store)
     for it in range(5, 17):
         assert got[it]["loss"] == want[it]["loss"] and got[it]["grad_norm"] == want[it]["grad_norm"], it
-    print(f"\nfirst attempt killed after iteration {crashed_at[0]} (checkpoint 4 committed, local disk "
+    print(f"\nfirst attempt killed after iteration {crashed_at[0]} (a checkpoint committed, local disk "
           f"wiped); the retry's iterations 5-16 are bitwise those of the uninterrupted run")
 
 
