@@ -92,10 +92,10 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _model_state(chunks, run: RunConfig) -> dict:
-    from gptoss_model.training.model import unwrap
+    from gptoss_model.parallel import unwrap_model
 
     # The GPTModel's own keys (no DDP "module." prefix): what convert writes and Megatron-LM reads.
-    state = unwrap(chunks[0]).sharded_state_dict()
+    state = unwrap_model(chunks[0]).sharded_state_dict()
     if run.peft.method:
         state = {k: v for k, v in state.items() if peft_mod.is_adapter_key(k)}
     return state
@@ -174,9 +174,9 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
         state.pop("rng_state", None)  # per-rank streams only mean something on the same world
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(source))
-    from gptoss_model.training.model import unwrap
+    from gptoss_model.parallel import unwrap_model
 
-    unwrap(chunks[0]).load_state_dict(loaded["model"], strict=not run.peft.method)
+    unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=not run.peft.method)
     if "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)

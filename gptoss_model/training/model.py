@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gptoss_model.config import GptOssModelConfig
-from gptoss_model.parallel import ParallelLayout
+from gptoss_model.parallel import ParallelLayout, unwrap_model
 from gptoss_model.training.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def build_chunks(run: RunConfig, m: GptOssModelConfig) -> list:
         grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
         overlap_param_gather=par.overlap_param_gather, use_distributed_optimizer=par.use_distributed_optimizer,
         average_in_collective=False, check_for_nan_in_grad=False)
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     return [DistributedDataParallel(config=inner.config, ddp_config=ddp_config, module=model)]
 
 
@@ -84,14 +84,3 @@ def load_initial_weights(model, source: str | Path, m: GptOssModelConfig) -> Non
     else:
         raise ConfigError(f"checkpoint.pretrained_checkpoint={source}: neither a megatron checkpoint "
                           f"(no {TRACKER_FILE}) nor a Hugging Face checkpoint (no config.json)")
-
-
-def _unwrap(m):
-    while hasattr(m, "module"):
-        m = m.module
-    return m
-
-
-def unwrap(chunk) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module."""
-    return _unwrap(chunk)
