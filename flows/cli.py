@@ -1,6 +1,7 @@
 """The `gptoss` command: artifacts in the store, and the demo pipeline."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -24,6 +25,49 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", envvar="GPTOSS_STORE
                                                  help="Store URL (file://... or s3://bucket/prefix).")]
 EndpointOpt = Annotated[Optional[str], typer.Option("--s3-endpoint-url", envvar="GPTOSS_S3_ENDPOINT_URL",
                                                     help="S3-compatible endpoint URL.")]
+
+
+# Set by the root callback on every invocation (before any command runs).
+_options = {"debug": False}
+
+
+@app.callback()
+def _global_options(debug: Annotated[bool, typer.Option(
+        "--debug", help="On an error, show the full traceback instead of one line.")] = False) -> None:
+    """GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Face, as Prefect flows."""
+    _options["debug"] = debug
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the terminal: the message (which names the file, artifact or parameter)."""
+    from gptoss_model.errors import PermanentError
+    from tasks.store import IntegrityError
+
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    expected = (PermanentError, IntegrityError, ValueError, LookupError, FileExistsError, PermissionError,
+                TimeoutError, ConnectionError)
+    if isinstance(exc, expected):
+        return f"error: {message}"
+    return f"error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
+
+
+def one_line_errors(command):
+    """Turn an exception into one line on stderr and exit status 1 (the traceback with --debug)."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _options["debug"]:
+                raise
+            typer.echo(error_line(exc), err=True)
+            raise typer.Exit(1) from None
+    return run
 
 
 def _store(url: str | None, endpoint: str | None):
@@ -50,21 +94,30 @@ def parse_duration(text: str) -> float:
 
 
 @artifacts.command("ls")
+@one_line_errors
 def ls(kind: Annotated[Optional[str], typer.Argument(help="Only this kind, e.g. hf-checkpoint.")] = None,
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
     """List committed artifact versions."""
     st = _store(store, s3_endpoint_url)
+    problems: list[str] = []
+    manifests = st.list(kind, problems=problems)
     table = Table(title=f"artifacts in {st.url}")
     for col in ("kind", "name", "version", "stage", "created", "files", "size"):
         table.add_column(col, justify="right" if col in ("files", "size") else "left",
                          no_wrap=True)
-    for m in st.list(kind):
+    for m in manifests:
         created = datetime.fromisoformat(m.created_at).strftime("%Y-%m-%d %H:%M")
         table.add_row(m.kind, m.name, m.version, m.producer.stage, created, str(len(m.files)), _size(m.total_bytes))
     console.print(table)
+    for problem in problems:
+        typer.echo(f"unreadable, not listed: {problem}", err=True)
+    if problems:
+        typer.echo(f"{len(problems)} unreadable manifest(s): `gptoss artifacts fsck --quarantine` moves them "
+                   "aside (their versions are then rebuilt by the next run)", err=True)
 
 
 @artifacts.command("show")
+@one_line_errors
 def show(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF] (default ref: latest).")],
          store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest only.")] = False) -> None:
@@ -95,57 +148,135 @@ def show(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF] (def
 
 
 @artifacts.command("pull")
+@one_line_errors
 def pull(spec: Annotated[str, typer.Argument(help="KIND/NAME[@VERSION|@REF].")],
          dest: Annotated[Path, typer.Argument(help="Local directory to write into.")],
+         overwrite: Annotated[bool, typer.Option(
+             "--overwrite", help="Replace files of the same paths already in DEST.")] = False,
          store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
-    """Download a version with a progress bar, verifying every file's sha256."""
+    """Download a version with a progress bar, verifying every file's sha256.
+
+    DEST ends up with the whole verified version or nothing new: files are verified
+    beside it first, then moved in. Files already there are refused without --overwrite."""
     from tasks.store import RichProgress
 
     st = _store(store, s3_endpoint_url)
     m = st.resolve_spec(spec)
-    st.download(m, dest, progress=RichProgress())
+    st.pull(m, dest, overwrite=overwrite, progress=RichProgress())
     console.print(f"{m.spec}: {len(m.files)} files verified in {dest}")
 
 
 @artifacts.command("gc")
-def gc(older_than: Annotated[str, typer.Option(help="Only versions untouched this long (e.g. 30m, 24h).")] = "24h",
+@one_line_errors
+def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched this long (e.g. 30m, 24h).")] = "24h",
        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; delete nothing.")] = False,
+       workdir: Annotated[Optional[Path], typer.Option(
+           envvar="GPTOSS_WORKDIR", help="Where stages keep staging and download work dirs "
+           "(default: the temp dir).")] = None,
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
-    """Remove uncommitted leftovers (versions without a manifest) of crashed writers."""
+    """Remove what crashed or abandoned runs left: uncommitted versions, unfinished S3
+    multipart uploads, staging and download work dirs. Nothing a live run holds."""
+    from tasks.store.housekeeping import Leftover, abort_stale_uploads, clean_work_dirs
+    from tasks.store.settings import settings
+
     st = _store(store, s3_endpoint_url)
-    removed = st.gc(parse_duration(older_than), dry_run=dry_run)
+    age = parse_duration(older_than)
+    found = abort_stale_uploads(st, age, dry_run=dry_run)
+    found += [Leftover("incomplete version", f"{st.url}/{p}") for p in st.gc(age, dry_run=dry_run)]
+    found += clean_work_dirs(workdir or settings().workdir, age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
-    for prefix in removed:
-        console.print(f"{verb} {prefix}")
-    console.print(f"{verb} {len(removed)} incomplete version(s)")
+    for item in found:
+        size = f" ({_size(item.bytes)})" if item.bytes else ""
+        typer.echo(f"{verb} {item.what} {item.where}{size}")  # unwrapped: one path per line
+    counts = {what: sum(1 for i in found if i.what == what) for what in
+              ("incomplete version", "multipart upload", "staging dir", "download work dir")}
+    typer.echo(f"{verb} " + ", ".join(f"{n} {what}(s)" for what, n in counts.items()))
 
 
+@artifacts.command("fsck")
+@one_line_errors
+def fsck(quarantine: Annotated[bool, typer.Option(
+             "--quarantine", help="Move unreadable manifests and refs aside (to .quarantine/ in the store).")] = False,
+         store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
+    """Check every manifest and ref, and that committed files are present at their sizes.
+    Exit status 1 when something is wrong (and was not quarantined)."""
+    from tasks.store.housekeeping import fsck as check
+    from tasks.store.housekeeping import quarantine as move_aside
+
+    st = _store(store, s3_endpoint_url)
+    problems = check(st)
+    left = 0
+    for problem in problems:
+        if quarantine and problem.quarantinable:
+            typer.echo(f"quarantined {problem.what} -> {st.url}/{move_aside(st, problem.key)}")
+        else:
+            typer.echo(problem.what)
+            left += 1
+    typer.echo(f"{len(problems)} problem(s) in {st.url}" + (f", {left} left" if quarantine else ""))
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command("demo")
+@one_line_errors
 def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Path("configs/demo.yaml"),
          store: StoreOpt = None) -> None:
     """Run the demo pipeline end to end on a random tiny GPT-OSS checkpoint (CPU, local store)."""
     import os
 
-    # Ephemeral Prefect in a project-local home, without telemetry.
-    os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    from flows.local_server import local_prefect_server
+
+    # A project-local Prefect home, without telemetry; set before Prefect is imported.
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if store:
         os.environ["GPTOSS_STORE"] = store
-    from flows.pipeline import PipelineParams, gptoss_pipeline
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    with local_prefect_server(home / "demo-server.log") as api_url:
+        console.print(f"Prefect server for this demo: {api_url.removesuffix('/api')} (stops with the demo)")
+        from flows.pipeline import PipelineParams, gptoss_pipeline
 
-    params = PipelineParams.from_yaml(config)
-    source = params.download.source_url
-    if source and "://" not in source and not (Path(source) / "config.json").is_file():
-        write_tiny_checkpoint(Path(source), dtype="bfloat16", seed=0)
-        console.print(f"wrote a random tiny GPT-OSS checkpoint to {source}")
-    outputs = gptoss_pipeline(params)
+        params = PipelineParams.from_yaml(config)
+        source = params.download.source_url
+        if source and "://" not in source:
+            ensure_demo_source(Path(source))
+        outputs = gptoss_pipeline(params)
     for kind, spec in outputs.items():
         console.print(f"[green]{kind}[/green]: {spec}")
     ls(kind=None, store=store, s3_endpoint_url=None)
+
+
+def ensure_demo_source(source: Path) -> None:
+    """The demo's random tiny checkpoint, written whole or not at all: into a temp dir
+    beside `source`, renamed into place once complete (a killed demo leaves no half source)."""
+    import shutil
+    import tempfile
+
+    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+
+    if source.exists():
+        if not _complete_checkpoint(source):
+            raise FileExistsError(f"{source} exists but is not a complete checkpoint (config.json and every "
+                                  "safetensors shard); remove it, or set download.source_url elsewhere")
+        return
+    source.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}.partial-", dir=source.parent))
+    try:
+        write_tiny_checkpoint(tmp, dtype="bfloat16", seed=0)
+        tmp.rename(source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    console.print(f"wrote a random tiny GPT-OSS checkpoint to {source}")
+
+
+def _complete_checkpoint(root: Path) -> bool:
+    index = root / "model.safetensors.index.json"
+    if not (root / "config.json").is_file():
+        return False
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return bool(shards) and all((root / shard).is_file() for shard in shards)
+    return (root / "model.safetensors").is_file()
 
 
 if __name__ == "__main__":

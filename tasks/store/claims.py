@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gptoss_model.paths import try_lock
+from gptoss_model.paths import try_lock, work_dir_lock
 
 from .backends import LocalBackend, PreconditionFailed, S3Backend
 
@@ -179,6 +179,13 @@ class ObjectClaim:
             if got is not None and got[0].get("owner") == self.record["owner"]:
                 self.backend.delete([self.key])
         self.record = None
+
+
+def hold_work_dir(directory: Path) -> int:
+    """Block until the work dir's lock is ours; returns the fd (close it to release)."""
+    fd = try_lock(work_dir_lock(directory), blocking=True)
+    assert fd is not None
+    return fd
 
 
 def claim_for(backend, prefix: str, *, ttl: float = 300.0):

@@ -10,8 +10,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from gptoss_model.errors import PermanentError
+
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "MANIFEST.json"
+
+
+class CorruptStoreObject(PermanentError, ValueError):
+    """A manifest or ref in the store that cannot be read (the message names its URL)."""
 
 
 class FileEntry(BaseModel):
@@ -65,7 +71,8 @@ class Manifest(BaseModel):
         try:
             return cls.model_validate_json(data)
         except ValueError as exc:
-            raise ValueError(f"corrupt manifest at {where}: {exc}") from exc
+            problem = " ".join(str(exc).split())
+            raise CorruptStoreObject(f"corrupt manifest {where}: {problem}") from None
 
 
 @functools.cache

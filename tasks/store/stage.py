@@ -6,6 +6,7 @@ else claim the version, build into a local staging dir, upload, commit.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .claims import hold_work_dir, work_dir_lock
 from .fingerprint import fingerprint
 from .manifest import InputRef, Manifest, Producer, git_sha, package_version
 from .progress import ProgressSink
@@ -62,7 +64,7 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         manifest = store.get_manifest(kind, name, version)
         if manifest is not None:
             log.info("stage %s: %s already committed, reusing it", stage, spec)
-            _set_refs(store, manifest, refs)
+            _set_refs(store, manifest, refs, cache_hit=True)
             return StageResult(manifest, cache_hit=True)
         claim = store.claim(kind, name, version)
         if claim.try_acquire():
@@ -79,16 +81,18 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         if manifest is not None:  # committed between our check and our claim
             _set_refs(store, manifest, refs)
             return StageResult(manifest, cache_hit=True)
-        removed = store.clear_incomplete(kind, name, version)
-        if removed:
-            log.info("stage %s: removed %d files of an interrupted attempt at %s", stage, removed, spec)
+        # Files an interrupted attempt uploaded stay: the commit keeps those whose recorded
+        # sha256 matches the new staging files and deletes the rest.
         base = Path(workdir or settings().workdir)
         base.mkdir(parents=True, exist_ok=True)
+        # The staging dir's lock (held until we are done with it) tells `gc` it is live.
         if resumable:
             staging = base / f"{stage}-{version}"
+            held = hold_work_dir(staging)
             staging.mkdir(exist_ok=True)
         else:
             staging = Path(tempfile.mkdtemp(prefix=f"{stage}-{version}-", dir=base))
+            held = hold_work_dir(staging)
         committed = False
         try:
             started = time.time()
@@ -103,6 +107,8 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         finally:
             if committed or not resumable:
                 shutil.rmtree(staging, ignore_errors=True)
+                work_dir_lock(staging).unlink(missing_ok=True)
+            os.close(held)
     finally:
         claim.release()
     log.info("stage %s: committed %s (%d files, %d bytes)", stage, spec, len(manifest.files),
@@ -111,6 +117,20 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
     return StageResult(manifest, cache_hit=not won)
 
 
-def _set_refs(store: ArtifactStore, manifest: Manifest, refs: Iterable[str]) -> None:
+def _set_refs(store: ArtifactStore, manifest: Manifest, refs: Iterable[str], *, cache_hit: bool = False) -> None:
     for ref in refs:
-        store.set_ref(manifest.kind, manifest.name, ref, manifest.version)
+        try:
+            store.set_ref(manifest.kind, manifest.name, ref, manifest.version)
+        except Exception as exc:
+            # A cache hit only reads: a store we may not write to still serves it.
+            if not cache_hit or not _is_write_denied(exc):
+                raise
+            log.warning("stage: could not point %s@%s at %s (%s: no write access to %s); using it anyway",
+                        f"{manifest.kind}/{manifest.name}", ref, manifest.version, type(exc).__name__, store.url)
+
+
+def _is_write_denied(exc: BaseException) -> bool:
+    if isinstance(exc, PermissionError):
+        return True
+    code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    return code in ("AccessDenied", "403", "AllAccessDisabled")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +21,10 @@ from typing import Any
 
 from gptoss_model.errors import PermanentError
 
-from .backends import LocalBackend, PreconditionFailed, backend_for_url
+from .backends import LocalBackend, PreconditionFailed, backend_for_url, hash_file
 from .claims import CLAIM_FILE, LOCK_DIR, claim_for
 from .fingerprint import public_params
-from .manifest import MANIFEST_FILE, FileEntry, InputRef, Manifest, Producer
+from .manifest import MANIFEST_FILE, CorruptStoreObject, FileEntry, InputRef, Manifest, Producer
 from .names import (VERSION_RE, InvalidNameError, parse_artifact_spec, validate_kind, validate_name,
                     validate_ref, validate_relpath, validate_version)
 from .progress import ProgressSink
@@ -29,6 +32,8 @@ from .local_verify import LocalIntegrityError, stamp_committed, verify_in_place
 from .settings import DEFAULT_STORE, settings
 
 log = logging.getLogger(__name__)
+QUARANTINE_DIR = ".quarantine"  # unreadable manifests and refs moved aside by `gptoss artifacts fsck`
+SPECIAL_DIRS = (LOCK_DIR + "/", QUARANTINE_DIR + "/")
 
 
 class ArtifactNotFound(PermanentError, LookupError):
@@ -41,6 +46,10 @@ class ConcurrentWriterError(RuntimeError):
 
 class IntegrityError(RuntimeError):
     """A pulled file does not match its manifest (size or sha256)."""
+
+
+class DestinationConflict(PermanentError, FileExistsError):
+    """A pull would replace files that are already in the destination."""
 
 
 class CorruptArtifactError(PermanentError, IntegrityError):
@@ -77,7 +86,12 @@ class ArtifactStore:
     def get_manifest(self, kind: str, name: str, version: str) -> Manifest | None:
         key = f"{self.prefix(kind, name, version)}/{MANIFEST_FILE}"
         data = self.backend.get_bytes(key)
-        return None if data is None else Manifest.from_json(data, where=f"{self.url}/{key}")
+        if data is None:
+            return None
+        manifest = Manifest.from_json(data, where=f"{self.url}/{key}")
+        if (manifest.kind, manifest.name, manifest.version) != (kind, name, version):
+            raise CorruptStoreObject(f"corrupt manifest {self.url}/{key}: it describes {manifest.spec}")
+        return manifest
 
     def resolve(self, kind: str, name: str, selector: str | None = None) -> Manifest:
         """A committed version by version, ref, or (default) the 'latest' ref."""
@@ -91,31 +105,57 @@ class ArtifactStore:
     def resolve_spec(self, spec: str) -> Manifest:
         return self.resolve(*parse_artifact_spec(spec))
 
-    def list(self, kind: str | None = None) -> list[Manifest]:
+    def list(self, kind: str | None = None, *, problems: list[str] | None = None) -> list[Manifest]:
+        """Committed versions. A manifest that cannot be read is skipped and described in
+        `problems` (when given; else logged), so one corrupt manifest hides only itself."""
         prefix = f"{validate_kind(kind)}/" if kind else ""
         found = []
         for info in self.backend.list(prefix):
-            if info.key.endswith("/" + MANIFEST_FILE) and not info.key.startswith(LOCK_DIR + "/"):
+            if info.key.endswith("/" + MANIFEST_FILE) and not info.key.startswith(SPECIAL_DIRS):
                 data = self.backend.get_bytes(info.key)
-                if data is not None:
+                if data is None:
+                    continue
+                try:
                     found.append(Manifest.from_json(data, where=f"{self.url}/{info.key}"))
+                except CorruptStoreObject as exc:
+                    (problems.append if problems is not None else log.warning)(str(exc))
         return sorted(found, key=lambda m: (m.kind, m.name, m.created_at))
 
-    def lineage(self, manifest: Manifest) -> dict[str, Any]:
-        """The manifest's inputs, recursively, as a tree of specs."""
+    def lineage(self, manifest: Manifest, _path: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The manifest's inputs, recursively, as a tree of specs (a loop is an error naming the file)."""
+        path = (*_path, manifest.spec)
         children = []
         for ref in manifest.inputs:
+            spec = f"{ref.kind}/{ref.name}@{ref.version}"
+            if spec in path:
+                raise CorruptStoreObject(
+                    f"corrupt lineage: {self.uri(manifest.kind, manifest.name, manifest.version)}/{MANIFEST_FILE} "
+                    f"names {spec} as an input, which loops: {' -> '.join((*path, spec))}")
             parent = self.get_manifest(ref.kind, ref.name, ref.version)
-            children.append(self.lineage(parent) if parent else
-                            {"spec": f"{ref.kind}/{ref.name}@{ref.version}", "missing": True, "inputs": []})
+            children.append(self.lineage(parent, path) if parent else {"spec": spec, "missing": True, "inputs": []})
         return {"spec": manifest.spec, "stage": manifest.producer.stage, "inputs": children}
 
     # -- refs -------------------------------------------------------------
     def get_ref(self, kind: str, name: str, ref: str) -> str | None:
-        data = self.backend.get_bytes(f"{validate_kind(kind)}/{validate_name(name)}/refs/{validate_ref(ref)}")
-        return None if data is None else json.loads(data)["version"]
+        key = f"{validate_kind(kind)}/{validate_name(name)}/refs/{validate_ref(ref)}"
+        data = self.backend.get_bytes(key)
+        if data is None:
+            return None
+        try:
+            return validate_version(json.loads(data)["version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = " ".join(str(exc).split()) or type(exc).__name__
+            raise CorruptStoreObject(f"corrupt ref {self.url}/{key}: expected JSON with a 'version' "
+                                     f"(20 hex digits): {problem}") from None
 
     def set_ref(self, kind: str, name: str, ref: str, version: str) -> None:
+        """Point `ref` at a committed version; no write when it already points there
+        (so reading a committed artifact needs no write access to the store)."""
+        try:
+            if self.get_ref(kind, name, ref) == version:
+                return
+        except CorruptStoreObject as exc:
+            log.warning("%s; replacing it", exc)
         if self.get_manifest(kind, name, version) is None:
             raise ArtifactNotFound(f"cannot point {kind}/{name}@{ref} at uncommitted version {version}")
         body = {"version": version, "updated_at": datetime.now(timezone.utc).isoformat()}
@@ -135,20 +175,43 @@ class ArtifactStore:
         return len(keys)
 
     def upload_dir(self, src: Path, prefix: str, progress: ProgressSink | None = None) -> list[FileEntry]:
+        """Upload every file under `src` to `prefix/` (the caller holds the version's claim).
+
+        Resumes an interrupted attempt: an object already there whose recorded sha256
+        equals its staging file's is kept, not sent again. Objects under the prefix that
+        are not in `src` (an older attempt's) are deleted, so the version holds exactly
+        what its manifest lists."""
         src = Path(src)
         files = sorted(p for p in src.rglob("*") if p.is_file())
         rels = [validate_relpath(p.relative_to(src).as_posix()) for p in files]
         sizes = [p.stat().st_size for p in files]
         progress = progress or ProgressSink()
         progress.start(sum(sizes), f"upload {prefix}")
+        present = {o.key: o.size for o in self.backend.list(prefix + "/") if not o.key.endswith("/" + CLAIM_FILE)}
+        if f"{prefix}/{MANIFEST_FILE}" in present:
+            raise RuntimeError(f"refusing to overwrite committed version {self.url}/{prefix}")
+        recorded = getattr(self.backend, "recorded_sha256", None)
+        kept = []
 
         def one(i: int) -> FileEntry:
-            digest = self.backend.upload_file(files[i], f"{prefix}/{rels[i]}", progress.advance)
+            key = f"{prefix}/{rels[i]}"
+            if recorded is not None and present.get(key) == sizes[i]:
+                remote = recorded(key, sizes[i])
+                if remote is not None and remote == hash_file(files[i]):
+                    kept.append(rels[i])
+                    progress.advance(sizes[i])
+                    return FileEntry(path=rels[i], size=sizes[i], sha256=remote)
+            digest = self.backend.upload_file(files[i], key, progress.advance)
             return FileEntry(path=rels[i], size=sizes[i], sha256=digest)
 
         with ThreadPoolExecutor(self.max_workers, thread_name_prefix="upload") as pool:
             entries = list(pool.map(one, range(len(files))))
         progress.finish()
+        if kept:
+            log.info("%s/%s: kept %d of %d files an interrupted attempt had uploaded (sha256 matched)",
+                     self.url, prefix, len(kept), len(files))
+        wanted = {f"{prefix}/{rel}" for rel in rels}
+        self.backend.delete(sorted(k for k in present if k not in wanted))
         return entries
 
     def commit(self, src: Path, *, kind: str, name: str, version: str, producer: Producer,
@@ -211,12 +274,51 @@ class ArtifactStore:
             if size != entry.size or digest != entry.sha256:
                 target.unlink(missing_ok=True)
                 raise IntegrityError(
-                    f"{manifest.spec}: file {entry.path!r} does not match its manifest "
-                    f"(size {size} vs {entry.size}, sha256 {digest[:16]}... vs {entry.sha256[:16]}...)")
+                    f"{manifest.spec}: file {entry.path!r} does not match its manifest: sha256 {digest} "
+                    f"(manifest: {entry.sha256}), {size} bytes (manifest: {entry.size})")
 
-        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="download") as pool:
-            list(pool.map(one, manifest.files))
-        progress.finish()
+        try:
+            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="download") as pool:
+                list(pool.map(one, manifest.files))
+        finally:
+            progress.finish()
+        return dest
+
+    def pull(self, manifest: Manifest, dest: Path, *, overwrite: bool = False,
+             progress: ProgressSink | None = None) -> Path:
+        """Pull a version into `dest`: all of it verified, or nothing new in `dest`.
+
+        Files are downloaded and verified in a temp dir beside `dest` (same
+        filesystem) and only then renamed into place. Files already in `dest` at the
+        artifact's paths are a conflict unless `overwrite`; other files are left alone.
+        """
+        dest = Path(dest).absolute()
+        rels = [validate_relpath(f.path) for f in manifest.files]
+        if dest.exists() and not dest.is_dir():
+            raise DestinationConflict(f"cannot pull {manifest.spec} into {dest}: it is not a directory")
+        blocked = [r for r in rels if _blocks(dest, r)]
+        if blocked:
+            raise DestinationConflict(
+                f"cannot pull {manifest.spec} into {dest}: {blocked[0]!r} needs a directory where a file is "
+                f"(or a file where a directory is); {len(blocked)} such path(s)")
+        existing = [r for r in rels if (dest / r).exists() or (dest / r).is_symlink()]
+        if existing and not overwrite:
+            raise DestinationConflict(
+                f"cannot pull {manifest.spec} into {dest}: {len(existing)} of its files already exist there "
+                f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace them")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+        try:
+            self.download(manifest, tmp, progress)
+            if not dest.exists():
+                os.replace(tmp, dest)
+                return dest
+            for rel in rels:
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / rel, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     def local_path(self, manifest: Manifest, cache_dir: Path | None = None,
@@ -253,7 +355,7 @@ class ArtifactStore:
         committed: set[str] = set()
         for info in self.backend.list(""):
             parts = info.key.split("/")
-            if parts[0] == LOCK_DIR:
+            if info.key.startswith(SPECIAL_DIRS):
                 continue
             for i in range(2, len(parts) - 1):
                 if VERSION_RE.match(parts[i]):
@@ -285,4 +387,13 @@ class ArtifactStore:
         return removed
 
 
-__all__ = ["ArtifactStore", "ArtifactNotFound", "ConcurrentWriterError", "IntegrityError", "InvalidNameError", "DEFAULT_STORE"]
+__all__ = ["ArtifactStore", "ArtifactNotFound", "ConcurrentWriterError", "DestinationConflict", "IntegrityError", "InvalidNameError", "DEFAULT_STORE"]
+
+
+def _blocks(dest: Path, rel: str) -> bool:
+    """True where pulling `rel` into `dest` needs to replace a directory by a file or the reverse."""
+    target = dest / rel
+    if target.is_dir() and not target.is_symlink():
+        return True
+    return any((dest / parent).exists() and not (dest / parent).is_dir()
+               for parent in map(str, Path(rel).parents) if parent != ".")

@@ -32,3 +32,21 @@ def test_a_wrong_parameter_is_caught():
 
     with pytest.raises(ParameterTypeError, match="workers"):
         convert_flow.validate_parameters({"params": {"source": "hf-checkpoint/x", "workers": 0}})
+
+
+def test_deployments_need_no_block_and_no_environment_variable():
+    """Public repos need no token block; the working directory is where `prefect deploy` ran."""
+    text = PREFECT_YAML.read_text()
+    for deployment in DEPLOYMENTS:
+        params = deployment["parameters"]["params"]
+        assert "hf_token_block" not in {**params, **params.get("download", {})}, deployment["name"]
+    assert "pull" not in yaml.safe_load(text)
+    assert "{{ $" not in text
+
+
+@pytest.mark.prefect
+def test_a_missing_token_block_is_named_with_how_to_create_it(prefect_harness):
+    from tasks.download import DownloadParams, _token
+
+    with pytest.raises(ValueError, match=r"Secret block 'hf-token-nowhere' .*does not exist. Create it with"):
+        _token(DownloadParams(hf_token_block="hf-token-nowhere"))

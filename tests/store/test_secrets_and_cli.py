@@ -91,7 +91,7 @@ def test_cli_ls_show_gc(tmp_path):
                       build=lambda out: (out / "w.bin").write_bytes(b"0" * 2048) and None).manifest
     store.backend.put_bytes(store.prefix("dataset", "d", "ab" * 10) + "/part.bin", b"x")
     runner = CliRunner()
-    env = {"GPTOSS_STORE": url, "COLUMNS": "200"}
+    env = {"GPTOSS_STORE": url, "COLUMNS": "200", "GPTOSS_WORKDIR": str(tmp_path / "work")}
     out = runner.invoke(app, ["artifacts", "ls"], env=env)
     assert out.exit_code == 0, out.output
     assert parent.version in out.output and child.version in out.output
@@ -103,7 +103,7 @@ def test_cli_ls_show_gc(tmp_path):
     out = runner.invoke(app, ["artifacts", "show", "--json", f"hf-checkpoint/org/m@{parent.version}"], env=env)
     assert '"stage": "download"' in out.output
     out = runner.invoke(app, ["artifacts", "show", "hf-checkpoint/../etc"], env=env)
-    assert out.exit_code != 0 and "invalid artifact name" in str(out.exception)
+    assert out.exit_code == 1 and "invalid artifact name" in out.stderr
     out = runner.invoke(app, ["artifacts", "gc", "--older-than", "0s"], env=env)
     assert "removed 1 incomplete version" in out.output
     assert store.get_manifest("megatron-checkpoint", "org/m", child.version) is not None

@@ -225,3 +225,41 @@ def test_same_size_change_in_a_file_store_is_caught_by_local_path(tmp_path, monk
     tamper(store, m, "w.bin")  # flips the same byte back
     assert store.local_path(m) == root
     assert store.backend.path(key).is_file()
+
+
+@pytest.mark.s3
+def test_kill_9_mid_s3_commit_retry_uploads_only_missing_files(s3_bucket, tmp_path, monkeypatch):
+    """The retry keeps every object the killed attempt finished (its recorded sha256 matches the
+    new staging file) and sends only the rest; the committed version verifies."""
+    monkeypatch.setenv("GPTOSS_WORKDIR", str(tmp_path / "work"))
+    url = f"s3://{s3_bucket}/store"
+    proc = _run_writer(url, "hang-mid-commit")
+    assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    sizes = {"a-big.bin": 20 << 20, "b.bin": 2 << 20, "c.bin": 2 << 20, "d.bin": 2 << 20, "e.bin": 2 << 20}
+    store = ArtifactStore(url)
+    (prefix,) = store.incomplete_versions()
+    assert sorted(o.key.rsplit("/", 1)[1] for o in store.backend.list(prefix + "/")
+                  if not o.key.endswith(".claim.json")) == ["a-big.bin", "b.bin", "c.bin"]
+
+    rerun = _result(_run_writer(url, "resume"))
+    missing = sizes["d.bin"] + sizes["e.bin"]
+    print(f"retry sent {rerun['data_bytes_sent']} data bytes of {sum(sizes.values())} (missing: {missing})")
+    assert rerun["data_bytes_sent"] == missing
+    m = Manifest.model_validate(rerun["manifest"])
+    assert {f.path: f.size for f in m.files} == sizes
+    store.download(m, tmp_path / "out")  # every sha256 verified
+    assert store.incomplete_versions() == {}
+
+
+def test_commit_retry_replaces_files_whose_content_changed(store, tmp_path):
+    """A leftover object with the right size but other bytes is uploaded again, and one
+    the new attempt does not produce is deleted."""
+    version = "0123456789abcdef0123"
+    prefix = store.prefix("hf-checkpoint", "org/model", version)
+    store.backend.upload_file(make_tree(tmp_path / "old", {"w.bin": b"A" * 4096})/ "w.bin", f"{prefix}/w.bin")
+    store.backend.put_bytes(f"{prefix}/stale.bin", b"from an older attempt")
+    m = commit_tree(store, tmp_path, {"w.bin": b"B" * 4096}, version=version)
+    assert (store.download(m, tmp_path / "out") / "w.bin").read_bytes() == b"B" * 4096
+    assert sorted(o.key.rsplit("/", 1)[1] for o in store.backend.list(prefix + "/")) == ["MANIFEST.json", "w.bin"]

@@ -1,0 +1,80 @@
+"""The demo: its source checkpoint is written whole or not at all, and its Prefect
+server dies with it (even by kill -9)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_source_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from gptoss_model import tiny_checkpoint
+
+    source = tmp_path / "demo" / "tiny-gpt-oss"
+    real = tiny_checkpoint.write_tiny_checkpoint
+
+    def killed_after_config(path, **kw):
+        (Path(path) / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # the demo dies right after config.json
+
+    monkeypatch.setattr(tiny_checkpoint, "write_tiny_checkpoint", killed_after_config)
+    with pytest.raises(KeyboardInterrupt):
+        cli.ensure_demo_source(source)
+    assert list(source.parent.iterdir()) == []  # neither a half source nor a temp dir
+
+    monkeypatch.setattr(tiny_checkpoint, "write_tiny_checkpoint", real)
+    cli.ensure_demo_source(source)
+    assert cli._complete_checkpoint(source)
+    mtime = (source / "config.json").stat().st_mtime
+    cli.ensure_demo_source(source)  # complete: reused as is
+    assert (source / "config.json").stat().st_mtime == mtime
+
+    partial = tmp_path / "older-partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")  # what an older, killed demo left
+    with pytest.raises(FileExistsError, match=rf"{partial} exists but is not a complete checkpoint"):
+        cli.ensure_demo_source(partial)
+
+
+CHILD = """
+import os, sys, time
+from pathlib import Path
+from flows.local_server import local_prefect_server
+with local_prefect_server(Path(sys.argv[1])) as url:
+    print("UP", url, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_demo_server_dies_with_a_killed_demo(tmp_path):
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    demo = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "server.log")], stdout=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    try:
+        line = demo.stdout.readline()
+        assert line.startswith("UP http://127.0.0.1:"), (tmp_path / "server.log").read_text()[-3000:]
+        servers = psutil.Process(demo.pid).children(recursive=True)
+        assert servers and any("server" in " ".join(p.cmdline()) for p in servers)
+    finally:
+        os.kill(demo.pid, signal.SIGKILL)
+        demo.wait()
+    started = time.monotonic()
+    gone, alive = psutil.wait_procs(servers, timeout=30)
+    print(f"server gone {time.monotonic() - started:.1f} s after kill -9 of the demo")
+    for p in alive:
+        p.kill()
+    assert not alive, [p.cmdline() for p in alive]
