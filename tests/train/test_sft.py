@@ -82,3 +82,35 @@ def test_without_the_window_mask_patch_documents_leak(world1_model, monkeypatch)
     packed = world1_model(batch["tokens"][None], batch["position_ids"][None], batch["attention_mask"][None])
     alone = world1_model(b[None], torch.arange(12)[None], None)
     assert (packed[0, 20:32] - alone[0]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_weight_computes_what_the_adapted_linear_computes(world1_model, train_env, method):
+    """Export's merge (peft.merged_weight) against the adapted megatron linears themselves:
+    attention (row-parallel proj, column-parallel qkv) and an expert's fc1/fc2."""
+    from gptoss_model import parallel
+    from gptoss_model.build import build_gpt_model
+    from gptoss_model.config import GptOssModelConfig
+    from gptoss_model.training.config import PeftConfig
+    from gptoss_model.training.peft import apply_adapters, merged_weight
+
+    model = build_gpt_model(GptOssModelConfig.from_hf_config(train_env["ckpt"]), parallel.ParallelLayout())
+    cfg = PeftConfig(method=method, dim=4, alpha=8.0)
+    apply_adapters(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    layer = model.decoder.layers[0]
+    for linear in (layer.self_attention.linear_proj, layer.self_attention.linear_qkv,
+                   layer.mlp.experts.local_experts[3].linear_fc1, layer.mlp.experts.local_experts[3].linear_fc2):
+        ad = linear.adapter
+        with torch.no_grad():
+            ad.lora_b.copy_(torch.randn(ad.lora_b.shape, generator=g) * 0.1)
+            if method == "dora":
+                ad.dora_magnitude.mul_(1 + 0.1 * torch.rand(ad.dora_magnitude.shape, generator=g))
+        x = torch.randn(5, 1, linear.weight.shape[1], generator=g)
+        with torch.no_grad():
+            out, out_bias = linear(x)
+            state = {k: v.detach() for k, v in ad.named_parameters()}
+            want = x @ merged_weight(linear.weight.detach(), state, cfg.alpha, cfg.dim).t()
+            if out_bias is None and linear.bias is not None:
+                want = want + linear.bias
+        assert (out - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
