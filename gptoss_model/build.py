@@ -34,36 +34,54 @@ def preflight(cfg: GptOssModelConfig, layout: ParallelLayout, world_size: int | 
     and TP>1+SP+EP>1) are not refused: `fix_expert_grad_tags` repairs them and
     the distributed gradient-parity test proves the repair.
     """
-    tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.expert_tensor_parallel_size
-    errors = []
-
-    def need(ok: bool, msg: str):
-        if not ok:
-            errors.append(msg)
-
-    need(min(tp, pp, ep, etp, layout.context_parallel_size) >= 1, "all parallel sizes must be >= 1")
-    need(etp == 1, f"expert_tensor_parallel_size={etp}: GPT-OSS experts have biases, "
-                   "which megatron-core only supports with expert tensor parallel size 1")
-    need(layout.context_parallel_size == 1, "context parallel is not supported here "
-         "(learnable softmax sinks need the a2a CP path and Transformer Engine)")
-    need(cfg.num_key_value_heads % tp == 0,
-         f"TP={tp} must divide num_key_value_heads={cfg.num_key_value_heads} (QKV is split per query group)")
-    need(cfg.num_attention_heads % tp == 0, f"TP={tp} must divide num_attention_heads={cfg.num_attention_heads}")
-    need(cfg.vocab_size % tp == 0, f"TP={tp} must divide vocab_size={cfg.vocab_size} (no vocab padding)")
-    need(cfg.num_experts % ep == 0, f"EP={ep} must divide num_experts={cfg.num_experts}")
-    need(cfg.num_layers % pp == 0, f"PP={pp} must divide num_layers={cfg.num_layers}")
-    # megatron-core refuses MoE + TP without SP when training; say it up front, with the fix.
-    need(tp == 1 or layout.sequence_parallel,
-         f"TP={tp} with an MoE model needs sequence_parallel=True (megatron-core 0.16.1 "
-         "refuses MoE+TP without SP for training)")
-    if world_size is not None:
-        mp = tp * pp * layout.context_parallel_size
-        need(world_size % mp == 0, f"world size {world_size} not divisible by TP*PP*CP={mp}")
-        need(world_size % (etp * ep * pp) == 0,
-             f"world size {world_size} not divisible by ETP*EP*PP={etp * ep * pp}")
+    errors = [msg for _, msg in layout_problems(cfg, layout, world_size)]
     if errors:
         raise LayoutError(f"parallel layout {_layout_str(layout)} refused for "
                           f"{cfg.num_layers}-layer GPT-OSS: " + "; ".join(errors))
+
+
+def layout_problems(cfg: GptOssModelConfig, layout: ParallelLayout,
+                    world_size: int | None = None) -> list[tuple[str, str]]:
+    """(ParallelLayout field at fault, why) for every rule the layout breaks."""
+    tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.expert_tensor_parallel_size
+    cp = layout.context_parallel_size
+    errors: list[tuple[str, str]] = []
+
+    def need(ok: bool, field: str, msg: str):
+        if not ok:
+            errors.append((field, msg))
+
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                 "expert_tensor_parallel_size", "context_parallel_size"):
+        need(getattr(layout, name) >= 1, name, f"{name}={getattr(layout, name)}: parallel sizes must be >= 1")
+    if errors:
+        return errors
+    need(etp == 1, "expert_tensor_parallel_size",
+         f"expert_tensor_parallel_size={etp}: GPT-OSS experts have biases, "
+         "which megatron-core only supports with expert tensor parallel size 1")
+    need(cp == 1, "context_parallel_size", "context parallel is not supported here "
+         "(learnable softmax sinks need the a2a CP path and Transformer Engine)")
+    need(cfg.num_key_value_heads % tp == 0, "tensor_model_parallel_size",
+         f"TP={tp} must divide num_key_value_heads={cfg.num_key_value_heads} (QKV is split per query group)")
+    need(cfg.num_attention_heads % tp == 0, "tensor_model_parallel_size",
+         f"TP={tp} must divide num_attention_heads={cfg.num_attention_heads}")
+    need(cfg.vocab_size % tp == 0, "tensor_model_parallel_size",
+         f"TP={tp} must divide vocab_size={cfg.vocab_size} (no vocab padding)")
+    need(cfg.num_experts % ep == 0, "expert_model_parallel_size",
+         f"EP={ep} must divide num_experts={cfg.num_experts}")
+    need(cfg.num_layers % pp == 0, "pipeline_model_parallel_size",
+         f"PP={pp} must divide num_layers={cfg.num_layers}")
+    # megatron-core refuses MoE + TP without SP when training; say it up front, with the fix.
+    need(tp == 1 or layout.sequence_parallel, "sequence_parallel",
+         f"TP={tp} with an MoE model needs sequence_parallel=True (megatron-core 0.16.1 "
+         "refuses MoE+TP without SP for training)")
+    if world_size is not None:
+        mp = tp * pp * cp
+        need(world_size % mp == 0, "tensor_model_parallel_size",
+             f"world size {world_size} not divisible by TP*PP*CP={mp}")
+        need(world_size % (etp * ep * pp) == 0, "expert_model_parallel_size",
+             f"world size {world_size} not divisible by ETP*EP*PP={etp * ep * pp}")
+    return errors
 
 
 def _layout_str(layout: ParallelLayout) -> str:
@@ -217,7 +235,42 @@ def build_gpt_model(cfg: GptOssModelConfig, layout: ParallelLayout, opts: BuildO
         vp_stage=vp_stage,
     )
     fix_expert_grad_tags(model, layout)
+    tag_tensor_parallel_params(model)
     return model
+
+
+def tag_tensor_parallel_params(model: torch.nn.Module) -> list[str]:
+    """Mark every TP-split parameter as such (megatron-core 0.16.1 leaves some untagged).
+
+    The grad norm (hence clipping) counts an untagged parameter only on TP rank 0,
+    as if it were replicated, so at TP>1 the norm comes out too small and clipping
+    differs from TP=1 (measured: 1.55 vs 1.88 on the tiny model). Untagged are
+    (a) the weights of column/row-parallel linears and the vocab-parallel
+    embedding when built with perform_initialization=False (the tags are set only
+    inside the init functions; every checkpoint-loaded model is built that way), and
+    (b) the learnable softmax offset (sinks), split per head across TP but never tagged.
+    Returns the names of parameters tagged here.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    tagged = []
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            param, dim = module.weight, 0
+        elif isinstance(module, RowParallelLinear):
+            param, dim = module.weight, 1
+        elif isinstance(module, DotProductAttention) and isinstance(module.softmax_offset, torch.nn.Parameter):
+            param, dim = module.softmax_offset, 0
+        else:
+            continue
+        if param is None or getattr(param, "tensor_model_parallel", False):
+            continue
+        set_tensor_model_parallel_attributes(param, True, dim, getattr(module, "stride", 1))
+        tagged.append(name)
+    return tagged
 
 
 def fix_expert_grad_tags(model: torch.nn.Module, layout: ParallelLayout) -> list[str]:

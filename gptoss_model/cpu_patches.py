@@ -227,6 +227,28 @@ def _torch_norm_sequence_parallel():
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+def _window_keeps_given_mask():
+    """Sliding-window layers AND the window with a given attention mask (per-document packing)."""
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer import utils as tutils
+
+    orig = FusedScaleMaskSoftmax.forward_torch_softmax
+
+    def forward_torch_softmax(self, input, mask, softmax_offset=None):
+        window_size = self.window_size
+        if window_size is None or mask is None:
+            return orig(self, input, mask, softmax_offset)
+        window = tutils.get_sliding_window_causal_mask(input.size(2), input.size(3), window_size)
+        self.window_size = None  # orig then applies the combined mask as given
+        try:
+            return orig(self, input, mask | window.to(mask.device), softmax_offset)
+        finally:
+            self.window_size = window_size
+
+    forward_torch_softmax._gptoss_orig = orig
+    FusedScaleMaskSoftmax.forward_torch_softmax = forward_torch_softmax
+
+
 def _rewrite_source(owner, attr: str, replacements: list[tuple[str, str]]) -> None:
     """Recompile `owner.attr` from mcore's own source with literal replacements.
 
@@ -304,6 +326,10 @@ _DEVICE_MODULES = (
 _MASK_MODULES = ("megatron.core.transformer.utils",)
 _PIPELINE_MODULES = ("megatron.core.pipeline_parallel.schedules",
                      "megatron.core.pipeline_parallel.p2p_communication")
+_CHECKPOINT_MODULES = ("megatron.core.dist_checkpointing.strategies.filesystem_async",
+                       "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+                       "megatron.core.dist_checkpointing.strategies.async_utils",
+                       "megatron.core.dist_checkpointing.exchange_utils")
 _OPTIMIZER_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
                       "megatron.core.optimizer.distrib_optimizer",
                       "megatron.core.distributed.param_and_grad_buffer")
@@ -377,6 +403,16 @@ PATCHES: tuple[Patch, ...] = (
                                     "assert not config.sequence_parallel", attr="WrappedTorchNorm"),
         apply=_torch_norm_sequence_parallel),
     Patch(
+        "window-keeps-given-mask",
+        symptom="packed (per-document) attention leaks across documents on sliding-window layers: "
+                "the torch softmax path replaces a given attention mask by the window mask (no error)",
+        reason="the window must be applied *in addition to* the caller's mask; OR-ing the two masks "
+               "(True = masked) keeps both (full-attention layers already use the given mask)",
+        needed=_local_spec,
+        applies=lambda: _source_has("megatron.core.fusions.fused_softmax",
+                                    "mask = get_sliding_window_causal_mask(sq, sk, self.window_size)"),
+        apply=_window_keeps_given_mask),
+    Patch(
         "cuda-pipeline-schedules",
         symptom="forward_backward_func fails on device='cuda' (total_num_tokens) even at PP=1; p2p "
                 "shape exchange and torch.cuda.synchronize() fail at PP>1",
@@ -395,6 +431,15 @@ PATCHES: tuple[Patch, ...] = (
         and _source_has("megatron.core.optimizer.clip_grads", "torch.cuda.FloatTensor",
                         attr="clip_grad_by_total_norm_fp32"),
         apply=lambda: (_use_cpu_torch(*_OPTIMIZER_MODULES)(), _cpu_clip_grads())),
+    Patch(
+        "cuda-checkpoint-preload",
+        symptom="AssertionError 'Torch not compiled with CUDA enabled' in dist_checkpointing.save "
+                "(torch_dist) of a training state: FileSystemWriterAsync.preload_tensors calls "
+                "torch.cuda.synchronize(), the save finaliser all-reduces a flag on current_device()",
+        reason="host copies are awaited with a CUDA sync and collective flags live on the CUDA "
+               "device; on CPU (gloo) no sync is needed and the flags live on the CPU",
+        needed=_cuda_absent, applies=_cpu_torch_applies(*_CHECKPOINT_MODULES),
+        apply=_use_cpu_torch(*_CHECKPOINT_MODULES)),
     Patch(
         "cpu-distributed-optimizer",
         symptom="TypeError 'Wrapped parameters must be one of torch.cuda.FloatTensor, ...' building "

@@ -31,6 +31,15 @@ def is_within(root: Path, path: Path) -> bool:
     return path == root or root in path.parents
 
 
+def work_dir_lock(directory: Path) -> Path:
+    """The lock file that says a local work dir is in use: `.{name}.lock` beside it.
+
+    Staging dirs (the store's run_stage) and download work dirs (verified transfers)
+    share this rule, so `gptoss artifacts gc` can tell a live one (lock held) from a leftover."""
+    directory = Path(directory)
+    return directory.parent / f".{directory.name}.lock"
+
+
 def try_lock(path: Path, *, blocking: bool = False) -> int | None:
     """An exclusive flock on `path` (created if needed): its fd, or None if held elsewhere.
 

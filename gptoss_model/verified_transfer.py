@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from huggingface_hub.utils import filter_repo_objects
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.paths import relative_path_problem, try_lock
+from gptoss_model.paths import relative_path_problem, try_lock, work_dir_lock
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class Transfer(abc.ABC):
 def _exclusive(dest: Path, where: str):
     """One writer per dest_dir: two would append to the same partial files.
     An flock, so the kernel releases it when its holder dies (even kill -9)."""
-    lock = dest.parent / f".{dest.name}.lock"
+    lock = work_dir_lock(dest)
     fd = try_lock(lock)
     if fd is None:
         log.info("%s: another process is writing into %s; waiting for it", where, dest)

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gptoss_model.paths import try_lock
+from gptoss_model.paths import try_lock, work_dir_lock
 
 from .backends import LocalBackend, PreconditionFailed, S3Backend
 
@@ -179,15 +179,6 @@ class ObjectClaim:
             if got is not None and got[0].get("owner") == self.record["owner"]:
                 self.backend.delete([self.key])
         self.record = None
-
-
-def work_dir_lock(directory: Path) -> Path:
-    """The lock file that says a local work dir is in use: `.{name}.lock` beside it.
-
-    Staging dirs (run_stage) and download work dirs (verified transfers) share this
-    rule, so `gptoss artifacts gc` can tell a live one (lock held) from a leftover."""
-    directory = Path(directory)
-    return directory.parent / f".{directory.name}.lock"
 
 
 def hold_work_dir(directory: Path) -> int:

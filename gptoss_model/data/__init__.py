@@ -1,0 +1,1 @@
+"""Tokenising corpora into megatron indexed datasets and packing chat data for SFT."""

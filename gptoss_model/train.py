@@ -1,0 +1,72 @@
+"""`python -m gptoss_model.train CONFIG.yaml [key.sub=value ...]`: one training run (under torchrun).
+
+CONFIG is a YAML run config (see configs/) or a recipe name (`recipe:tiny_pretrain`);
+overrides follow as dotted keys. Without torchrun it runs as a world of one.
+
+    torchrun --nproc-per-node 2 -m gptoss_model.train configs/tiny_pretrain.yaml \\
+        parallelism.expert_model_parallel_size=2 train.train_iters=30
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
+
+
+def load_run_config(source: str, overrides: list[str]) -> RunConfig:
+    if source.startswith("recipe:"):
+        from gptoss_model.training.recipes import recipe
+
+        run = recipe(source.removeprefix("recipe:"))
+    else:
+        run = load_yaml(source)
+    return apply_overrides(run, overrides)
+
+
+def die_with_torchrun() -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when torchrun dies (Linux).
+
+    torchrun starts ranks in their own sessions: without this a killed torchrun
+    leaves its ranks training (and writing checkpoints) as orphans."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # torchrun already gone before the call took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    die_with_torchrun()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        run = load_run_config(argv[0], argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from gptoss_model.training.loop import train
+
+    try:
+        train(run)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from gptoss_model import parallel
+
+        parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: torch_dist's checkpoint writer re-imports __main__
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Start `torchrun -m gptoss_model.train` on this host and stop all of it, by process group.
+
+torchrun runs in its own session; its pid goes to a pid file, so whoever must stop it
+later (a cancellation hook in another process) can. Killing torchrun's process group is
+NOT enough: torchrun (torch 2.13) starts every rank with start_new_session=True, so the
+ranks are session leaders of their own groups and keep training after torchrun dies.
+`kill_tree` therefore collects the whole process tree first and kills every group in it;
+and each rank asks the kernel to kill it when torchrun dies (gptoss_model.train sets
+PR_SET_PDEATHSIG), so even a SIGKILL of torchrun alone leaves no rank behind. Rank 0's lines
+(torchrun tags them with `[default0]:` under --tee 3) are handed to a callback as they come.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
+            "--tee", "3", "--local-ranks-filter", "0", "-m", "gptoss_model.train", str(config_yaml),
+            *overrides]
+
+
+def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
+           on_line: Callable[[str], None] = print, env: dict | None = None, cwd: str | Path | None = None,
+           poll: Callable[[], None] | None = None) -> int:
+    """Run training to completion; returns torchrun's exit code. `poll()` is called about
+    twice a second while it runs (checkpoint watching); if it raises, the run is killed."""
+    env = {**os.environ, **(env or {})}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen(torchrun_command(config_yaml, nproc_per_node), env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(proc.pid))
+    try:
+        import threading
+
+        def pump():
+            for line in proc.stdout:
+                on_line(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            if poll is not None:
+                poll()
+            time.sleep(0.5)
+        reader.join(timeout=10)
+        if poll is not None:
+            poll()
+        return proc.returncode
+    except BaseException:
+        kill_tree(proc.pid)
+        raise
+    finally:
+        if proc.poll() is not None:
+            pid_file.unlink(missing_ok=True)
+
+
+def kill_tree(pid: int, sig: int = signal.SIGTERM, grace_s: float = 5.0) -> bool:
+    """Signal torchrun (`pid`) and every descendant, group by group; SIGKILL what is left after
+    `grace_s`. Returns False when nothing was running."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    groups = set()
+    for p in procs:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    for g in groups:
+        with _gone_ok():
+            os.killpg(g, sig)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s if sig != signal.SIGKILL else 5.0)
+    for p in alive:
+        with _gone_ok():
+            p.kill()
+    psutil.wait_procs(alive, timeout=5.0)
+    return True
+
+
+class _gone_ok:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import psutil
+
+        return exc_type is not None and issubclass(exc_type, (ProcessLookupError, psutil.NoSuchProcess))
+
+
+def kill_from_pid_file(pid_file: Path) -> bool:
+    """Stop the torchrun group recorded in `pid_file` (a cancellation/failure hook's job)."""
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return False
+    killed = kill_tree(pid)
+    Path(pid_file).unlink(missing_ok=True)
+    return killed

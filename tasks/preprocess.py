@@ -1,0 +1,260 @@
+"""Preprocess stage: JSONL corpora (any fsspec URL) -> a `dataset` artifact.
+
+flows/preprocess.py -> here -> gptoss_model/data/ (pretrain.py, sft.py)
+
+The tokenizer is the `tokenizer.json` of an hf-checkpoint artifact (pulled from the store,
+never downloaded from a hub). `mode="pretrain"` writes megatron indexed `.bin/.idx` shards;
+`mode="sft"` renders chat records with the checkpoint's chat template and writes packed,
+loss-masked shards plus `sft.json`. The version fingerprints the parameters, the tokenizer
+artifact and the input files (URL, size, ETag / mtime), so the same corpus preprocessed the
+same way is a cache hit. The staging dir and the tokenised parts beside it survive a killed
+attempt: a rerun redoes only unfinished work units and shards. Given `dask_address`, the
+work units and shards run as Prefect tasks on that Dask cluster (prefect-dask), which must
+see the inputs and the staging directory (object-store inputs, a shared workdir).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
+from gptoss_model.data.sft import build_sft_dataset
+from gptoss_model.data.sources import expand_sources
+from gptoss_model.data.tokenizer import tokenizer_spec
+from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
+                          run_logged_stage, stage_task)
+from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
+
+
+STAGE = "preprocess"
+KIND = "dataset"
+INPUT_KIND = "hf-checkpoint"
+CODE_VERSION = "1"
+
+# (documents, tokens, input bytes done, input bytes total)
+ProgressFn = Callable[[int, int, int, int], None]
+
+
+class PreprocessParams(BaseModel):
+    inputs: list[str] = Field(..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs "
+                              "(s3://...), plain, .gz or .zst; read in the order given, each glob sorted")
+    tokenizer: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN, description="hf-checkpoint/NAME[@VERSION|@REF] "
+                           "whose tokenizer (and chat template, for sft) is used")
+    name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output dataset artifact name")
+    mode: Literal["pretrain", "sft"] = "pretrain"
+    json_keys: list[str] = Field(["text"], min_length=1, description="pretrain: JSON keys to tokenise; one "
+                                 "indexed dataset per key and shard (Megatron-LM's --json-keys)")
+    append_eod: bool = Field(True, description="pretrain: end each document that produced tokens with the "
+                             "tokenizer's eos token (Megatron-LM's --append-eod)")
+    split_sentences: Literal[False] = Field(False, description="Megatron-LM's --split-sentences is not "
+                                            "supported (GPT pretraining uses whole documents)")
+    bad_input: Literal["fail", "skip"] = Field("fail", description="fail: stop at the first bad record "
+                                               "(file:line), commit nothing; skip: count and report them")
+    shard_tokens: int | None = Field(None, ge=1, description="pretrain: close a shard after the document "
+                                     "that reaches this many tokens; None: one shard")
+    messages_key: str = Field("messages", description="sft: the key holding the chat messages")
+    target_length: int = Field(2048, ge=16, description="sft: packed sample length (tokens)")
+    shard_samples: int | None = Field(None, ge=1, description="sft: packed samples per shard; None: one shard")
+    unit_mb: int = Field(64, ge=1, le=4096, description="work unit size: plain files are split into byte "
+                         "ranges of about this size (output bytes do not depend on it)")
+    workers: int = Field(1, ge=1, le=256, description="local tokenising processes (output bytes do not "
+                         "depend on it)")
+    dask_address: str | None = Field(None, description="scheduler address (tcp://host:8786) of a Dask cluster "
+                                     "to run the work units on, through prefect-dask")
+    input_s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// inputs; "
+                                              "default: the store's endpoint")
+    workdir: str | None = Field(None, description="staging dir parent (kept across attempts, so a rerun "
+                                "resumes; shared by all Dask workers when dask_address is set)")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+    @field_validator("json_keys")
+    @classmethod
+    def _distinct_keys(cls, keys: list[str]) -> list[str]:
+        if len(set(keys)) != len(keys) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k in keys):
+            raise ValueError(f"json_keys must be distinct names of letters, digits, '_', '.', '-': {keys}")
+        return keys
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, address: str | None) -> str | None:
+        if address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?|[^\s/:]+:\d+", address):
+            raise ValueError(f"dask_address {address!r}: expected a scheduler address like tcp://host:8786")
+        return address
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> "PreprocessParams":
+        if self.mode == "sft" and self.shard_tokens is not None:
+            raise ValueError("shard_tokens applies to mode=pretrain; use shard_samples for sft")
+        return self
+
+    def storage_options(self) -> dict:
+        endpoint = self.input_s3_endpoint_url or self.store.s3_endpoint_url
+        if endpoint and any(i.startswith(("s3://", "s3a://")) for i in self.inputs):
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+        return {}
+
+    def fingerprint_params(self, input_files: list[dict]) -> dict:
+        """What defines the output: options and the input files' identity (not workers, units, dask)."""
+        common = {"mode": self.mode, "bad_input": self.bad_input, "inputs": self.inputs, "files": input_files}
+        if self.mode == "sft":
+            return {**common, "messages_key": self.messages_key, "target_length": self.target_length,
+                    "shard_samples": self.shard_samples}
+        return {**common, "json_keys": self.json_keys, "append_eod": self.append_eod,
+                "shard_tokens": self.shard_tokens}
+
+
+def _input_identity(params: PreprocessParams) -> list[dict]:
+    import fsspec
+
+    identity = []
+    for f in expand_sources(params.inputs, params.storage_options()):
+        fs, path = fsspec.core.url_to_fs(f.url, **params.storage_options())
+        info = fs.info(path)
+        stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        identity.append({"url": f.url, "size": f.size, "stamp": str(stamp)})
+    return identity
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json")
+
+
+def tokenizer_dir(store: ArtifactStore, source, workdir: Path) -> Path:
+    """A local directory with the checkpoint's tokenizer files only (not its weights)."""
+    from tasks.store.backends import LocalBackend
+
+    if isinstance(store.backend, LocalBackend):
+        return store.local_path(source)
+    wanted = source.model_copy(update={"files": [f for f in source.files if f.path in TOKENIZER_FILES]})
+    return store.download(wanted, workdir)
+
+
+def resolve_tokenizer(store: ArtifactStore, spec: str):
+    kind, name, selector = parse_artifact_spec(spec)
+    if kind != INPUT_KIND:
+        raise InvalidNameError(f"preprocess takes its tokenizer from an {INPUT_KIND} artifact, got {spec!r}")
+    return store.resolve(kind, name, selector)
+
+
+class _Progress:
+    """Counts documents/tokens/bytes from the library; feeds the stage's progress artifact and a callback."""
+
+    def __init__(self, total_bytes: int, description: str, callback: ProgressFn | None):
+        self.total, self.callback = total_bytes, callback
+        self.documents = self.tokens = self.bytes = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self.stage = StageProgress(description)
+
+    def __call__(self, documents: int, tokens: int, nbytes: int) -> None:
+        with self._lock:
+            self.documents += documents
+            self.tokens += tokens
+            self.bytes += nbytes
+            done, rate = self.bytes, self.tokens / max(time.monotonic() - self.started, 1e-9)
+            if self.stage.sink is not None:  # the artifact's text carries the counts and the rate
+                self.stage.sink.description = (f"{self.documents:,} documents, {self.tokens:,} tokens, "
+                                               f"{rate:,.0f} tokens/s")
+        self.stage(done, max(self.total, 1))
+        if self.callback:
+            self.callback(self.documents, self.tokens, done, self.total)
+
+    def finish(self) -> None:
+        self.stage.finish()
+        if self.callback:
+            self.callback(self.documents, self.tokens, self.total, self.total)
+
+
+def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None, *,
+                   progress: ProgressFn | None = None) -> StageResult:
+    """The whole stage without Prefect's task machinery (tests, the CLI)."""
+    store = store or params.store.open()
+    source = resolve_tokenizer(store, params.tokenizer)
+    input_files = _input_identity(params)
+    scratch_dirs: list[Path] = []
+
+    def build(staging: Path) -> dict:
+        scratch_dirs.append(staging.with_name(staging.name + ".tokenizer"))
+        checkpoint_dir = tokenizer_dir(store, source, scratch_dirs[-1])
+        meter = _Progress(sum(f["size"] for f in input_files), f"preprocess {params.name}", progress)
+        started = time.monotonic()
+        if params.mode == "sft":
+            metrics = build_sft_dataset(params.inputs, checkpoint_dir, staging, target_length=params.target_length,
+                                        messages_key=params.messages_key, bad_input=params.bad_input,
+                                        shard_samples=params.shard_samples,
+                                        storage_options=params.storage_options(), progress=meter)
+        else:
+            parts = staging.with_name(staging.name + ".parts")  # beside staging: never uploaded
+            scratch_dirs.append(parts)
+            options = PretrainOptions(json_keys=tuple(params.json_keys), append_eod=params.append_eod,
+                                      bad_input=params.bad_input, shard_tokens=params.shard_tokens,
+                                      unit_bytes=params.unit_mb << 20)
+            metrics = build_pretraining_dataset(
+                params.inputs, tokenizer_spec(checkpoint_dir), staging, parts, options, workers=params.workers,
+                map_fn=dask_map(params.dask_address) if params.dask_address else None, progress=meter,
+                storage_options=params.storage_options())
+        meter.finish()
+        seconds = time.monotonic() - started
+        metrics.update(mode=params.mode, tokenizer=source.spec, tokenize_seconds=round(seconds, 3),
+                       tokens_per_second=round(metrics["tokens"] / max(seconds, 1e-9)))
+        _publish_summary(params, metrics)
+        return metrics
+
+    stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=params.name,
+                             params=params.fingerprint_params(input_files), build=build, inputs=[source],
+                             workdir=params.workdir, resumable=True)
+    for scratch in scratch_dirs:  # committed: tokenised parts and pulled tokenizer files are no longer needed
+        shutil.rmtree(scratch, ignore_errors=True)
+    return stage
+
+
+def summary_rows(metrics: dict) -> list[dict]:
+    """One row per shard, then one per skipped-record reason (shown in Prefect and the CLI)."""
+    rows = [{"item": f"shard {s['shard']}", **{k: v for k, v in s.items() if k != "shard"}}
+            for s in metrics.get("shards", [])]
+    skipped = metrics.get("skipped_records", {})
+    for reason, count in skipped.get("counts", {}).items():
+        rows.append({"item": f"skipped: {reason}", "documents": count,
+                     "first positions": "; ".join(skipped["examples"].get(reason, [])[:3])})
+    return rows
+
+
+def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(table=summary_rows(metrics), key=artifact_key(KIND, params.name, "summary"),
+                          description=f"preprocess {params.name}: {metrics['documents']:,} documents, "
+                                      f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s")
+
+
+def dask_map(address: str):
+    """A `map_fn` running each job as a Prefect task on the Dask cluster at `address` (prefect-dask)."""
+    def run(function, jobs, on_done=None):
+        from prefect_dask import DaskTaskRunner
+
+        from prefect import task
+
+        remote = task(function, name=f"preprocess-{function.__name__.replace('_', '-')}", retries=1,
+                      retry_condition_fn=retry_worthwhile)
+        with DaskTaskRunner(address=address) as runner:
+            futures = [runner.submit(remote, {"job": job}) for job in jobs]
+            results = []
+            for future in futures:
+                results.append(future.result())
+                if on_done:
+                    on_done(results[-1])
+        return results
+    return run
+
+
+preprocess_dataset = stage_task(run_preprocess, name="preprocess-dataset",
+                                describe=lambda p: f"preprocess {p.name} ({p.mode}, {len(p.inputs)} input(s))")

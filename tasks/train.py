@@ -1,0 +1,242 @@
+"""Train stage: recipe + `megatron-checkpoint` + `dataset` -> `train-checkpoint` versions.
+
+flows/train.py -> here -> gptoss_model/training/ (torchrun -m gptoss_model.train)
+
+The run's identity is a fingerprint of the resolved config (recipe + overrides,
+without local paths) and the input artifacts' versions. Its working directory
+`{workdir}/train-{identity}` keeps checkpoints across attempts. While torchrun
+runs, every checkpoint the trainer completes (the tracker file names it) is
+committed as a `train-checkpoint` version (parameters: run identity and
+iteration; inputs: base checkpoint and dataset; the recipe is in the manifest's
+parameters). A retry on another machine first pulls the newest committed
+version and resumes from it. The flow's cancellation/failure hooks kill the
+torchrun process group through the pid file (`pid_file(params)`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
+from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
+from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+KIND = "train-checkpoint"
+CODE_VERSION = "1"
+_RANK0 = re.compile(r"^\[default0\]:")
+
+
+class TrainingFailed(RuntimeError):
+    """torchrun exited non-zero for a reason a retry may fix (a killed rank, a lost node)."""
+
+
+class TrainParams(BaseModel):
+    recipe: str = Field(..., description="recipe name (tiny_pretrain, gpt_oss_20b_finetune, ...) or a YAML run config")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, e.g. "
+                                      "{'train.train_iters': 100, 'optimizer.lr': 1e-4}")
+    base_checkpoint: str | None = Field(None, description="megatron-checkpoint/NAME[@VERSION|@REF]: initial weights")
+    dataset: str | None = Field(None, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
+    name: str = Field(..., description="output artifact name (train-checkpoint/NAME)")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host")
+    workdir: str | None = Field(None, description="run directory root (kept across attempts); default GPTOSS_WORKDIR")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+
+def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool = True):
+    """(RunConfig with local input paths, the input manifests, the run identity).
+
+    `materialize=False` skips pulling the inputs (the identity needs only their versions)."""
+    from gptoss_model.training.recipes import RECIPES, recipe
+    from gptoss_model.train import load_run_config
+
+    run = (recipe(params.recipe) if params.recipe.removesuffix("_config") in RECIPES
+           else load_run_config(params.recipe, []))
+    run = apply_overrides(run, params.overrides)
+    inputs = []
+    if params.base_checkpoint:
+        base = _resolve(store, params.base_checkpoint, "megatron-checkpoint")
+        inputs.append(base)
+        run.checkpoint.pretrained_checkpoint = str(store.local_path(base)) if materialize else base.spec
+    if params.dataset:
+        data = _resolve(store, params.dataset, "dataset")
+        inputs.append(data)
+        prefixes = data.metrics.get("data_prefixes")
+        if not prefixes:
+            raise ConfigError(f"{data.spec}: its manifest lists no data_prefixes")
+        if any(f.path == "sft.json" for f in data.files):  # the packed SFT layout
+            run.data.kind = "sft"
+        if materialize:
+            root = store.local_path(data)
+            run.data.data_paths = [str(root / p) for p in prefixes]
+    identity_cfg = to_dict(run)
+    identity_cfg["checkpoint"]["pretrained_checkpoint"] = None
+    identity_cfg["data"]["data_paths"] = []
+    identity_cfg["dir"] = None
+    blob = json.dumps({"name": params.name, "config": identity_cfg,
+                       "inputs": [(m.kind, m.name, m.version) for m in inputs]}, sort_keys=True)
+    return run, inputs, hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _resolve(store: ArtifactStore, spec: str, kind: str):
+    got_kind, name, selector = parse_artifact_spec(spec)
+    if got_kind != kind:
+        raise ConfigError(f"expected a {kind} artifact, got {spec!r}")
+    return store.resolve(kind, name, selector)
+
+
+def run_dir(params: TrainParams, identity: str) -> Path:
+    return default_workdir(params.workdir) / f"train-{identity}"
+
+
+def pid_file(params: TrainParams, store: ArtifactStore | None = None) -> Path:
+    """Where the running torchrun's pid is kept (the cancellation hook reads it)."""
+    store = store or params.store.open()
+    _, _, identity = resolve_run(params, store, materialize=False)
+    return run_dir(params, identity) / "torchrun.pid"
+
+
+def _committed(store: ArtifactStore, name: str, identity: str) -> list:
+    return sorted((m for m in store.list(KIND) if m.name == name and m.parameters.get("run") == identity),
+                  key=lambda m: m.parameters["iteration"])
+
+
+def _pull_newest(store: ArtifactStore, name: str, identity: str, save_dir: Path) -> int | None:
+    """Put the newest committed checkpoint of this run into save_dir (a retry elsewhere)."""
+    from gptoss_model.checkpoint_layout import TRACKER_FILE
+
+    if (save_dir / TRACKER_FILE).is_file():
+        return int((save_dir / TRACKER_FILE).read_text())
+    done = _committed(store, name, identity)
+    if not done:
+        return None
+    newest = done[-1]
+    store.download(newest, save_dir)
+    log.info("resuming from committed %s (iteration %d)", newest.spec, newest.parameters["iteration"])
+    return newest.parameters["iteration"]
+
+
+def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageResult:
+    """The whole stage without Prefect's task machinery: launch, watch, commit each checkpoint."""
+    from gptoss_model.checkpoint_layout import TRACKER_FILE, iter_dir_name
+    from gptoss_model.training import launch
+    from gptoss_model.training.metrics import read_metrics
+    from gptoss_model.training.preflight import preflight
+
+    store = store or params.store.open()
+    run, inputs, identity = resolve_run(params, store)
+    home = run_dir(params, identity)
+    run.dir = str(home)
+    run.checkpoint.save = str(home / "checkpoints")
+    run.checkpoint.load = None
+    print(preflight(run, params.nproc_per_node, local_world_size=params.nproc_per_node))  # before launch
+    save_dir = run.save_dir()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    _pull_newest(store, params.name, identity, save_dir)
+    config_yaml = home / "run_config.yaml"
+    save_yaml(run, config_yaml)
+    progress = StageProgress(f"train {params.name} ({run.train.train_iters} iterations)")
+    state = {"committed": {m.parameters["iteration"] for m in _committed(store, params.name, identity)},
+             "last": None}
+
+    def commit(iteration: int) -> StageResult:
+        def build(staging: Path) -> dict:
+            shutil.copytree(save_dir / iter_dir_name(iteration), staging / iter_dir_name(iteration))
+            (staging / TRACKER_FILE).write_text(str(iteration))
+            recs = [r for r in read_metrics(run.metrics_path()) if r["iteration"] <= iteration and "loss" in r]
+            return {"iteration": iteration, "loss": recs[-1]["loss"] if recs else None,
+                    "consumed_samples": iteration * run.train.global_batch_size, "recipe": params.recipe}
+
+        return run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=params.name,
+                                params={"run": identity, "iteration": iteration, "config": to_dict(run) | {
+                                    "dir": None}}, build=build, inputs=inputs, workdir=params.workdir)
+
+    def watch() -> None:
+        tracker = save_dir / TRACKER_FILE
+        if tracker.is_file():
+            # Every iter dir up to the tracker's iteration is complete (the tracker moves only
+            # after a save finished); commit each, also those two polls apart.
+            latest = int(tracker.read_text().strip())
+            saved = sorted(int(d.name[5:]) for d in save_dir.glob("iter_*") if d.name[5:].isdigit())
+            for it in (i for i in saved if i <= latest and i not in state["committed"]):
+                state["last"] = commit(it)
+                state["committed"].add(it)
+        if run.metrics_path().is_file():
+            recs = [r for r in read_metrics(run.metrics_path()) if "loss" in r]
+            if recs:
+                progress(recs[-1]["iteration"], run.train.train_iters)
+
+    def on_line(line: str) -> None:
+        log.info("%s", _RANK0.sub("", line))
+
+    rc = launch.launch(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=home / "torchrun.pid",
+                       on_line=on_line, poll=watch)
+    if rc == 2:
+        raise ConfigError(f"training refused its config (exit 2); see the log above ({config_yaml})")
+    if rc != 0:
+        raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: "
+                             f"{sorted(state['committed'])} (a retry resumes from the newest)")
+    recs = [r for r in read_metrics(run.metrics_path()) if "loss" in r] if run.metrics_path().is_file() else []
+    reached = recs[-1]["iteration"] if recs else 0
+    if reached < run.train.train_iters:  # torchrun exits 0 when its ranks were terminated by a signal
+        raise TrainingFailed(f"training stopped at iteration {reached} of {run.train.train_iters}; "
+                             f"checkpoints committed: {sorted(state['committed'])}")
+    progress.finish()
+    publish_metrics(run)
+    if state["last"] is None:  # everything was already committed (a rerun)
+        done = _committed(store, params.name, identity)
+        if not done:
+            raise ConfigError("training finished without a checkpoint: set checkpoint.save_final=true")
+        return StageResult(done[-1], cache_hit=True)
+    return state["last"]
+
+
+def publish_metrics(run: RunConfig) -> None:
+    """A metrics table and a loss-curve picture (markdown with an embedded PNG) on the run."""
+    if not in_prefect_run() or not run.metrics_path().is_file():
+        return
+    import base64
+    import io
+
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from gptoss_model.training.metrics import read_metrics
+
+    recs = read_metrics(run.metrics_path())
+    train = [r for r in recs if "loss" in r]
+    create_table_artifact(key="train-metrics", description=f"{run.name}: per-step metrics", table=[
+        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in train])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss-curve picture")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train")
+    val = [r for r in recs if "val_loss" in r]
+    if val:
+        ax.plot([r["iteration"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    create_markdown_artifact(key="train-loss-curve", description=f"{run.name}: loss curve",
+                             markdown=f"### {run.name}: loss\n\n![loss curve](data:image/png;base64,{png})")
+
+
+train_model = stage_task(run_train, name="train", describe=lambda p: f"train {p.name} ({p.recipe})")

@@ -1,0 +1,203 @@
+"""The preprocess stage: store in/out (file and moto S3), cache hits, CLI, crash resume, Dask, Prefect."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.common import StoreSettings
+from tasks.preprocess import PreprocessParams, run_preprocess
+from tasks.store import ArtifactStore, run_stage
+from tests.preprocess.fixtures import GOLDEN, U16_TOKENIZER, corpus_lines, write_split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def commit_tokenizer(store: ArtifactStore, name: str = "tiny", source: Path = U16_TOKENIZER) -> str:
+    """An hf-checkpoint artifact holding only tokenizer files (all the stage reads of it)."""
+    def build(staging: Path) -> dict:
+        for f in source.iterdir():
+            shutil.copy(f, staging / f.name)
+        return {}
+
+    return run_stage(store, stage="test-tokenizer", code_version="1", kind="hf-checkpoint", name=name,
+                     params={}, build=build).spec
+
+
+def _shard_bytes(store: ArtifactStore, manifest, tmp: Path) -> dict[str, bytes]:
+    local = store.download(manifest, tmp)
+    return {p.name: p.read_bytes() for p in sorted(local.glob("shard_*"))}
+
+
+def _golden(name: str = "u16_eod") -> dict[str, bytes]:
+    return {f"shard_00000_text_document.{ext}": (GOLDEN / f"{name}_text_document.{ext}").read_bytes()
+            for ext in ("bin", "idx")}
+
+
+def test_stage_on_file_store_cache_hit_and_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    tok = commit_tokenizer(store)
+    params = PreprocessParams(tokenizer=tok, name="docs", inputs=[str(GOLDEN / "corpus.jsonl")],
+                              workdir=str(tmp_path / "work"), store=StoreSettings(url=store.url))
+    seen = []
+    first = run_preprocess(params, store, progress=lambda *a: seen.append(a))
+    m = first.manifest
+    assert m.kind == "dataset" and not first.cache_hit
+    assert m.metrics["data_prefixes"] == ["shard_00000_text_document"]
+    assert m.metrics["shards"][0]["documents"] == len(corpus_lines())
+    assert m.metrics["shards"][0]["bytes"] == sum(len(v) for v in _golden().values())
+    assert _shard_bytes(store, m, tmp_path / "pulled") == _golden()
+    assert seen[-1][0] == len(corpus_lines()) and seen[-1][2] == seen[-1][3]
+    assert m.inputs[0].kind == "hf-checkpoint"
+    assert not list((tmp_path / "work").iterdir())  # staging and tokenised parts cleaned after commit
+
+    again = run_preprocess(params.model_copy(update={"workers": 2}), store)
+    assert again.cache_hit and again.manifest.version == m.version  # workers do not define the output
+
+    result = CliRunner().invoke(app, ["preprocess", tok, "docs-cli", str(GOLDEN / "corpus.jsonl"),
+                                      "--no-append-eod", "--store", store.url, "--workdir", str(tmp_path / "w2")])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output and "shard 0" in result.output
+    cli = store.resolve("dataset", "docs-cli")
+    assert _shard_bytes(store, cli, tmp_path / "pulled-cli") == _golden("u16_noeod")
+
+
+def test_sft_mode_through_the_stage(tmp_path):
+    from gptoss_model.data.packed_sft import PackedSFTDataset
+    from gptoss_model.tiny_checkpoint import _write_tokenizer, build_tokenizer
+
+    chat_tokenizer = tmp_path / "chat_tok"
+    chat_tokenizer.mkdir()
+    _write_tokenizer(chat_tokenizer, build_tokenizer(), 1024)
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    tok = commit_tokenizer(store, "tiny-chat", chat_tokenizer)
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": "answer " * (i % 9 + 1)}]})
+                              + "\n" for i in range(40)))
+    m = run_preprocess(PreprocessParams(tokenizer=tok, name="chat", inputs=[str(corpus)], mode="sft",
+                                        target_length=128, workdir=str(tmp_path / "w")), store).manifest
+    assert 0.5 < m.metrics["packing_efficiency"] <= 1.0 and m.metrics["documents"] == 40
+    local = store.download(m, tmp_path / "pulled")
+    datasets = PackedSFTDataset.from_artifact(local)
+    assert sum(len(d) for d in datasets) == m.metrics["samples"]
+    assert max(int(d.sample_lengths.max()) for d in datasets) <= 128
+    assert m.metrics["data_prefixes"] == json.loads((local / "sft.json").read_text())["prefixes"]
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="inputs"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=[])
+    with pytest.raises(ValueError, match="dask_address"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], dask_address="not an address")
+    with pytest.raises(ValueError, match="json_keys must be distinct"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], json_keys=["text", "text"])
+    with pytest.raises(ValueError, match="split_sentences"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], split_sentences=True)
+    with pytest.raises(ValueError, match="shard_samples for sft"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], mode="sft", shard_tokens=5)
+
+
+@pytest.mark.s3
+def test_s3_inputs_and_store(tmp_path, s3_bucket, s3_endpoint):
+    """Inputs (.jsonl.gz and .jsonl) read from moto S3, the dataset written to an S3 store."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    parts = write_split(corpus_lines(), tmp_path / "split", 2)
+    fs.pipe(f"{s3_bucket}/corpus/a.jsonl.gz", gzip.compress(parts[0].read_bytes()))
+    fs.pipe(f"{s3_bucket}/corpus/b.jsonl", parts[1].read_bytes())
+    store = ArtifactStore(f"s3://{s3_bucket}/artifacts", s3_endpoint_url=s3_endpoint)
+    tok = commit_tokenizer(store)
+    params = PreprocessParams(tokenizer=tok, name="s3docs", inputs=[f"s3://{s3_bucket}/corpus/*"],
+                              workdir=str(tmp_path / "work"), unit_mb=1,
+                              store=StoreSettings(url=store.url, s3_endpoint_url=s3_endpoint))
+    m = run_preprocess(params, store).manifest
+    assert m.metrics["input_files"] == 2
+    assert _shard_bytes(store, m, tmp_path / "pulled") == _golden()
+
+
+def _big_corpus(tmp_path: Path, copies: int = 40) -> Path:
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"".join(corpus_lines()) * copies)  # ~3 MB: several 1 MB units
+    return path
+
+
+def test_kill_9_then_resume_redoes_only_unfinished_work(tmp_path):
+    store_url = (tmp_path / "store").as_uri()
+    store = ArtifactStore(store_url)
+    tok = commit_tokenizer(store)
+    corpus = _big_corpus(tmp_path)
+    work = tmp_path / "work"
+    args = [sys.executable, str(Path(__file__).with_name("stage_child.py")), store_url, tok, str(corpus), str(work)]
+    env = {**os.environ, "GPTOSS_PREPROCESS_SLOW_UNITS": "1.5"}  # widen the window the kill lands in
+    child = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("*.parts/unit_*.json")):
+            assert child.poll() is None, "the child finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    done_before = len(list(work.glob("*.parts/unit_*.json")))
+    assert store.get_ref("dataset", "big", "latest") is None  # nothing committed
+
+    resumed = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert metrics["resumed_units"] == done_before >= 1
+    assert metrics["resumed_units"] < metrics["work_units"]
+
+    fresh = ArtifactStore((tmp_path / "fresh").as_uri())
+    tok2 = commit_tokenizer(fresh)
+    clean = run_preprocess(PreprocessParams(tokenizer=tok2, name="big", inputs=[str(corpus)], unit_mb=1,
+                                            shard_tokens=300_000, workdir=str(tmp_path / "w2")), fresh).manifest
+    resumed_manifest = store.resolve("dataset", "big")
+    assert [(f.path, f.sha256) for f in resumed_manifest.files] == [(f.path, f.sha256) for f in clean.files]
+    assert len(clean.metrics["shards"]) > 1
+
+
+@pytest.mark.prefect
+def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness, monkeypatch):
+    """The flow runs with a Prefect progress and table artifact; its units on a 2-worker Dask cluster."""
+    from distributed import LocalCluster
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.preprocess import preprocess_flow
+
+    store = ArtifactStore((tmp_path / "store").as_uri())
+    tok = commit_tokenizer(store)
+    corpus = _big_corpus(tmp_path, copies=15)
+    base = dict(tokenizer=tok, inputs=[str(corpus)], unit_mb=1, shard_tokens=200_000,
+                store=StoreSettings(url=store.url))
+    local = preprocess_flow(PreprocessParams(name="local", workdir=str(tmp_path / "w1"), **base))
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report to the same server
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        on_dask = preprocess_flow(PreprocessParams(name="dask", workdir=str(tmp_path / "w2"),
+                                                   dask_address=cluster.scheduler_address, **base))
+    assert on_dask.metrics["work_units"] > 1 and len(on_dask.metrics["shards"]) > 1
+    ran_on = set(on_dask.metrics["tokenizing_processes"])
+    assert len(ran_on) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in ran_on  # the two Dask workers
+    assert [(f.path, f.sha256) for f in on_dask.files] == [(f.path, f.sha256) for f in local.files]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        kinds = {a.type for a in client.read_artifacts()}
+    assert {"progress", "table"} <= kinds
