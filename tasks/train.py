@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ class TrainParams(BaseModel):
     recipe: str = Field(..., description="recipe name (tiny_pretrain, gpt_oss_20b_finetune, ...) or a YAML run config")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, e.g. "
                                       "{'train.train_iters': 100, 'optimizer.lr': 1e-4}")
-    base_checkpoint: str | None = Field(None, description="megatron-checkpoint/NAME[@VERSION|@REF]: initial weights")
-    dataset: str | None = Field(None, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
-    name: str = Field(..., description="output artifact name (train-checkpoint/NAME)")
+    base_checkpoint: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="megatron-checkpoint/NAME[@VERSION|@REF]: initial weights")
+    dataset: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
+    name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output artifact name (train-checkpoint/NAME)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host")
     workdir: str | None = Field(None, description="run directory root (kept across attempts); default GPTOSS_WORKDIR")
     store: StoreSettings = Field(default_factory=StoreSettings)
