@@ -104,7 +104,8 @@ def _regions(sharded_state_dict: dict) -> dict[str, Region]:
         for d in sizes:
             volume *= d
         if volume != entry.data.numel():
-            raise MegatronCheckpointError(f"{name}: its checkpoint pieces do not form one box of its shape {list(shape)}")
+            raise MegatronCheckpointError(f"{name}: its checkpoint pieces do not form one box of its shape "
+                                          f"{list(shape)}")
         out[name] = Region(keys.pop(), tuple(lo), sizes, shape)
     return out
 

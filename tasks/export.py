@@ -27,6 +27,7 @@ from gptoss_model.errors import PermanentError
 from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf
 from tasks.common import StageProgress, StoreSettings, load_secret_block, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,13 @@ class LineageError(PermanentError, LookupError):
 
 
 class ExportParams(BaseModel):
-    source: str = Field(..., description="megatron-checkpoint/NAME[@VERSION] or train-checkpoint/NAME[@VERSION]")
-    hf_source: str | None = Field(None, description="hf-checkpoint/NAME[@VERSION] for config, tokenizer and chat "
+    source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
+                        description="megatron-checkpoint/NAME[@VERSION] or train-checkpoint/NAME[@VERSION]")
+    hf_source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
+                                  description="hf-checkpoint/NAME[@VERSION] for config, tokenizer and chat "
                                   "template; default: the one the source was made from (its lineage)")
-    name: str | None = Field(None, description="output artifact name; default: the source's name")
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN,
+                             description="output artifact name; default: the source's name")
     weight_format: Literal["bfloat16", "float32", "mxfp4"] = Field(
         "bfloat16", description="bfloat16/float32 everywhere, or mxfp4 experts (re-quantized) with bf16 elsewhere")
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0, description="largest safetensors shard")

@@ -32,6 +32,7 @@ from gptoss_model.verify_layers import default_tolerance as default_layer_tolera
 from tasks.common import StageProgress, StoreSettings, in_prefect_run, run_logged_stage, stage_task
 from tasks.export import HF_KIND, find_hf_source
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.store.names import ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,11 @@ class VerificationFailed(PermanentError, ValueError):
 
 
 class VerifyParams(BaseModel):
-    candidate: str = Field(..., description="megatron-checkpoint/..., train-checkpoint/..., hf-export/... or "
+    candidate: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
+                           description="megatron-checkpoint/..., train-checkpoint/..., hf-export/... or "
                            "hf-checkpoint/... [@VERSION]")
-    reference: str | None = Field(None, description="hf-checkpoint/NAME[@VERSION]; default: the candidate's origin")
+    reference: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
+                                  description="hf-checkpoint/NAME[@VERSION]; default: the candidate's origin")
     mode: Literal["auto", "whole-model", "layer-wise"] = Field("auto", description="auto: whole-model up to "
                                                                "whole_model_max_params, layer-wise above")
     whole_model_max_params: int = Field(2_000_000_000, ge=0)

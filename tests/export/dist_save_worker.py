@@ -23,27 +23,12 @@ LAYOUTS = {"tp2_sp": (2, 1, 1, True), "ep2": (1, 1, 2, False), "pp2": (1, 2, 1, 
            "tp2_sp_ep2": (2, 1, 2, True)}
 
 
-def _cpu_save_patch() -> None:
-    """megatron-core 0.16.1's torch_dist save assumes CUDA twice: its writer preloads tensors with
-    non_blocking=True and then calls torch.cuda.synchronize(), and the finalize step allocates its
-    failure flag on torch.cuda.current_device(). On a CPU-only torch (this test process only) the
-    copy is synchronous anyway and the flag can live on the CPU (gloo)."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    if torch.cuda.is_available():
-        return
-    preload = FileSystemWriterAsync.preload_tensors
-    FileSystemWriterAsync.preload_tensors = staticmethod(lambda buckets, non_blocking=True: preload(buckets, False))
-    torch.cuda.current_device = lambda: "cpu"
-
-
 def main(megatron_dir: str, hf_dir: str, out_root: str, out: str) -> None:
     from megatron.core import dist_checkpointing
 
     from gptoss_model import AutoBridge, parallel
     from gptoss_model.checkpoint_layout import load_megatron_checkpoint, megatron_state_dict
 
-    _cpu_save_patch()
     saved = {}
     for name, (tp, pp, ep, sp) in LAYOUTS.items():
         provider = AutoBridge.from_hf_pretrained(hf_dir).to_megatron_provider(load_weights=False)
