@@ -16,6 +16,12 @@ import sys
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
 
 
+# Exit codes a launcher can tell apart (torchrun reports each rank's as "exitcode: N"):
+# both mean a retry would fail the same way.
+EXIT_CONFIG = 2  # the config was refused
+EXIT_NONFINITE = 3  # loss or gradient norm became NaN/Inf; nothing was saved after the last good step
+
+
 def load_run_config(source: str, overrides: list[str]) -> RunConfig:
     if source.startswith("recipe:"):
         from gptoss_model.training.recipes import recipe
@@ -53,14 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(argv[0], argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    from gptoss_model.training.loop import train
+        return EXIT_CONFIG
+    from gptoss_model.training.loop import NonFiniteLossError, train
 
     try:
         train(run)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     finally:
         from gptoss_model import parallel
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
@@ -35,6 +36,7 @@ STAGE = "train"
 KIND = "train-checkpoint"
 CODE_VERSION = "1"
 _RANK0 = re.compile(r"^\[default0\]:")
+_RANK_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 
 class TrainingFailed(RuntimeError):
@@ -130,6 +132,7 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
     """The whole stage without Prefect's task machinery: launch, watch, commit each checkpoint."""
     from gptoss_model.checkpoint_layout import TRACKER_FILE, iter_dir_name
     from gptoss_model.training import launch
+    from gptoss_model.training.loop import NonFiniteLossError
     from gptoss_model.training.metrics import read_metrics
     from gptoss_model.training.preflight import preflight
 
@@ -176,13 +179,20 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
             if recs:
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
+    rank_exit_codes: set[int] = set()
+
     def on_line(line: str) -> None:
         log.info("%s", _RANK0.sub("", line))
+        if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
+            rank_exit_codes.add(int(reported.group(1)))
 
     rc = launch.launch(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=home / "torchrun.pid",
                        on_line=on_line, poll=watch)
-    if rc == 2:
-        raise ConfigError(f"training refused its config (exit 2); see the log above ({config_yaml})")
+    if rc == EXIT_CONFIG or EXIT_CONFIG in rank_exit_codes:
+        raise ConfigError(f"training refused its config (exit {EXIT_CONFIG}); see the log above ({config_yaml})")
+    if EXIT_NONFINITE in rank_exit_codes:  # permanent: a retry resumes into the same overflow
+        raise NonFiniteLossError(f"training stopped on a non-finite loss or gradient norm (see the log above); "
+                                 f"checkpoints committed: {sorted(state['committed'])}")
     if rc != 0:
         raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: "
                              f"{sorted(state['committed'])} (a retry resumes from the newest)")

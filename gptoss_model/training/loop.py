@@ -68,6 +68,16 @@ def _reduce_loss(losses: list[dict]) -> torch.Tensor:
     return (pair[0] / pair[1].clamp(min=1)).cpu()
 
 
+def _last_good(run: RunConfig) -> str:
+    from gptoss_model.training.checkpoint import iter_dir, latest_iteration
+
+    try:
+        last = latest_iteration(run.save_dir())
+    except Exception:  # noqa: BLE001 - the message must not hide the non-finite value
+        last = None
+    return "none" if last is None else str(iter_dir(run.save_dir(), last))
+
+
 class Trainer:
     """Everything one run holds; `step()` is one optimizer iteration."""
 
@@ -166,11 +176,12 @@ class Trainer:
         update_ok, grad_norm, _ = self.optimizer.step()
         loss = _reduce_loss(losses).item()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if self.run.train.exit_on_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = [f"{name} is {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if not math.isfinite(value)]
+        if bad and self.run.train.exit_on_nonfinite:
             raise NonFiniteLossError(
-                f"iteration {self.iteration + 1}: loss={loss} grad_norm={grad_norm} is not finite; stopped "
-                f"without saving (last good checkpoint: {self.run.save_dir()}); lower optimizer.lr or check "
-                "the data")
+                f"iteration {self.iteration + 1}: {' and '.join(bad)}; stopped without saving "
+                f"(last good checkpoint: {_last_good(self.run)}); lower optimizer.lr or check the data")
         if update_ok:
             self.scheduler.step(increment=self.run.train.global_batch_size)
         self.iteration += 1
