@@ -3,9 +3,11 @@
 flows/train.py -> tasks/train.py -> gptoss_model/training/ (torchrun on this host)
 Run locally:  python -m flows.train RECIPE_OR_YAML NAME [megatron-checkpoint/...] [dataset/...]
 """
-from __future__ import annotations
-
 import sys
+
+# No `from __future__ import annotations` here: `train_flow.serve()` ships the flow to its run
+# process by value (cloudpickle), and a string annotation "TrainParams" cannot be resolved
+# there ("Train_FlowModel is not fully defined"); the class object travels with the function.
 
 from prefect import flow
 

@@ -180,9 +180,12 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
     rank_exit_codes: set[int] = set()
+    # The reader thread has no Prefect run context: a run logger (bound to this task run
+    # here) is what carries rank 0's lines into the flow run's log.
+    out = _run_logger()
 
     def on_line(line: str) -> None:
-        log.info("%s", _RANK0.sub("", line))
+        out.info("%s", _RANK0.sub("", line))
         if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
             rank_exit_codes.add(int(reported.group(1)))
 
@@ -209,6 +212,14 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
             raise ConfigError("training finished without a checkpoint: set checkpoint.save_final=true")
         return StageResult(done[-1], cache_hit=True)
     return state["last"]
+
+
+def _run_logger():
+    if not in_prefect_run():
+        return log
+    from prefect import get_run_logger
+
+    return get_run_logger()
 
 
 def publish_metrics(run: RunConfig) -> None:
