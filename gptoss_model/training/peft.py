@@ -29,7 +29,8 @@ column-parallel, so A is replicated and B split on `out`; linear_proj is
 row-parallel, so A is split on `in` and B replicated. With sequence
 parallelism the adapter path gathers / reduce-scatters the sequence exactly
 like its base, and replicated adapter tensors are tagged so that
-finalize_model_grads sums their partial gradients over the TP ranks.
+finalize_model_grads sums their partial gradients over the TP ranks; split ones carry
+megatron's tensor-parallel attributes so the gradient norm counts every shard.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def _global_key(model, name: str) -> str:
 
 def apply_adapters(model: torch.nn.Module, cfg: PeftConfig, seed: int = 1234) -> list[str]:
     """Freeze `model` and add an adapter to every targeted linear; returns their global names."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      set_tensor_model_parallel_attributes)
 
     for p in model.parameters():
         p.requires_grad = False
@@ -185,6 +187,10 @@ def apply_adapters(model: torch.nn.Module, cfg: PeftConfig, seed: int = 1234) ->
                 # Partial gradients on each TP rank, summed by finalize_model_grads (GPT-OSS
                 # always runs TP with SP: MoE requires it).
                 p.sequence_parallel = True
+            elif tp_size > 1:
+                # A TP shard: without the tag the grad-norm (hence clipping) counts only TP
+                # rank 0's shard, as megatron treats untagged params as TP duplicates.
+                set_tensor_model_parallel_attributes(p, True, 0 if parallel == "column" else 1, 1)
         module._gptoss_base_forward = module.forward
         module.forward = types.MethodType(_adapted_forward, module)
         module.sharded_state_dict = types.MethodType(_adapted_sharded_state_dict, module)

@@ -1,10 +1,11 @@
 """Training on CPU with the tiny GPT-OSS (gloo): layouts, loss, resume, LoRA/DoRA, SFT.
 
 Launches (kept few: each torchrun start costs ~15 s here):
-  1. a world-of-one reference run (`python -m gptoss_model.train`, 3 steps);
+  1. world-of-one reference runs (`python -m gptoss_model.train`): 3 pretraining steps, and
+     LoRA SFT (the TP2+SP adapter run's reference);
   2. one 2-process torchrun running, in turn: TP2+SP, PP2 (3 steps each), EP2
      (30 steps, checkpoints every 10: the uninterrupted run), LoRA SFT on the packed
-     format and DoRA pretraining, both at EP2;
+     format and DoRA pretraining, both at EP2, and LoRA SFT at TP2+SP;
   3. `torchrun -m gptoss_model.train` at EP2, killed with SIGKILL (whole process
      group) right after its step-10 checkpoint; then a half-written iter_0000015/ is
      planted; 4. the same command again resumes to step 20.
@@ -51,6 +52,26 @@ def reference(train_env):
     return read_metrics(train_env["root"] / "runs" / "world1" / "metrics.jsonl")
 
 
+def _sft(env):
+    return ["data.kind=sft", f"data.data_paths=[{', '.join(env['sft_prefixes'])}]"]
+
+
+def _peft_overrides(method):
+    dim, alpha = (4, 4) if method == "lora" else (4, 8)
+    return [f"peft.method={method}", f"peft.dim={dim}", f"peft.alpha={alpha}", f"train.train_iters={PEFT_STEPS}",
+            f"checkpoint.save_interval={PEFT_STEPS}", "train.eval_interval=0", "optimizer.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(train_env):
+    """LoRA on the packed SFT data at world 1: what the TP2+SP adapter run must reproduce."""
+    cmd = [sys.executable, "-m", "gptoss_model.train", str(train_env["config"]), _dir(train_env, "lora_world1"),
+           *_peft_overrides("lora"), *_sft(train_env), "checkpoint.save_interval=0", "checkpoint.save_final=false"]
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [r for r in read_metrics(train_env["root"] / "runs" / "lora_world1" / "metrics.jsonl") if "loss" in r]
+
+
 @pytest.fixture(scope="module")
 def two_process(train_env, tmp_path_factory):
     cfg = str(train_env["config"])
@@ -58,12 +79,10 @@ def two_process(train_env, tmp_path_factory):
             for n, ov in LAYOUTS.items()]
     runs.append({"name": "ep2", "config": cfg, "overrides": [_dir(train_env, "ep2"), *EP2,
                                                              "checkpoint.save_interval=10"]})
-    sft = ["data.kind=sft", f"data.data_paths=[{', '.join(train_env['sft_prefixes'])}]"]
-    for method, dim, alpha, data in (("lora", 4, 4, sft), ("dora", 4, 8, [])):  # LoRA: packed SFT data
-        runs.append({"name": method, "config": cfg, "overrides": [
-            _dir(train_env, method), *EP2, f"peft.method={method}", f"peft.dim={dim}", f"peft.alpha={alpha}",
-            f"train.train_iters={PEFT_STEPS}", f"checkpoint.save_interval={PEFT_STEPS}", "train.eval_interval=0",
-            "optimizer.lr=1e-2", *data]})
+    for name, method, layout, data in (("lora", "lora", EP2, _sft(train_env)), ("dora", "dora", EP2, []),
+                                       ("lora_tp2", "lora", LAYOUTS["tp2_sp"], _sft(train_env))):
+        runs.append({"name": name, "config": cfg, "overrides": [_dir(train_env, name), *layout,
+                                                                *_peft_overrides(method), *data]})
     spec = tmp_path_factory.mktemp("spec") / "spec.json"
     spec.write_text(json.dumps({"runs": runs}))
     return run_torchrun(WORKER, spec, result=spec.with_name("out.json"), timeout=600)
@@ -99,11 +118,11 @@ def test_loss_falls_over_30_steps_on_real_text(two_process):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "lora_tp2"])
 def test_adapters_train_with_the_base_frozen(two_process, train_env, method):
     r = two_process[method]
     recs = [x for x in r["metrics"] if "loss" in x]
-    print(f"\n{method} EP2: loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}, trainable params/rank "
+    print(f"\n{method}{'' if method.endswith('tp2') else ' EP2'}: loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}, trainable params/rank "
           f"{r['trainable']}")
     assert r["base_unchanged"]
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.1
@@ -166,3 +185,18 @@ def test_resume_after_kill_is_bitwise_exact_and_ignores_incomplete_saves(two_pro
         assert got[it]["loss"] == want[it]["loss"] and got[it]["grad_norm"] == want[it]["grad_norm"]
         assert got[it]["lr"] == want[it]["lr"]
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "20"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lora_under_tp2_sp_trains_the_same_adapter_as_one_process(two_process, lora_reference):
+    """B starts at zero, so step 1 only checks the base; steps 2+ run through the adapter's
+    TP2+SP forward (column/row splits, sequence gather/reduce-scatter) and its gradients
+    (replicated A/B tensors summed over the TP ranks): every step must match world 1."""
+    got = [r for r in two_process["lora_tp2"]["metrics"] if "loss" in r]
+    assert len(got) == len(lora_reference) == PEFT_STEPS
+    for want, have in zip(lora_reference, got):
+        print(f"LoRA TP2+SP iteration {want['iteration']}: loss {have['loss']:.8f} vs {want['loss']:.8f}, "
+              f"grad norm {have['grad_norm']:.6f} vs {want['grad_norm']:.6f}")
+        assert _rel(have["loss"], want["loss"]) < 1e-4
+        assert _rel(have["grad_norm"], want["grad_norm"]) < 1e-4
