@@ -194,7 +194,8 @@ def load_adapted_megatron(base_megatron_path: str | Path, adapter_path: str | Pa
     state = {k: v for k, v in model.sharded_state_dict().items() if is_adapter_key(k)}
     loaded = dist_checkpointing.load({"model": state}, str(resolve_iter_dir(adapter_path)))
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    if unexpected or any(is_adapter_key(k) for k in missing):
+    missing = [k for k in missing if is_adapter_key(k)]  # the base weights were loaded above
+    if unexpected or missing:
         raise AdapterExportError(f"{adapter_path}: adapter tensors do not fit the model "
-                                 f"(unexpected {unexpected[:3]}, missing {[k for k in missing if is_adapter_key(k)][:3]})")
+                                 f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
     return model.eval()

@@ -144,3 +144,45 @@ def test_adapter_only_checkpoint_without_its_base_is_refused(runs, tmp_path):
         export_megatron_to_hf(runs["lora"], tmp_path / "out", config=runs["hf"])
     with pytest.raises(ExportError, match="no LoRA/DoRA adapters"):
         export_megatron_to_hf(runs["base"], tmp_path / "out2", config=runs["hf"], base_megatron_path=runs["base"])
+
+
+def test_export_stage_merges_a_train_checkpoint_into_the_base_found_through_lineage(runs, tmp_path):
+    """hf-checkpoint -> convert -> megatron-checkpoint -> (a LoRA run's) train-checkpoint -> export."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tasks.common import StoreSettings
+    from tasks.convert import ConvertParams, run_convert
+    from tasks.export import ExportParams, run_export
+    from tasks.store import ArtifactStore, run_stage
+
+    url = (tmp_path / "store").as_uri()
+    store = ArtifactStore(url)
+
+    def copy_of(path):
+        return lambda staging: shutil.copytree(path, staging, dirs_exist_ok=True) and {}
+
+    hf = run_stage(store, stage="download", code_version="test", kind="hf-checkpoint", name="tiny/gpt-oss",
+                   params={"source": str(runs["hf"])}, build=copy_of(runs["hf"])).manifest
+    meg = run_convert(ConvertParams(source=f"hf-checkpoint/{hf.name}", dtype="float32",
+                                    workdir=str(tmp_path / "w"), store=StoreSettings(url=url)), store).manifest
+    # What the train stage commits: the run's iteration dir + tracker, with the base among its inputs.
+    trained = run_stage(store, stage="train", code_version="test", kind="train-checkpoint", name="tiny-lora",
+                        params={"iteration": STEPS}, build=copy_of(runs["lora"]), inputs=[meg]).manifest
+    params = ExportParams(source=f"train-checkpoint/{trained.name}", weight_format="float32", peft_adapter=True,
+                          workdir=str(tmp_path / "w"), store=StoreSettings(url=url))
+    m = run_export(params, store).manifest
+    assert {(i.kind, i.version) for i in m.inputs} == {("train-checkpoint", trained.version),
+                                                         ("megatron-checkpoint", meg.version),
+                                                         ("hf-checkpoint", hf.version)}
+    assert m.metrics["base_source"] == meg.spec and m.metrics["adapters"]["method"] == "lora"
+    out = store.local_path(m)
+    assert (out / PEFT_DIR / "adapter_config.json").is_file()
+    # the same bytes as the library's export of that run onto the same base
+    direct = tmp_path / "direct"
+    export_megatron_to_hf(runs["lora"], direct, config=runs["hf"], weight_format="float32",
+                          base_megatron_path=runs["base"])
+    for shard in direct.glob("*.safetensors"):
+        got, want = load_file(out / shard.name), load_file(shard)
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), shard.name
