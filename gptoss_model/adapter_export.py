@@ -15,9 +15,11 @@ checkpoint (the megatron checkpoint the run started from):
     adapter becomes q_proj/k_proj/v_proj (A shared, B's and DoRA magnitude's rows split
     like the fused weight's rows: both are row-wise, so exact), `linear_proj`'s o_proj.
     DoRA is peft's `use_dora=True` (magnitude per output row of W + s*B*A, the same
-    definition). Expert adapters (linear_fc1/linear_fc2) are only available merged:
-    transformers' GPT-OSS stores the experts as fused 3-D parameters, which peft's
-    `target_modules` cannot adapt; the report lists what was left out.
+    definition). Expert adapters: transformers' GPT-OSS stores the experts as fused 3-D
+    parameters (`gate_up_proj`, `down_proj`); LoRA reaches them through peft's
+    `target_parameters` (per-expert A/B stacked as peft lays them out, see
+    `_expert_tensors`), but peft has no DoRA for parameters, so DoRA expert adapters are
+    only available merged; the report's `merged_only` lists what the directory lacks.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER = ".adapter."
 # megatron linear -> the HF attention projections it becomes (in the fused tensor's row order)
+# megatron expert linear -> the fused HF parameter its per-expert adapters become (peft `target_parameters`,
+# LoRA only), in the order peft nests them
+EXPERT_TARGETS = {"linear_fc1": "mlp.experts.gate_up_proj", "linear_fc2": "mlp.experts.down_proj"}
 ATTENTION_TARGETS = {"self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                      "self_attention.linear_proj": ("self_attn.o_proj",)}
 
@@ -119,27 +124,59 @@ def open_adapted(megatron_path: str | Path, base_megatron_path: str | Path | Non
 
 
 # ------------------------------------------------------------------ PEFT dir
-def peft_tensors(reader: AdaptedReader, cfg: GptOssModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """({peft key: fp32 tensor}, [megatron modules whose adapters exist only merged])."""
-    tensors, merged_only = {}, []
+def _attention_tensors(reader: AdaptedReader, cfg: GptOssModelConfig, layer: str, linear: str) -> dict:
+    ad = {k: v.float() for k, v in reader.adapter(f"decoder.layers.{layer}.{linear}").items()}
+    hf_modules = ATTENTION_TARGETS[linear]
+    split = (lambda t: nm.QKV_MERGE.to_hf(t, cfg)) if len(hf_modules) > 1 else (lambda t: (t,))
+    lora_b = split(ad["lora_b"])
+    magnitude = split(ad["dora_magnitude"]) if "dora_magnitude" in ad else None
+    out = {}
+    for i, hf_module in enumerate(hf_modules):
+        key = f"base_model.model.model.layers.{layer}.{hf_module}"
+        out[f"{key}.lora_A.weight"] = ad["lora_a"].clone()  # one file entry each
+        out[f"{key}.lora_B.weight"] = lora_b[i].contiguous()
+        if magnitude is not None:
+            out[f"{key}.lora_magnitude_vector"] = magnitude[i].contiguous()
+    return out
+
+
+def _expert_tensors(reader: AdaptedReader, cfg: GptOssModelConfig, layer: str, linear: str,
+                    nesting: int) -> dict:
+    """One layer's expert adapters of `linear` as peft's `target_parameters` LoRA on the fused HF tensor.
+
+    peft's LoRA on a 3-D parameter [E, in, out] holds lora_A [E*r, in] (row e*r + k) and
+    lora_B [out, r*E] (column k*E + e); delta[e] = s * (B_e A_e)^T, as HF stores x @ W. fc1's
+    B rows are interleaved like the gate/up weight's columns. Several targeted parameters of one
+    module nest: the first in `target_parameters` is innermost (`base_layer.` per level).
+    """
+    ads = [reader.adapter(f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{linear}")
+           for e in range(cfg.num_experts)]
+    lora_a = torch.cat([ad["lora_a"].float() for ad in ads])
+    to_hf_rows = (lambda b: nm.fc1_to_gate_up(b).transpose(0, 1)) if linear == "linear_fc1" else (lambda b: b)
+    lora_b = torch.stack([to_hf_rows(ad["lora_b"].float()) for ad in ads], dim=-1).flatten(1)
+    key = f"base_model.model.model.layers.{layer}.mlp.experts.{'base_layer.' * nesting}"
+    return {f"{key}lora_A.weight": lora_a.contiguous(), f"{key}lora_B.weight": lora_b.contiguous()}
+
+
+def peft_tensors(reader: AdaptedReader, cfg: GptOssModelConfig
+                 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """({peft key: fp32 tensor}, target_parameters, [megatron modules whose adapters exist only merged])."""
+    tensors, merged_only, experts = {}, [], {}
     for module in reader.adapted:
         parts = module.split(".")  # decoder.layers.{L}.<rest>
-        rest = ".".join(parts[3:])
-        if parts[:2] != ["decoder", "layers"] or rest not in ATTENTION_TARGETS:
+        layer, rest = parts[2], ".".join(parts[3:])
+        if parts[:2] == ["decoder", "layers"] and rest in ATTENTION_TARGETS:
+            tensors.update(_attention_tensors(reader, cfg, layer, rest))
+        elif (reader.peft.method == "lora" and parts[:2] == ["decoder", "layers"]
+              and re.fullmatch(r"mlp\.experts\.local_experts\.\d+\.linear_fc[12]", rest)):
+            experts.setdefault(layer, set()).add(parts[-1])
+        else:  # peft has no DoRA for parameters (target_parameters)
             merged_only.append(module)
-            continue
-        ad = {k: v.float() for k, v in reader.adapter(module).items()}
-        hf_modules = ATTENTION_TARGETS[rest]
-        split = (lambda t: nm.QKV_MERGE.to_hf(t, cfg)) if len(hf_modules) > 1 else (lambda t: (t,))
-        lora_b = split(ad["lora_b"])
-        magnitude = split(ad["dora_magnitude"]) if "dora_magnitude" in ad else None
-        for i, hf_module in enumerate(hf_modules):
-            key = f"base_model.model.model.layers.{parts[2]}.{hf_module}"
-            tensors[f"{key}.lora_A.weight"] = ad["lora_a"].clone()  # one file entry each
-            tensors[f"{key}.lora_B.weight"] = lora_b[i].contiguous()
-            if magnitude is not None:
-                tensors[f"{key}.lora_magnitude_vector"] = magnitude[i].contiguous()
-    return tensors, merged_only
+    linears = [n for n in EXPERT_TARGETS if any(n in got for got in experts.values())]
+    for layer in experts:
+        for i, linear in enumerate(linears):
+            tensors.update(_expert_tensors(reader, cfg, layer, linear, nesting=len(linears) - 1 - i))
+    return tensors, [EXPERT_TARGETS[n] for n in linears], merged_only
 
 
 def write_peft_adapter(reader: AdaptedReader, cfg: GptOssModelConfig, out_dir: Path,
@@ -147,30 +184,31 @@ def write_peft_adapter(reader: AdaptedReader, cfg: GptOssModelConfig, out_dir: P
     """Write the PEFT directory `out_dir`; returns its part of the export report."""
     from safetensors.torch import save_file
 
-    tensors, merged_only = peft_tensors(reader, cfg)
+    tensors, target_parameters, merged_only = peft_tensors(reader, cfg)
     # "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1" -> "mlp.experts.linear_fc1"
     kinds = {re.sub(r"\.local_experts\.\d+", "", m.split(".", 3)[-1]) for m in merged_only}
     report = {"dir": out_dir.name, "method": reader.peft.method, "r": reader.peft.dim,
               "lora_alpha": reader.peft.alpha, "merged_only": sorted(kinds)}
     if not tensors:
-        report["skipped"] = "no adapter of an attention projection; adapters exist only merged"
+        report["skipped"] = "no adapter peft can load; the adapters exist only merged"
         log.warning("PEFT adapter directory not written: %s", report["skipped"])
         return report
-    targets = sorted({k.split(".")[-3] for k in tensors if k.endswith(".lora_A.weight")})
+    targets = sorted({k.split(".")[-3] for k in tensors if k.endswith(".lora_A.weight") and ".self_attn." in k})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name,
         "r": reader.peft.dim, "lora_alpha": reader.peft.alpha, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": targets, "use_dora": reader.peft.method == "dora", "use_rslora": False,
+        "target_modules": targets, "target_parameters": target_parameters or None,
+        "use_dora": reader.peft.method == "dora", "use_rslora": False,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    report.update(target_modules=targets, tensors=len(tensors))
+    report.update(target_modules=targets, target_parameters=target_parameters, tensors=len(tensors))
     if merged_only:
-        log.warning("PEFT adapter directory %s holds the attention adapters only; the adapters of %s are "
-                    "only in the merged export (peft cannot target GPT-OSS's fused expert tensors)",
-                    out_dir, ", ".join(report["merged_only"]))
+        log.warning("PEFT adapter directory %s lacks the adapters of %s: they are only in the merged export "
+                    "(peft has no DoRA for GPT-OSS's fused expert parameters)", out_dir,
+                    ", ".join(report["merged_only"]))
     return report
 
 

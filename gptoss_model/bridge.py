@@ -97,7 +97,7 @@ class AutoBridge:
         checkpoint it was made from; `weight_format` "bfloat16", "float32" or "mxfp4".
         A LoRA/DoRA training checkpoint is exported merged into its base weights; an adapter-only
         one needs `base_megatron_path` (the checkpoint the run started from). `peft_adapter`: also
-        write the attention adapters as a PEFT directory `peft_adapter/` for the base export.
+        write the adapters as a PEFT directory `peft_adapter/` for the base export (DoRA: attention only).
         Same code as the export stage (`gptoss_model.export`). Returns the export report.
         """
         from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, export_megatron_to_hf

@@ -215,7 +215,7 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
     with the adapters merged into the weights (in fp32, before the cast). An adapter-only
     checkpoint needs `base_megatron_path`, the checkpoint its run was trained from.
     `peft_adapter`: also write the adapters as a PEFT directory `out_dir/peft_adapter/`
-    (attention adapters; expert adapters exist only merged).
+    (LoRA: all adapters; DoRA: attention only, its expert adapters exist only merged).
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")

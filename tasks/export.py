@@ -59,8 +59,8 @@ class ExportParams(BaseModel):
     base_source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
                                     description="megatron-checkpoint/NAME[@VERSION] an adapter-only (LoRA/DoRA) "
                                     "source is merged into; default: the one its run was trained from (lineage)")
-    peft_adapter: bool = Field(False, description="LoRA/DoRA sources: also write the attention adapters as a PEFT "
-                               "directory peft_adapter/ (expert adapters exist only merged)")
+    peft_adapter: bool = Field(False, description="LoRA/DoRA sources: also write the adapters as a PEFT directory "
+                               "peft_adapter/ for the base export (DoRA expert adapters exist only merged)")
     push_to_hub: str | None = Field(None, description="Hub repo id to upload the export to (optional)")
     hub_private: bool = Field(True, description="create the Hub repo private")
     hub_endpoint: str | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")

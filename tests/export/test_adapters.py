@@ -107,7 +107,11 @@ def test_merged_export_equals_the_adapted_megatron_model(runs, base_export, tmp_
     assert report["adapters"]["modules"] == runs["cfg"].num_layers * (2 + 2 * runs["cfg"].num_experts)
     peft_report = report["adapters"]["peft_dir"]
     assert peft_report["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    assert peft_report["merged_only"] == ["mlp.experts.linear_fc1", "mlp.experts.linear_fc2"]
+    if method == "lora":  # experts through peft's target_parameters (LoRA only)
+        assert peft_report["merged_only"] == []
+        assert peft_report["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    else:
+        assert peft_report["merged_only"] == ["mlp.experts.linear_fc1", "mlp.experts.linear_fc2"]
     ids = fixed_batch(runs["cfg"].vocab_size, 2, 40)
     want = _megatron_logits(runs, method, ids)
     base_logits = _hf_logits(load_reference_model(base_export), ids)
@@ -115,8 +119,8 @@ def test_merged_export_equals_the_adapted_megatron_model(runs, base_export, tmp_
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_peft_directory_on_the_base_export_equals_megatron_with_attention_adapters(runs, base_export, tmp_path,
-                                                                                   method):
+def test_peft_directory_on_the_base_export_equals_the_adapted_megatron_model(runs, base_export, tmp_path, method):
+    """LoRA: every adapter (experts included); DoRA: attention only (its expert adapters exist only merged)."""
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -134,9 +138,14 @@ def test_peft_directory_on_the_base_export_equals_megatron_with_attention_adapte
     loaded = get_peft_model_state_dict(model)
     assert sorted(loaded) == sorted(written)
     assert all(torch.equal(loaded[k], v) for k, v in written.items())
-    want = _megatron_logits(runs, method, ids, experts=False)
+    experts = method == "lora"
+    want = _megatron_logits(runs, method, ids, experts=experts)
+    if experts:  # the expert adapters alone move the logits: a wrong expert layout would show
+        expert_effect = logit_measures(_megatron_logits(runs, method, ids, experts=False), want)
+        print(f"\nexpert adapters alone move the logits by {expert_effect['rel_logit_diff']:.3g} relative")
+        assert expert_effect["rel_logit_diff"] > 100 * GATE
     _check(_hf_logits(model, ids), want, base_logits, f"{method} PEFT dir on the base export vs megatron "
-           "(attention adapters)")
+           f"({'all adapters' if experts else 'attention adapters'})")
 
 
 def test_adapter_only_checkpoint_without_its_base_is_refused(runs, tmp_path):
