@@ -89,8 +89,17 @@ class AdaptedReader:
                                      "no adapter tensors")
         self.iter_dir, self.stored = adapters.iter_dir, base.stored
 
+    def __enter__(self) -> "AdaptedReader":  # both readers are entered already (they hold nothing)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def groups(self) -> list[str]:
         return self.base.groups()
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self.base.stored_dtype(name)
 
     def adapter(self, module: str) -> dict[str, torch.Tensor]:
         names = [n for n in self.adapters.regions if n.startswith(module + ADAPTER)]

@@ -105,11 +105,25 @@ def find_hf_source(store: ArtifactStore, manifest: Manifest) -> Manifest:
     return find_in_lineage(store, manifest, HF_KIND)
 
 
-def find_adapter_base(store: ArtifactStore, source: Manifest, spec: str | None) -> Manifest | None:
-    """The megatron-checkpoint an adapter-only source merges into; None when the source holds no adapters."""
+def holds_adapters(store: ArtifactStore, source: Manifest) -> bool:
+    """Whether a checkpoint artifact is a LoRA/DoRA run's (adapter-only) checkpoint.
+
+    Converted megatron-checkpoints never are; a train-checkpoint says so in its recorded run
+    config, else (committed by other means) its common state is read, which pulls the artifact.
+    """
+    if source.kind != "train-checkpoint":
+        return False
+    recorded = (source.parameters or {}).get("config", {})
+    if isinstance(recorded, dict) and isinstance(recorded.get("peft"), dict):
+        return bool(recorded["peft"].get("method"))
     from gptoss_model.adapter_export import read_peft_config
 
-    if read_peft_config(store.local_path(source)) is None:
+    return read_peft_config(store.local_path(source)) is not None
+
+
+def find_adapter_base(store: ArtifactStore, source: Manifest, spec: str | None) -> Manifest | None:
+    """The megatron-checkpoint an adapter-only source merges into; None when the source holds no adapters."""
+    if not holds_adapters(store, source):
         if spec:
             raise InvalidNameError(f"base_source={spec!r}: {source.spec} holds no LoRA/DoRA adapters")
         return None

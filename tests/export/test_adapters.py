@@ -155,8 +155,8 @@ def test_adapter_only_checkpoint_without_its_base_is_refused(runs, tmp_path):
         export_megatron_to_hf(runs["base"], tmp_path / "out2", config=runs["hf"], base_megatron_path=runs["base"])
 
 
-def test_export_stage_merges_a_train_checkpoint_into_the_base_found_through_lineage(runs, tmp_path):
-    """hf-checkpoint -> convert -> megatron-checkpoint -> (a LoRA run's) train-checkpoint -> export."""
+def test_export_and_verify_stages_find_an_adapter_run_s_base_through_lineage(runs, tmp_path):
+    """hf-checkpoint -> convert -> megatron-checkpoint -> (a LoRA run's) train-checkpoint -> export -> verify."""
     import shutil
 
     from safetensors.torch import load_file
@@ -178,7 +178,8 @@ def test_export_stage_merges_a_train_checkpoint_into_the_base_found_through_line
                                     workdir=str(tmp_path / "w"), store=StoreSettings(url=url)), store).manifest
     # What the train stage commits: the run's iteration dir + tracker, with the base among its inputs.
     trained = run_stage(store, stage="train", code_version="test", kind="train-checkpoint", name="tiny-lora",
-                        params={"iteration": STEPS}, build=copy_of(runs["lora"]), inputs=[meg]).manifest
+                        params={"iteration": STEPS, "config": {"peft": {"method": "lora", "dim": 4}}},
+                        build=copy_of(runs["lora"]), inputs=[meg]).manifest
     params = ExportParams(source=f"train-checkpoint/{trained.name}", weight_format="float32", peft_adapter=True,
                           workdir=str(tmp_path / "w"), store=StoreSettings(url=url))
     m = run_export(params, store).manifest
@@ -195,3 +196,13 @@ def test_export_stage_merges_a_train_checkpoint_into_the_base_found_through_line
     for shard in direct.glob("*.safetensors"):
         got, want = load_file(out / shard.name), load_file(shard)
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), shard.name
+    # verify runs the train-checkpoint on the same base (lineage), whole-model and layer-wise, against the export
+    from tasks.verify import VerifyParams, run_verify
+
+    for mode in ("whole-model", "layer-wise"):
+        report = run_verify(VerifyParams(candidate=trained.spec, reference=m.spec, mode=mode,
+                                         workdir=str(tmp_path / "w"), store=StoreSettings(url=url)), store).manifest
+        assert ("megatron-checkpoint", meg.version) in {(i.kind, i.version) for i in report.inputs}
+        print(f"\nverify {mode}: first failure {report.metrics['first_failure']}, "
+              f"{ {k: report.metrics[k] for k in ('rel_logit_diff',) if k in report.metrics} }")
+        assert report.metrics["first_failure"] is None
