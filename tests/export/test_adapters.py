@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gptoss_model import convert
+from gptoss_model.bridge import AutoBridge
 from gptoss_model.adapter_export import PEFT_DIR, AdapterExportError, load_adapted_megatron
 from gptoss_model.config import GptOssModelConfig
 from gptoss_model.export import ExportError, export_megatron_to_hf
@@ -99,8 +100,9 @@ def _check(got, want, base_logits, what: str) -> dict:
 @pytest.mark.parametrize("method", list(METHODS))
 def test_merged_export_equals_the_adapted_megatron_model(runs, base_export, tmp_path, method):
     out = tmp_path / "merged"
-    report = export_megatron_to_hf(runs[method], out, config=runs["hf"], weight_format="float32",
-                                   base_megatron_path=runs["base"], peft_adapter=True)
+    report = AutoBridge.from_hf_pretrained(runs["hf"]).export_ckpt(
+        megatron_path=runs[method], hf_path=out, weight_format="float32", base_megatron_path=runs["base"],
+        peft_adapter=True, show_progress=False)
     print(json.dumps(report["adapters"], indent=1))
     assert report["adapters"]["method"] == method and report["adapters"]["merged"]
     # attention (qkv, proj) + 2 linears per expert, in each of the 4 layers
