@@ -43,10 +43,10 @@ PEFT_DIR = "peft_adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER = ".adapter."
-# megatron linear -> the HF attention projections it becomes (in the fused tensor's row order)
 # megatron expert linear -> the fused HF parameter its per-expert adapters become (peft `target_parameters`,
 # LoRA only), in the order peft nests them
 EXPERT_TARGETS = {"linear_fc1": "mlp.experts.gate_up_proj", "linear_fc2": "mlp.experts.down_proj"}
+# megatron linear -> the HF attention projections it becomes (in the fused tensor's row order)
 ATTENTION_TARGETS = {"self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                      "self_attention.linear_proj": ("self_attn.o_proj",)}
 
@@ -69,11 +69,6 @@ def read_peft_config(megatron_path: str | Path) -> PeftConfig | None:
     return PeftConfig(**fields)
 
 
-def adapter_prefix(weight_name: str) -> str | None:
-    """`X.weight` -> `X.adapter.` (where its adapter's tensors are); None for non-weights."""
-    return weight_name[: -len("weight")] + ADAPTER[1:] if weight_name.endswith(".weight") else None
-
-
 class AdaptedReader:
     """The checkpoint reader's `read`, with adapters merged into the weights they adapt.
 
@@ -83,7 +78,12 @@ class AdaptedReader:
 
     def __init__(self, base: MegatronCheckpointReader, adapters: MegatronCheckpointReader, peft: PeftConfig):
         self.base, self.adapters, self.peft = base, adapters, peft
-        self.adapted = sorted({n.split(ADAPTER)[0] for n in adapters.regions if ADAPTER in n})
+        # {adapted module: its adapter tensors' names}, built once (tens of thousands of experts at 120B)
+        self._tensors: dict[str, list[str]] = {}
+        for name in adapters.regions:
+            if ADAPTER in name:
+                self._tensors.setdefault(name.split(ADAPTER)[0], []).append(name)
+        self.adapted = sorted(self._tensors)
         if not self.adapted:
             raise AdapterExportError(f"{adapters.iter_dir}: the checkpoint says peft={peft.method} but holds "
                                      "no adapter tensors")
@@ -102,18 +102,16 @@ class AdaptedReader:
         return self.base.stored_dtype(name)
 
     def adapter(self, module: str) -> dict[str, torch.Tensor]:
-        names = [n for n in self.adapters.regions if n.startswith(module + ADAPTER)]
-        return {n.rsplit(".", 1)[-1]: t for n, t in self.adapters.read(names).items()}
+        return {n.rsplit(".", 1)[-1]: t for n, t in self.adapters.read(self._tensors[module]).items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from gptoss_model.training.peft import merged_weight
 
         out = self.base.read(names)
         for name in names:
-            prefix = adapter_prefix(name)
-            if prefix is not None and prefix + "lora_a" in self.adapters.regions:
-                out[name] = merged_weight(out[name], self.adapter(prefix[:-len(ADAPTER)]),
-                                          self.peft.alpha, self.peft.dim)
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            if module in self._tensors:
+                out[name] = merged_weight(out[name], self.adapter(module), self.peft.alpha, self.peft.dim)
         return out
 
 
