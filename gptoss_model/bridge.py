@@ -164,10 +164,10 @@ class GptOssModelProvider:
 
     def finalize(self) -> None:
         """Validate the layout against the model (and the world, if already started)."""
-        from gptoss_model.build import preflight
+        from gptoss_model.build import check_layout
 
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
-        preflight(self.config, self.layout, world)
+        check_layout(self.config, self.layout, world)
         self._finalized = True
 
     def initialize_model_parallel(self, seed: int | None = None) -> None:
