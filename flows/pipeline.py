@@ -1,9 +1,13 @@
 """The end-to-end pipeline flow: each stage is its own flow, run here as a subflow.
 
-Stages land one issue at a time; today the chain is
-download -> hf-checkpoint -> convert (with its logit parity gate) -> megatron-checkpoint.
-Every stage is a cache hit when its inputs did not change, so a rerun after a
-crash resumes at the first stage without a committed output.
+    download -> hf-checkpoint -> convert (+ its gate) -> megatron-checkpoint [-> verify, above the gate's size]
+    preprocess (tokenizer of that hf-checkpoint) -> dataset
+    train (megatron-checkpoint + dataset) -> train-checkpoint
+    export (train-checkpoint, or the megatron-checkpoint without training) -> hf-export -> verify
+
+preprocess, train and export run when their section is in the parameters. Every
+stage is a cache hit when its inputs did not change, so a rerun after a crash
+resumes at the first stage without a committed output.
 """
 from __future__ import annotations
 
@@ -15,20 +19,52 @@ from pydantic import BaseModel, Field
 
 from flows.convert import convert_flow
 from flows.download import download_flow
+from flows.export import export_flow
+from flows.preprocess import preprocess_flow
+from flows.train import train_flow
+from flows.verify import verify_flow
 from tasks.common import publish_lineage
 from tasks.convert import ConvertParams
 from tasks.download import DownloadParams
-from tasks.store.names import ARTIFACT_SPEC_PATTERN
+from tasks.export import ExportParams
+from tasks.preprocess import PreprocessParams
+from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
+from tasks.train import TrainParams
+from tasks.verify import VerifyParams
+
+_FROM_EARLIER = "default: what the earlier stage of this run produced"
 
 
 class PipelineConvertParams(ConvertParams):
-    source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
-                               description="default: the version the download stage produced")
+    source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
+
+
+class PipelinePreprocessParams(PreprocessParams):
+    tokenizer: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
+
+
+class PipelineTrainParams(TrainParams):
+    name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="default: '<checkpoint name>-<recipe>'")
+
+
+class PipelineExportParams(ExportParams):
+    source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
+
+
+class PipelineVerifyParams(BaseModel):
+    after_convert: bool = Field(True, description="verify the conversion when it is too large for convert's "
+                                "own gate (layer-wise above whole_model_max_params)")
+    after_export: bool = Field(True, description="verify the export against the checkpoint it was made from")
+    whole_model_max_params: int = Field(2_000_000_000, ge=0)
 
 
 class PipelineParams(BaseModel):
     download: DownloadParams = Field(default_factory=DownloadParams)
     convert: PipelineConvertParams = Field(default_factory=PipelineConvertParams)
+    preprocess: PipelinePreprocessParams | None = Field(None, description="tokenise a corpus (omit: no dataset)")
+    train: PipelineTrainParams | None = Field(None, description="train a recipe (omit: no training)")
+    export: PipelineExportParams | None = Field(None, description="export to HF (omit: no export)")
+    verify: PipelineVerifyParams = Field(default_factory=PipelineVerifyParams)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PipelineParams":
@@ -43,13 +79,39 @@ class PipelineParams(BaseModel):
             raise ValueError(f"{path}: {exc}") from exc
 
 
+def _with(model: BaseModel, target: type[BaseModel], **defaults) -> BaseModel:
+    """`model` as the stage's own params type, with the fields it left unset taken from `defaults`."""
+    data = model.model_dump()
+    data.update({k: v for k, v in defaults.items() if data.get(k) is None})
+    return target.model_validate(data)
+
+
 @flow(name="gptoss-pipeline")
 def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
-    """Run every stage in order and return the artifact spec each produced."""
+    """Run every configured stage in order and return the artifact spec each produced."""
     params = params or PipelineParams()
-    checkpoint = download_flow(params.download)
-    convert = ConvertParams.model_validate(
-        {**params.convert.model_dump(), "source": params.convert.source or checkpoint.spec})
-    megatron = convert_flow(convert)
-    publish_lineage([checkpoint, megatron])
-    return {"hf-checkpoint": checkpoint.spec, "megatron-checkpoint": megatron.spec}
+    produced = {"hf-checkpoint": download_flow(params.download)}
+    hf = produced["hf-checkpoint"].spec
+    megatron = convert_flow(_with(params.convert, ConvertParams, source=hf))
+    produced["megatron-checkpoint"] = megatron
+    verify_options = {"whole_model_max_params": params.verify.whole_model_max_params}
+    if params.verify.after_convert and "parity_skipped" in megatron.metrics and params.convert.parity:
+        produced["verify-report (convert)"] = verify_flow(VerifyParams(candidate=megatron.spec, reference=hf,
+                                                                       store=params.convert.store, **verify_options))
+    trained = None
+    if params.preprocess is not None:
+        produced["dataset"] = preprocess_flow(_with(params.preprocess, PreprocessParams, tokenizer=hf))
+    if params.train is not None:
+        name = params.train.name or f"{megatron.name}-{Path(params.train.recipe).stem}"
+        trained = train_flow(_with(params.train, TrainParams, name=name, base_checkpoint=megatron.spec,
+                                   dataset=produced["dataset"].spec if "dataset" in produced else None))
+        produced["train-checkpoint"] = trained
+    if params.export is not None:
+        source = trained or megatron
+        export = export_flow(_with(params.export, ExportParams, source=source.spec, hf_source=hf))
+        produced["hf-export"] = export
+        if params.verify.after_export:
+            produced["verify-report (export)"] = verify_flow(VerifyParams(
+                candidate=source.spec, reference=export.spec, store=params.export.store, **verify_options))
+    publish_lineage(produced.values())
+    return {what: manifest.spec for what, manifest in produced.items()}

@@ -89,11 +89,15 @@ class AutoBridge:
 
     def export_ckpt(self, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
                     weight_format: str = "bfloat16", max_shard_bytes: int | None = None,
+                    base_megatron_path: str | os.PathLike | None = None, peft_adapter: bool = False,
                     show_progress: bool = True) -> dict:
         """A megatron torch_dist checkpoint (its directory, or one `iter_XXXXXXX` dir) -> a HF directory.
 
         Config from this bridge's model config, tokenizer files and chat template from the
         checkpoint it was made from; `weight_format` "bfloat16", "float32" or "mxfp4".
+        A LoRA/DoRA training checkpoint is exported merged into its base weights; an adapter-only
+        one needs `base_megatron_path` (the checkpoint the run started from). `peft_adapter`: also
+        write the adapters as a PEFT directory `peft_adapter/` for the base export (DoRA: attention only).
         Same code as the export stage (`gptoss_model.export`). Returns the export report.
         """
         from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, export_megatron_to_hf
@@ -113,6 +117,7 @@ class AutoBridge:
             return export_megatron_to_hf(megatron_path, hf_path, config=self.config,
                                          tokenizer_dir=self.checkpoint_dir, weight_format=weight_format,
                                          max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+                                         base_megatron_path=base_megatron_path, peft_adapter=peft_adapter,
                                          progress=progress)
         finally:
             if bar is not None:
@@ -159,10 +164,10 @@ class GptOssModelProvider:
 
     def finalize(self) -> None:
         """Validate the layout against the model (and the world, if already started)."""
-        from gptoss_model.build import preflight
+        from gptoss_model.build import check_layout
 
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
-        preflight(self.config, self.layout, world)
+        check_layout(self.config, self.layout, world)
         self._finalized = True
 
     def initialize_model_parallel(self, seed: int | None = None) -> None:

@@ -27,7 +27,7 @@ def te_available() -> bool:
 
 
 # ----------------------------------------------------------------- pre-flight
-def preflight(cfg: GptOssModelConfig, layout: ParallelLayout, world_size: int | None = None) -> None:
+def check_layout(cfg: GptOssModelConfig, layout: ParallelLayout, world_size: int | None = None) -> None:
     """Refuse layouts that cannot build or would give wrong numbers, saying why.
 
     The two wrong-gradient layouts of megatron-core 0.16.1 (TP>1+SP with EP=1,
@@ -214,7 +214,7 @@ def build_gpt_model(cfg: GptOssModelConfig, layout: ParallelLayout, opts: BuildO
     from gptoss_model import cpu_patches
 
     cpu_patches.apply()
-    preflight(cfg, layout, torch.distributed.get_world_size() if torch.distributed.is_initialized() else None)
+    check_layout(cfg, layout, torch.distributed.get_world_size() if torch.distributed.is_initialized() else None)
     use_te = te_available() if opts.use_te is None else opts.use_te
     tc = transformer_config(cfg, layout, opts)
     if pre_process is None:

@@ -43,6 +43,7 @@ from typing import Callable, Iterator
 import torch
 
 from gptoss_model import mxfp4
+from gptoss_model.adapter_export import PEFT_DIR, AdaptedReader, open_adapted, read_peft_config, write_peft_adapter
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
 from gptoss_model.resources import peak_rss_mb
@@ -202,12 +203,19 @@ def _resolve_config(config) -> tuple[GptOssModelConfig, Path | None]:
 def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
                           config: GptOssModelConfig | str | Path, tokenizer_dir: str | Path | None = None,
                           weight_format: str = "bfloat16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                          base_megatron_path: str | Path | None = None, peft_adapter: bool = False,
                           progress: Callable[[int, int], None] | None = None) -> dict:
     """Export the megatron checkpoint at `megatron_path` (a checkpoint dir or one iteration dir) to `out_dir`.
 
     `config`: the model config, or the original HF checkpoint dir (then also the default
     `tokenizer_dir`). `out_dir` must be absent or empty. `progress(done, total)` counts HF
     tensors. Returns the export report (for the manifest).
+
+    A checkpoint with LoRA/DoRA adapters (a training run's, see `adapter_export`) is exported
+    with the adapters merged into the weights (in fp32, before the cast). An adapter-only
+    checkpoint needs `base_megatron_path`, the checkpoint its run was trained from.
+    `peft_adapter`: also write the adapters as a PEFT directory `out_dir/peft_adapter/`
+    (LoRA: all adapters; DoRA: attention only, its expert adapters exist only merged).
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
@@ -219,22 +227,36 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
     started = time.time()
     plan = shard_plan(cfg, weight_format, max_shard_bytes)  # before reading: bad formats fail here
     total = sum(len(s) for s in plan.shards)
-    with MegatronCheckpointReader(megatron_path, cfg) as reader:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stored_dtypes = sorted({str(d).removeprefix("torch.") for _, d in reader.stored.values()})
+    peft = read_peft_config(megatron_path)
+    if peft is None and (base_megatron_path is not None or peft_adapter):
+        raise ExportError(f"{megatron_path} holds no LoRA/DoRA adapters; base_megatron_path and peft_adapter "
+                          "apply to adapter checkpoints only")
+    # The readers hold no resources (their `__exit__` does nothing): plain objects here.
+    if peft is None:
+        reader = MegatronCheckpointReader(megatron_path, cfg).__enter__()
+    else:
+        reader = AdaptedReader(*open_adapted(megatron_path, base_megatron_path, cfg, peft), peft)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stored_dtypes = sorted({str(d).removeprefix("torch.") for _, d in reader.stored.values()})
+    if progress is not None:
+        progress(0, total)
+    counter = [0]
+
+    def on_tensor() -> None:
+        counter[0] += 1
         if progress is not None:
-            progress(0, total)
-        counter = [0]
+            progress(counter[0], total)
 
-        def on_tensor() -> None:
-            counter[0] += 1
-            if progress is not None:
-                progress(counter[0], total)
-
-        with ShardedSafetensorsWriter(out_dir, plan) as writer:
-            for group in reader.groups():
-                write_group(reader, writer, cfg, weight_format, group, on_tensor)
-        iter_dir = reader.iter_dir
+    with ShardedSafetensorsWriter(out_dir, plan) as writer:
+        for group in reader.groups():
+            write_group(reader, writer, cfg, weight_format, group, on_tensor)
+    iter_dir = reader.iter_dir
+    adapters = None
+    if peft is not None:
+        adapters = {"method": peft.method, "dim": peft.dim, "alpha": peft.alpha, "merged": True,
+                    "modules": len(reader.adapted), "base_checkpoint": str(reader.base.iter_dir)}
+        if peft_adapter:
+            adapters["peft_dir"] = write_peft_adapter(reader, cfg, out_dir / PEFT_DIR)
     copied = write_side_files(out_dir, cfg, weight_format, tokenizer_dir)
     report = {
         "format": "huggingface safetensors", "weight_format": weight_format, "tensors": total,
@@ -243,6 +265,8 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
         "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
         "seconds": round(time.time() - started, 3), "peak_rss_mb": peak_rss_mb(),
     }
+    if adapters is not None:
+        report["adapters"] = adapters
     report["mb_per_s"] = round(plan.total_size / 1e6 / max(report["seconds"], 1e-9), 1)
     log.info("exported %s -> %s: %d tensors in %d shards, %.1f MB, %.1fs", iter_dir, out_dir, total,
              len(plan.shards), plan.total_size / 1e6, report["seconds"])

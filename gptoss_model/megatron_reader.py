@@ -130,12 +130,14 @@ class _RegionLoadPlanner:
 
 
 class MegatronCheckpointReader:
-    def __init__(self, path: str | Path, cfg: GptOssModelConfig):
+    def __init__(self, path: str | Path, cfg: GptOssModelConfig, *, peft=None, adapters_only: bool = False):
+        """`peft` (a training PeftConfig): the model carries these LoRA/DoRA adapters, so their tensors
+        (`X.adapter.*`) are readable too; `adapters_only`: read (and require) only those."""
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.iter_dir = resolve_iter_dir(path)
-        self.cfg = cfg
+        self.cfg, self.peft, self.adapters_only = cfg, peft, adapters_only
         self._storage = FileSystemReader(str(self.iter_dir))
         self._metadata = self._storage.read_metadata()
         self._storage.set_up_storage_reader(self._metadata, True)
@@ -149,8 +151,14 @@ class MegatronCheckpointReader:
         # meta device (no memory); megatron needs its parallel state for that, not for reading.
         with world_of_one("reading a megatron checkpoint"):
             model = build_model(self.cfg, torch.float32, device="meta")
+            if self.peft is not None:
+                from gptoss_model.training.peft import apply_adapters
+
+                apply_adapters(model, self.peft)
             self.regions = _regions(dict(model.sharded_state_dict()))
             del model
+        if self.adapters_only:
+            self.regions = {n: r for n, r in self.regions.items() if ".adapter." in n}
         self.validate()
         return self
 

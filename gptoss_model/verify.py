@@ -144,8 +144,13 @@ def enforce_parity(gate: dict, tolerance: float | Tolerance, what: str) -> None:
 class _Megatron:
     """A megatron checkpoint as a causal LM: ids [b, s] -> logits [b, s, V] (world 1, fp32)."""
 
-    def __init__(self, megatron_dir, cfg: GptOssModelConfig):
-        self.model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
+    def __init__(self, megatron_dir, cfg: GptOssModelConfig, base_megatron_path=None):
+        if base_megatron_path is not None:  # adapter-only LoRA/DoRA checkpoint on its base, unmerged
+            from gptoss_model.adapter_export import load_adapted_megatron
+
+            self.model = load_adapted_megatron(base_megatron_path, megatron_dir, cfg)
+        else:
+            self.model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids, torch.arange(ids.shape[1]).expand_as(ids), None).float()
@@ -170,12 +175,13 @@ def greedy_tokens(lm, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 @torch.no_grad()
 def verify_whole_model(reference_hf_dir: str | Path, candidate: str | Path, *, candidate_kind: str,
                        tolerance: Tolerance, batch: int = 2, seq: int | None = None,
-                       continuation_tokens: int = 8) -> dict:
+                       continuation_tokens: int = 8, base_megatron_path: str | Path | None = None) -> dict:
     """Logits of `candidate` (a "megatron" checkpoint dir or an "hf" dir) vs the HF reference, in fp32.
 
     `seq` defaults to twice the sliding window plus 8, so windowed layers see keys fall out of
     the window. Returns the measures, the greedy continuations' agreement and `failures` (empty
-    when the gate passes).
+    when the gate passes). `base_megatron_path`: the candidate is an adapter-only LoRA/DoRA
+    checkpoint, run with its adapters on this base.
     """
     cfg = GptOssModelConfig.from_hf_config(reference_hf_dir)
     seq = seq or 2 * cfg.sliding_window + 8
@@ -186,7 +192,7 @@ def verify_whole_model(reference_hf_dir: str | Path, candidate: str | Path, *, c
     want_cont = greedy_tokens(ref, ids[:, : seq // 2], continuation_tokens)
     del ref
     with world_of_one("whole-model verification"):
-        cand = _Megatron(candidate, cfg) if candidate_kind == "megatron" else _HF(candidate)
+        cand = _Megatron(candidate, cfg, base_megatron_path) if candidate_kind == "megatron" else _HF(candidate)
         got = cand(ids)
         got_cont = greedy_tokens(cand, ids[:, : seq // 2], continuation_tokens)
         del cand

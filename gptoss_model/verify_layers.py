@@ -186,12 +186,22 @@ class MegatronSide:
     """
 
     def __init__(self, megatron_path: str | Path, cfg: GptOssModelConfig,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, base_megatron_path: str | Path | None = None):
+        """`base_megatron_path`: `megatron_path` is an adapter-only LoRA/DoRA checkpoint; its adapters
+        are merged (fp32) into this base's weights as they are read."""
         from gptoss_model.megatron_reader import MegatronCheckpointReader
 
         self.cfg = cfg
         self.compute_dtype = compute_dtype
-        self.reader = MegatronCheckpointReader(megatron_path, cfg)
+        if base_megatron_path is not None:
+            from gptoss_model.adapter_export import AdapterExportError, AdaptedReader, open_adapted, read_peft_config
+
+            peft = read_peft_config(megatron_path)
+            if peft is None:
+                raise AdapterExportError(f"{megatron_path}: a base checkpoint was given but it holds no adapters")
+            self.reader = AdaptedReader(*open_adapted(megatron_path, base_megatron_path, cfg, peft), peft)
+        else:
+            self.reader = MegatronCheckpointReader(megatron_path, cfg)
         self.name = f"megatron ({self.reader.iter_dir.parent.name}/{self.reader.iter_dir.name})"
         self._world = None
 

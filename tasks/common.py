@@ -198,9 +198,23 @@ def retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's
 @contextlib.contextmanager
 def run_logs_forwarded():
     """Our library's and tasks' log records also go to the Prefect run's logs (the UI), for the duration."""
+    from prefect.context import TaskRunContext
     from prefect.logging.handlers import APILogHandler
 
-    handler = APILogHandler()
+    ctx = TaskRunContext.get()
+    run_ids = {"flow_run_id": ctx.task_run.flow_run_id, "task_run_id": ctx.task_run.id} if ctx else {}
+
+    class RunLogHandler(APILogHandler):
+        """Also for records from the stage's own threads (a log reader, transfer workers),
+        which carry no Prefect context: they belong to this task run too."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            for key, value in run_ids.items():
+                if getattr(record, key, None) is None:
+                    setattr(record, key, value)
+            super().emit(record)
+
+    handler = RunLogHandler()
     loggers = [logging.getLogger(n) for n in STAGE_LOGGERS]
     saved = [(lg, lg.level) for lg in loggers]
     for lg in loggers:

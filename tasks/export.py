@@ -6,7 +6,10 @@ The megatron checkpoint (any TP/PP/EP it was saved with) is read one layer at
 a time and written as a self-contained Hugging Face directory: config.json
 from the model config, tokenizer files and chat template from the original
 hf-checkpoint (found through the input's lineage unless named), safetensors
-shards + index, in bf16, fp32 or back to MXFP4. Optionally the committed
+shards + index, in bf16, fp32 or back to MXFP4. A LoRA/DoRA train-checkpoint
+(adapter-only) is exported merged into its base, the megatron-checkpoint the
+run was trained from (found through its lineage unless named), optionally with
+a PEFT adapter directory `peft_adapter/` for the base export. Optionally the committed
 export is pushed to the Hugging Face Hub (`upload_folder`; token from a
 Prefect Secret block or HF_TOKEN, never logged or stored).
 
@@ -39,7 +42,7 @@ CODE_VERSION = "1"
 
 
 class LineageError(PermanentError, LookupError):
-    """The original hf-checkpoint cannot be found from the input's lineage."""
+    """The original hf-checkpoint (or an adapter run's base checkpoint) cannot be found from the input's lineage."""
 
 
 class ExportParams(BaseModel):
@@ -53,6 +56,11 @@ class ExportParams(BaseModel):
     weight_format: Literal["bfloat16", "float32", "mxfp4"] = Field(
         "bfloat16", description="bfloat16/float32 everywhere, or mxfp4 experts (re-quantized) with bf16 elsewhere")
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0, description="largest safetensors shard")
+    base_source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
+                                    description="megatron-checkpoint/NAME[@VERSION] an adapter-only (LoRA/DoRA) "
+                                    "source is merged into; default: the one its run was trained from (lineage)")
+    peft_adapter: bool = Field(False, description="LoRA/DoRA sources: also write the adapters as a PEFT directory "
+                               "peft_adapter/ for the base export (DoRA expert adapters exist only merged)")
     push_to_hub: str | None = Field(None, description="Hub repo id to upload the export to (optional)")
     hub_private: bool = Field(True, description="create the Hub repo private")
     hub_endpoint: str | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
@@ -62,7 +70,9 @@ class ExportParams(BaseModel):
     store: StoreSettings = Field(default_factory=StoreSettings)
 
     def fingerprint_params(self) -> dict:
-        return {"weight_format": self.weight_format, "max_shard_bytes": self.max_shard_bytes}
+        # peft_adapter only when set: exports made before the option keep their versions
+        return {"weight_format": self.weight_format, "max_shard_bytes": self.max_shard_bytes,
+                **({"peft_adapter": True} if self.peft_adapter else {})}
 
 
 def resolve_source(store: ArtifactStore, spec: str) -> Manifest:
@@ -72,8 +82,8 @@ def resolve_source(store: ArtifactStore, spec: str) -> Manifest:
     return store.resolve(kind, name, selector)
 
 
-def find_hf_source(store: ArtifactStore, manifest: Manifest) -> Manifest:
-    """The hf-checkpoint an artifact descends from (breadth first over its inputs' manifests)."""
+def find_in_lineage(store: ArtifactStore, manifest: Manifest, kind: str = HF_KIND) -> Manifest:
+    """The nearest artifact of `kind` an artifact descends from (breadth first over its inputs' manifests)."""
     queue, seen = list(manifest.inputs), set()
     while queue:
         ref = queue.pop(0)
@@ -83,11 +93,44 @@ def find_hf_source(store: ArtifactStore, manifest: Manifest) -> Manifest:
         found = store.get_manifest(ref.kind, ref.name, ref.version)
         if found is None:
             continue
-        if found.kind == HF_KIND:
+        if found.kind == kind:
             return found
         queue += found.inputs
-    raise LineageError(f"{manifest.kind}/{manifest.name}@{manifest.version} does not descend from an "
-                       f"{HF_KIND} in this store; name one with hf_source")
+    hint = "hf_source" if kind == HF_KIND else "base_source"
+    raise LineageError(f"{manifest.kind}/{manifest.name}@{manifest.version} does not descend from a "
+                       f"{kind} in this store; name one with {hint}")
+
+
+def find_hf_source(store: ArtifactStore, manifest: Manifest) -> Manifest:
+    return find_in_lineage(store, manifest, HF_KIND)
+
+
+def holds_adapters(store: ArtifactStore, source: Manifest) -> bool:
+    """Whether a checkpoint artifact is a LoRA/DoRA run's (adapter-only) checkpoint.
+
+    Converted megatron-checkpoints never are; a train-checkpoint says so in its recorded run
+    config, else (committed by other means) its common state is read, which pulls the artifact.
+    """
+    if source.kind != "train-checkpoint":
+        return False
+    recorded = (source.parameters or {}).get("config", {})
+    if isinstance(recorded, dict) and isinstance(recorded.get("peft"), dict):
+        return bool(recorded["peft"].get("method"))
+    from gptoss_model.adapter_export import read_peft_config
+
+    return read_peft_config(store.local_path(source)) is not None
+
+
+def find_adapter_base(store: ArtifactStore, source: Manifest, spec: str | None) -> Manifest | None:
+    """The megatron-checkpoint an adapter-only source merges into; None when the source holds no adapters."""
+    if not holds_adapters(store, source):
+        if spec:
+            raise InvalidNameError(f"base_source={spec!r}: {source.spec} holds no LoRA/DoRA adapters")
+        return None
+    base = store.resolve_spec(spec) if spec else find_in_lineage(store, source, "megatron-checkpoint")
+    if base.kind != "megatron-checkpoint":
+        raise InvalidNameError(f"base_source must be a megatron-checkpoint, got {base.kind}/{base.name}")
+    return base
 
 
 def hub_token(params: ExportParams) -> str | None:
@@ -118,18 +161,23 @@ def run_export(params: ExportParams, store: ArtifactStore | None = None) -> Stag
     hf = store.resolve_spec(params.hf_source) if params.hf_source else find_hf_source(store, source)
     if hf.kind != HF_KIND:
         raise InvalidNameError(f"hf_source must be an {HF_KIND}, got {hf.kind}/{hf.name}")
+    base = find_adapter_base(store, source, params.base_source)
+    if params.peft_adapter and base is None:
+        raise ExportError(f"peft_adapter: {source.spec} holds no LoRA/DoRA adapters")
 
     def build(staging: Path) -> dict:
         progress = StageProgress(f"export {source.spec} ({params.weight_format})")
         report = export_megatron_to_hf(store.local_path(source), staging, config=store.local_path(hf),
                                        weight_format=params.weight_format, max_shard_bytes=params.max_shard_bytes,
-                                       progress=progress)
+                                       base_megatron_path=store.local_path(base) if base else None,
+                                       peft_adapter=params.peft_adapter, progress=progress)
         progress.finish()
-        return {**report, "source": source.spec, "hf_source": hf.spec}
+        return {**report, "source": source.spec, "hf_source": hf.spec,
+                **({"base_source": base.spec} if base else {})}
 
     result = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
                               name=params.name or source.name, params=params.fingerprint_params(),
-                              build=build, inputs=[source, hf], workdir=params.workdir)
+                              build=build, inputs=[source, hf, *([base] if base else [])], workdir=params.workdir)
     if params.push_to_hub:
         url = push_folder(store.local_path(result.manifest), params.push_to_hub, hub_token(params),
                           params.hub_private, f"gptoss-pipeline export {result.spec}", params.hub_endpoint)

@@ -137,6 +137,11 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
     from gptoss_model.training.preflight import preflight
 
     store = store or params.store.open()
+    planned, _, identity = resolve_run(params, store, materialize=False)
+    done = _committed(store, params.name, identity)
+    if done and done[-1].parameters["iteration"] >= planned.train.train_iters:  # nothing left to train
+        log.info("%s: %s (cache hit: trained to iteration %d)", STAGE, done[-1].spec, done[-1].parameters["iteration"])
+        return StageResult(done[-1], cache_hit=True)
     run, inputs, identity = resolve_run(params, store)
     home = run_dir(params, identity)
     run.dir = str(home)

@@ -30,7 +30,7 @@ from gptoss_model.verify import default_tolerance, fixed_batch, verify_whole_mod
 from gptoss_model.verify_layers import HFSide, MegatronSide, verify_layerwise
 from gptoss_model.verify_layers import default_tolerance as default_layer_tolerance
 from tasks.common import StageProgress, StoreSettings, in_prefect_run, run_logged_stage, stage_task
-from tasks.export import HF_KIND, find_hf_source
+from tasks.export import HF_KIND, find_adapter_base, find_hf_source
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_SPEC_PATTERN
 
@@ -77,19 +77,19 @@ def _storage_dtype(kind: str, path: Path) -> str:
     return json.loads(report.read_text()).get("dtype", "bfloat16") if report.is_file() else "bfloat16"
 
 
-def _whole_model(params, ref_dir, cand_dir, kind, dtype) -> dict:
+def _whole_model(params, ref_dir, cand_dir, kind, dtype, base_dir=None) -> dict:
     tolerance = default_tolerance(dtype)
     if params.max_rel_diff:
         tolerance = type(tolerance)(params.max_rel_diff, tolerance.min_cosine, tolerance.min_top1_agreement)
     out = verify_whole_model(ref_dir, cand_dir, candidate_kind="megatron" if kind in MEGATRON_KINDS else "hf",
-                             tolerance=tolerance, batch=params.batch, seq=params.seq)
+                             tolerance=tolerance, batch=params.batch, seq=params.seq, base_megatron_path=base_dir)
     out["first_failure"] = {"block": "logits", "tensor": "logits", "why": out["failures"]} if out["failures"] else None
     out["rows"] = [{"block": "model", "tensor": "logits", **{k: out[k] for k in (
         "max_abs_logit_diff", "rel_logit_diff", "logit_cosine", "top1_agreement")}}]
     return out
 
 
-def _layer_wise(params, ref_dir, cand_dir, kind, cfg, progress) -> dict:
+def _layer_wise(params, ref_dir, cand_dir, kind, cfg, progress, base_dir=None) -> dict:
     tolerance = default_layer_tolerance("float32")  # the reference is rounded to the candidate's storage
     if params.max_rel_diff:
         tolerance = type(tolerance)(params.max_rel_diff, tolerance.min_cosine)
@@ -97,7 +97,7 @@ def _layer_wise(params, ref_dir, cand_dir, kind, cfg, progress) -> dict:
     ids = fixed_batch(cfg.vocab_size, params.batch, seq)
     reference = HFSide(ref_dir)
     if kind in MEGATRON_KINDS:
-        with MegatronSide(cand_dir, cfg) as candidate:
+        with MegatronSide(cand_dir, cfg, base_megatron_path=base_dir) as candidate:
             reference.round_to = candidate.storage_dtype
             report = verify_layerwise(reference, candidate, ids, tolerance=tolerance, progress=progress)
     else:
@@ -126,18 +126,23 @@ def run_verify(params: VerifyParams, store: ArtifactStore | None = None) -> Stag
         raise InvalidNameError(f"verify cannot check a {kind!r} artifact ({params.candidate})")
     candidate = store.resolve(kind, name, selector)
     reference = store.resolve_spec(params.reference) if params.reference else find_hf_source(store, candidate)
+    # an adapter-only LoRA/DoRA train-checkpoint runs on the base it was trained from
+    base = find_adapter_base(store, candidate, None) if kind in MEGATRON_KINDS else None
 
     def build(staging: Path) -> dict:
         ref_dir, cand_dir = store.local_path(reference), store.local_path(candidate)
+        base_path = store.local_path(base) if base is not None else None
         cfg = GptOssModelConfig.from_hf_config(ref_dir)
         mode = params.mode
         if mode == "auto":
             mode = "whole-model" if _params_of(cfg) <= params.whole_model_max_params else "layer-wise"
         progress = StageProgress(f"verify {candidate.spec} ({mode})")
         if mode == "whole-model":
-            result = _whole_model(params, ref_dir, cand_dir, kind, _storage_dtype(kind, cand_dir))
+            # an adapter checkpoint's weights are stored as its base's are
+            dtype = _storage_dtype(kind, base_path if base_path is not None else cand_dir)
+            result = _whole_model(params, ref_dir, cand_dir, kind, dtype, base_path)
         else:
-            result = _layer_wise(params, ref_dir, cand_dir, kind, cfg, progress)
+            result = _layer_wise(params, ref_dir, cand_dir, kind, cfg, progress, base_path)
         progress.finish()
         result.update(candidate=candidate.spec, reference=reference.spec)
         (staging / "report.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
@@ -150,7 +155,8 @@ def run_verify(params: VerifyParams, store: ArtifactStore | None = None) -> Stag
         return {k: v for k, v in result.items() if k != "table"}  # the per-layer rows are in the manifest too
 
     return run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=candidate.name,
-                            params=params.fingerprint_params(), build=build, inputs=[candidate, reference],
+                            params=params.fingerprint_params(), build=build,
+                            inputs=[candidate, reference, *([base] if base is not None else [])],
                             workdir=params.workdir)
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gptoss_model import AutoBridge
-from gptoss_model.build import LayoutError, preflight
+from gptoss_model.build import LayoutError, check_layout
 from gptoss_model.config import NotGptOssConfigError, tiny
 from gptoss_model.load_hf import CheckpointError, HFCheckpoint
 from gptoss_model.parallel import ParallelLayout
@@ -101,16 +101,16 @@ def test_loader_refuses_before_touching_the_model(tiny_ckpt, tmp_path, world1):
     (ParallelLayout(tensor_model_parallel_size=2), "needs sequence_parallel=True"),
     (ParallelLayout(context_parallel_size=2), "context parallel"),
 ])
-def test_preflight_refuses_unbuildable_layouts(layout, message):
+def test_check_layout_refuses_unbuildable_layouts(layout, message):
     with pytest.raises(LayoutError, match=message) as e:
-        preflight(tiny(), layout)
+        check_layout(tiny(), layout)
     assert "refused" in str(e.value)
 
 
-def test_preflight_checks_the_world_size():
+def test_check_layout_checks_the_world_size():
     with pytest.raises(LayoutError, match="world size 2 not divisible by ETP\\*EP\\*PP=4"):
-        preflight(tiny(), ParallelLayout(expert_model_parallel_size=2, pipeline_model_parallel_size=2), 2)
-    preflight(tiny(), ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=True,
+        check_layout(tiny(), ParallelLayout(expert_model_parallel_size=2, pipeline_model_parallel_size=2), 2)
+    check_layout(tiny(), ParallelLayout(tensor_model_parallel_size=2, sequence_parallel=True,
                                      expert_model_parallel_size=1), 2)  # repaired, so accepted
 
 
