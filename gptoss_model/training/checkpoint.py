@@ -10,10 +10,10 @@ optimizer's in the dp_reshardable format), "opt_param_scheduler", "iteration",
 "consumed_samples", "checkpoint_version", "run_config", "peft", and per rank
 "rng_state" (python, numpy, torch and megatron's tracker streams).
 
-Exactness: with the plain megatron optimizer a resumed run's losses are bitwise those of
-an uninterrupted one (tested). With the distributed optimizer (dp_reshardable) the resume
-loads and the first resumed step is exact, but later steps drift (tiny model, DP2: 6.048
-vs 6.071 one step later): some optimizer state is still not restored exactly. Open.
+Exactness: a resumed run's losses are bitwise those of an uninterrupted one, with the
+plain megatron optimizer and with the distributed optimizer (dp_reshardable; tested at
+DP2). The latter needs `_restore_adam_steps`: mcore 0.16.1 restored Adam's `step` as 1,
+so every step after the first resumed one drifted.
 
 Resume reads the tracker file only, so an `iter_*` directory a crash left
 half-written (its iteration never reached the tracker) is ignored, and
@@ -179,7 +179,7 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
     unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=not run.peft.method)
     if "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        _restore_adam_steps(optimizer, _saved_adam_steps(loaded["optimizer"]))
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
@@ -187,20 +187,39 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
     return iteration, int(loaded["consumed_samples"])
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam `step` tensor.
+def _saved_adam_steps(state) -> set:
+    """Every Adam `step` the checkpoint's optimizer param groups hold (megatron saves it there)."""
+    found = set()
+    if isinstance(state, dict):
+        for g in state.get("param_groups", ()):
+            if isinstance(g, dict) and "step" in g:
+                found.add(float(g["step"]))
+        for v in state.values():
+            if isinstance(v, (dict, list)):
+                found |= _saved_adam_steps(v)
+    elif isinstance(state, list):
+        for v in state:
+            found |= _saved_adam_steps(v)
+    return found
+
+
+def _restore_adam_steps(optimizer, saved: set) -> None:
+    """Give every parameter its own Adam `step` tensor holding the saved count.
 
     megatron-core 0.16.1's DistributedOptimizer.load_state_dict (torch Adam, no TE/Apex)
-    assigns ONE step tensor to every parameter's state; torch's Adam increments each
-    parameter's step in place, so after a resume the shared step grew by the number of
-    parameters per iteration and the bias correction went wrong. Copies restore
-    per-parameter steps (necessary, not yet sufficient: see the module docstring).
+    (1) assigns ONE step tensor to every parameter's state, which torch's Adam then
+    increments once per parameter per iteration, and (2) with the dp_reshardable format
+    copies the per-bucket `step` back over it, and that one is the placeholder state's
+    (1, from the dummy step that must run before loading). Both broke bias correction
+    after a resume. The param groups' saved step is the true count.
     """
+    step = next(iter(saved)) if len(saved) == 1 else None
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         for state in (inner.state.values() if inner is not None else ()):
             if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+                state["step"] = (torch.full_like(state["step"], step) if step is not None
+                                 else state["step"].clone())
 
 
 def _say(message: str) -> None:
