@@ -1,6 +1,7 @@
 """The train stage through the artifact store and Prefect: checkpoints committed as
 train-checkpoint versions with lineage, a task retry that resumes bitwise (pulling the
-newest committed checkpoint), and the kill hook leaving no process behind."""
+newest committed checkpoint), the kill hook leaving no process behind, and a served flow run
+cancelled through the Prefect API leaving no torchrun or rank process."""
 from __future__ import annotations
 
 import contextlib
