@@ -5,7 +5,8 @@ Launches (kept few: each torchrun start costs ~15 s here):
      LoRA SFT (the TP2+SP adapter run's reference);
   2. one 2-process torchrun running, in turn: TP2+SP, PP2 (3 steps each), EP2
      (30 steps, checkpoints every 10: the uninterrupted run), LoRA SFT on the packed
-     format and DoRA pretraining, both at EP2, and LoRA SFT at TP2+SP;
+     format and DoRA pretraining, both at EP2, LoRA SFT at TP2+SP, and DP2 with the
+     distributed optimizer: 6 steps straight versus 3 then a resume to 6;
   3. `torchrun -m gptoss_model.train` at EP2, killed with SIGKILL (whole process
      group) right after its step-10 checkpoint; then a half-written iter_0000015/ is
      planted; 4. the same command again resumes to step 20.
@@ -79,6 +80,15 @@ def two_process(train_env, tmp_path_factory):
             for n, ov in LAYOUTS.items()]
     runs.append({"name": "ep2", "config": cfg, "overrides": [_dir(train_env, "ep2"), *EP2,
                                                              "checkpoint.save_interval=10"]})
+    # The distributed optimizer's resume, in-process: a run to 6 saving at 3, versus a run to 3
+    # and a fresh Trainer on its directory resuming to 6 (the same path a restart takes).
+    dist_opt = ["parallelism.use_distributed_optimizer=true", "train.eval_interval=0", "checkpoint.save_interval=3"]
+    runs += [{"name": "distopt_straight", "config": cfg,
+              "overrides": [_dir(train_env, "distopt_straight"), *dist_opt, "train.train_iters=6"]},
+             {"name": "distopt_first", "config": cfg,
+              "overrides": [_dir(train_env, "distopt_resumed"), *dist_opt, "train.train_iters=3"]},
+             {"name": "distopt_resumed", "config": cfg,
+              "overrides": [_dir(train_env, "distopt_resumed"), *dist_opt, "train.train_iters=6"]}]
     for name, method, layout, data in (("lora", "lora", EP2, _sft(train_env)), ("dora", "dora", EP2, []),
                                        ("lora_tp2", "lora", LAYOUTS["tp2_sp"], _sft(train_env))):
         runs.append({"name": name, "config": cfg, "overrides": [_dir(train_env, name), *layout,
@@ -200,3 +210,14 @@ def test_lora_under_tp2_sp_trains_the_same_adapter_as_one_process(two_process, l
               f"grad norm {have['grad_norm']:.6f} vs {want['grad_norm']:.6f}")
         assert _rel(have["loss"], want["loss"]) < 1e-4
         assert _rel(have["grad_norm"], want["grad_norm"]) < 1e-4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_distributed_optimizer_resume_is_bitwise_exact(two_process):
+    assert two_process["distopt_resumed"]["summary"]["resumed_from"] == 3
+    got = {r["iteration"]: r for r in two_process["distopt_resumed"]["metrics"] if "loss" in r}
+    want = {r["iteration"]: r for r in two_process["distopt_straight"]["metrics"] if "loss" in r}
+    for it in range(4, 7):
+        print(f"distributed optimizer, iteration {it}: resumed {got[it]['loss']!r} uninterrupted {want[it]['loss']!r}")
+        assert got[it]["loss"] == want[it]["loss"] and got[it]["grad_norm"] == want[it]["grad_norm"]
