@@ -238,3 +238,22 @@ def test_cancelling_the_flow_run_leaves_no_torchrun_or_rank_process(prefect_harn
         for p in tree:  # only when the assertion above failed
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_is_a_permanent_failure_of_the_task(store_inputs, tmp_path):
+    """Under torchrun the rank's exit code 3 reaches the task only through torchrun's failure
+    report; it must become a PermanentError (no retry: the retry would overflow the same way)."""
+    from gptoss_model.errors import PermanentError
+    from gptoss_model.training.loop import NonFiniteLossError
+    from tasks.train import KIND, run_train
+
+    overflow = {"train.train_iters": 6, "checkpoint.save_interval": 1, "scheduler.lr_warmup_iters": 2,
+                "scheduler.lr_warmup_init": 0.0, "optimizer.lr": 1e30, "optimizer.min_lr": 1e30,
+                "optimizer.weight_decay": 0.0}
+    params = _params("overflow", store_inputs, tmp_path, **overflow)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite.*committed: \[1, 2\]") as raised:
+        run_train(params, store_inputs[0])
+    assert isinstance(raised.value, PermanentError)
+    store = store_inputs[0]
+    assert sorted(m.parameters["iteration"] for m in store.list(KIND) if m.name == "overflow") == [1, 2]
