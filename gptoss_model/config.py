@@ -24,6 +24,17 @@ FULL = "full_attention"
 MCORE_QUICK_GELU_ALPHA = 1.702
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """The JSON object in `path`; invalid JSON or another JSON type raises `error` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 class NotGptOssConfigError(PermanentError, ValueError):
     """A config.json that does not describe a GPT-OSS model."""
 
@@ -161,12 +172,7 @@ class GptOssModelConfig:
             where = str(path)
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
-            try:
-                source = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise NotGptOssConfigError(f"{path}: not valid JSON ({exc})") from None
-            if not isinstance(source, Mapping):
-                raise NotGptOssConfigError(f"{path}: expected a JSON object, got {type(source).__name__}")
+            source = read_json_object(path, NotGptOssConfigError)
         return _from_hf_dict(dict(source), where)
 
 

@@ -7,10 +7,9 @@ naming the file, before an output byte is written.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError
+from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError, read_json_object
 from gptoss_model.hf_reader import CheckpointError, HFCheckpoint
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -19,28 +18,22 @@ FLOAT_DTYPES = {"BF16", "F16", "F32"}
 MXFP4_DTYPE = "U8"
 
 
-def read_json_object(path: Path, what: str) -> dict:
+def read_checkpoint_json(path: Path, what: str) -> dict:
     """A JSON object from `path`; anything else is a CheckpointError naming the file."""
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no {path.name}; {what}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, CheckpointError)
 
 
 def read_config_json(hf_dir: Path) -> dict:
-    return read_json_object(hf_dir / "config.json", "not a Hugging Face checkpoint directory")
+    return read_checkpoint_json(hf_dir / "config.json", "not a Hugging Face checkpoint directory")
 
 
 def safetensors_files(hf_dir: Path) -> list[Path]:
     """The weight files the checkpoint names (through its index, or the single file)."""
     index = hf_dir / INDEX_FILE
     if index.is_file():
-        weight_map = read_json_object(index, "").get("weight_map")
+        weight_map = read_checkpoint_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map (or an empty one)")
         files = sorted({hf_dir / str(v) for v in weight_map.values()})
