@@ -17,6 +17,7 @@ from gptoss_model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # storage dtypes of a converted checkpoint
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current checkpoint_version
 
 

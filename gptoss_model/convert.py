@@ -60,7 +60,7 @@ from typing import Callable
 import torch
 
 from gptoss_model import name_map as nm
-from gptoss_model.checkpoint_layout import TRACKER_FILE, build_model, iter_dir_name, megatron_state_dict
+from gptoss_model.checkpoint_layout import DTYPES, TRACKER_FILE, build_model, iter_dir_name, megatron_state_dict
 from gptoss_model.convert_plan import Chunk, CheckpointPlan, input_fingerprint, plan_checkpoint
 from gptoss_model.convert_writer import (MAPPED_BYTES_LIMIT, canonical_results, deterministic_writer,
                                           finished_chunks, start_workers, write_chunks)
@@ -75,7 +75,6 @@ ITER_DIR = iter_dir_name(0)
 REPORT_FILE = "conversion_report.json"
 STATE_DIR = ".convert"  # progress of an unfinished conversion; removed once it completes
 PLAN_FILE = "plan.json"  # the input fingerprint a partial output was made from
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class ConversionError(PermanentError, RuntimeError):

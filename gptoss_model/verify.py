@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.checkpoint_layout import build_model, load_megatron_checkpoint
+from gptoss_model.checkpoint_layout import DTYPES, build_model, load_megatron_checkpoint
 from gptoss_model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 from gptoss_model.parallel import world_of_one
 from gptoss_model.reference import load_reference_model
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class ParityError(PermanentError, ValueError):

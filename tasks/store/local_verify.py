@@ -25,10 +25,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .backends import hash_file
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
-_READ = 8 << 20
 
 
 class LocalIntegrityError(RuntimeError):
@@ -43,14 +43,6 @@ def _identity(path: Path) -> list[int]:
 def _stamp_file(stamp_dir: Path, root: Path, manifest: Manifest) -> Path:
     key = hashlib.sha256(f"{root.resolve()}\0{manifest.version}".encode()).hexdigest()[:32]
     return stamp_dir / f"{key}.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_READ):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_stamp(path: Path) -> dict:
@@ -91,7 +83,7 @@ def verify_in_place(root: Path, manifest: Manifest, stamp_dir: Path, max_workers
             todo.append(entry)
 
     def check(entry) -> None:
-        got = _sha256(root / entry.path)
+        got = hash_file(root / entry.path)
         if got != entry.sha256:
             raise LocalIntegrityError(f"{manifest.spec}: file {entry.path!r} does not match its manifest: "
                                       f"sha256 {got} on disk, {entry.sha256} committed")
