@@ -185,12 +185,10 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
     rank_exit_codes: set[int] = set()
-    # The reader thread has no Prefect run context: a run logger (bound to this task run
-    # here) is what carries rank 0's lines into the flow run's log.
-    out = _run_logger()
-
+    # The reader thread has no Prefect run context; stage_task's log forwarding attaches
+    # this task run's ids to its records, so rank 0's lines reach the flow run's log.
     def on_line(line: str) -> None:
-        out.info("%s", _RANK0.sub("", line))
+        log.info("%s", _RANK0.sub("", line))
         if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
             rank_exit_codes.add(int(reported.group(1)))
 
@@ -217,14 +215,6 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
             raise ConfigError("training finished without a checkpoint: set checkpoint.save_final=true")
         return StageResult(done[-1], cache_hit=True)
     return state["last"]
-
-
-def _run_logger():
-    if not in_prefect_run():
-        return log
-    from prefect import get_run_logger
-
-    return get_run_logger()
 
 
 def publish_metrics(run: RunConfig) -> None:
