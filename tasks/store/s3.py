@@ -62,7 +62,9 @@ class S3Backend:
                 max_pool_connections=max_concurrency * 2 + 8,
                 connect_timeout=self.CONNECT_TIMEOUT, read_timeout=self.READ_TIMEOUT,
                 retries={"max_attempts": self.MAX_ATTEMPTS, "mode": "standard"},
-                s3={"addressing_style": "path"} if self.endpoint_url else {},
+                # Integrity is the per-part CRC32 the server checks plus our sha256 of the whole
+                # object; SigV4 payload signing would hash every byte a second time on http endpoints.
+                s3={"payload_signing_enabled": False, **({"addressing_style": "path"} if self.endpoint_url else {})},
             ),
         )
         self.client = _EndpointErrors(self.client, f"{self.url} (endpoint {self.client.meta.endpoint_url})")
