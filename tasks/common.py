@@ -160,7 +160,7 @@ class StageProgress:
 
 # --------------------------------------------------------------- the stage
 def run_logged_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str, name: str,
-                     params: Any, build: Callable[[Path], dict | None],
+                     params: Any, build: Callable[..., Any],
                      inputs: Iterable[Manifest | InputRef] = (), **kw) -> StageResult:
     """run_stage plus a keyed markdown artifact describing what was produced or reused."""
     result = run_stage(store, stage=stage, code_version=code_version, kind=kind, name=name, params=params,

@@ -8,16 +8,24 @@ never downloaded from a hub). `mode="pretrain"` writes megatron indexed `.bin/.i
 loss-masked shards plus `sft.json`. The version fingerprints the parameters, the tokenizer
 artifact and the input files (URL, size, ETag / mtime), so the same corpus preprocessed the
 same way is a cache hit. The staging dir and the tokenised parts beside it survive a killed
-attempt: a rerun redoes only unfinished work units and shards. Given `dask_address`, the
-work units and shards run as Prefect tasks on that Dask cluster (prefect-dask), which must
-see the inputs and the staging directory (object-store inputs, a shared workdir).
+attempt: a rerun redoes only unfinished work units and shards.
+
+Given `dask_address`, the work units and shards run as Prefect tasks on that Dask cluster
+(prefect-dask). Nothing then goes through this machine: workers read the inputs (object
+store URLs, or paths every worker sees), put their parts under the version's prefix in the
+artifact store (`_parts/`), write the shards there too, and the commit adopts the shards
+and drops the parts. A rerun after a crash resumes from the parts in the store.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -27,9 +35,11 @@ from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_datase
 from gptoss_model.data.sft import build_sft_dataset
 from gptoss_model.data.sources import expand_sources
 from gptoss_model.data.tokenizer import tokenizer_spec
+from gptoss_model.data.workspace import READ_BLOCK, LocalDir
 from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.store.manifest import FileEntry
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 
@@ -67,11 +77,12 @@ class PreprocessParams(BaseModel):
     workers: int = Field(1, ge=1, le=256, description="local tokenising processes (output bytes do not "
                          "depend on it)")
     dask_address: str | None = Field(None, description="scheduler address (tcp://host:8786) of a Dask cluster "
-                                     "to run the work units on, through prefect-dask")
+                                     "to run the work units on, through prefect-dask; the workers write parts "
+                                     "and shards to the store (pretrain)")
     input_s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// inputs; "
                                               "default: the store's endpoint")
     workdir: str | None = Field(None, description="staging dir parent (kept across attempts, so a rerun "
-                                "resumes; shared by all Dask workers when dask_address is set)")
+                                "resumes)")
     store: StoreSettings = Field(default_factory=StoreSettings)
 
     @field_validator("json_keys")
@@ -92,6 +103,8 @@ class PreprocessParams(BaseModel):
     def _mode_fits(self) -> "PreprocessParams":
         if self.mode == "sft" and self.shard_tokens is not None:
             raise ValueError("shard_tokens applies to mode=pretrain; use shard_samples for sft")
+        if self.mode == "sft" and self.dask_address is not None:
+            raise ValueError("dask_address applies to mode=pretrain; sft packs the whole corpus in one process")
         return self
 
     def storage_options(self) -> dict:
@@ -178,41 +191,104 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
     store = store or params.store.open()
     source = resolve_tokenizer(store, params.tokenizer)
     input_files = _input_identity(params)
+    on_dask = params.dask_address is not None
     scratch_dirs: list[Path] = []
 
-    def build(staging: Path) -> dict:
+    def build(staging: Path, version_prefix: str | None = None):
         scratch_dirs.append(staging.with_name(staging.name + ".tokenizer"))
         checkpoint_dir = tokenizer_dir(store, source, scratch_dirs[-1])
         meter = _Progress(sum(f["size"] for f in input_files), f"preprocess {params.name}", progress)
         started = time.monotonic()
+        uploaded: list[FileEntry] = []
         if params.mode == "sft":
             metrics = build_sft_dataset(params.inputs, checkpoint_dir, staging, target_length=params.target_length,
                                         messages_key=params.messages_key, bad_input=params.bad_input,
                                         shard_samples=params.shard_samples,
                                         storage_options=params.storage_options(), progress=meter)
         else:
-            parts = staging.with_name(staging.name + ".parts")  # beside staging: never uploaded
-            scratch_dirs.append(parts)
+            if on_dask:  # every worker reaches the store; this machine only plans and commits
+                out = StoreWorkspace(params.store, version_prefix)
+                parts = StoreWorkspace(params.store, f"{version_prefix}/{PARTS_DIR}")
+            else:
+                scratch_dirs.append(staging.with_name(staging.name + ".parts"))  # beside staging: never uploaded
+                out, parts = LocalDir(staging), LocalDir(scratch_dirs[-1])
             options = PretrainOptions(json_keys=tuple(params.json_keys), append_eod=params.append_eod,
                                       bad_input=params.bad_input, shard_tokens=params.shard_tokens,
                                       unit_bytes=params.unit_mb << 20)
             metrics = build_pretraining_dataset(
-                params.inputs, tokenizer_spec(checkpoint_dir), staging, parts, options, workers=params.workers,
-                map_fn=dask_map(params.dask_address) if params.dask_address else None, progress=meter,
+                params.inputs, tokenizer_spec(checkpoint_dir), out, parts, options, workers=params.workers,
+                map_fn=dask_map(params.dask_address) if on_dask else None, progress=meter,
                 storage_options=params.storage_options())
+            output_files = metrics.pop("output_files")
+            if on_dask:
+                uploaded = [FileEntry(**f) for f in output_files]
         meter.finish()
         seconds = time.monotonic() - started
         metrics.update(mode=params.mode, tokenizer=source.spec, tokenize_seconds=round(seconds, 3),
                        tokens_per_second=round(metrics["tokens"] / max(seconds, 1e-9)))
         _publish_summary(params, metrics)
-        return metrics
+        return (metrics, uploaded) if on_dask else metrics
 
     stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=params.name,
                              params=params.fingerprint_params(input_files), build=build, inputs=[source],
-                             workdir=params.workdir, resumable=True)
+                             workdir=params.workdir, resumable=True, writes_to_store=on_dask)
     for scratch in scratch_dirs:  # committed: tokenised parts and pulled tokenizer files are no longer needed
         shutil.rmtree(scratch, ignore_errors=True)
     return stage
+
+
+PARTS_DIR = "_parts"  # under the version's prefix: removed by the commit, or by `gc` with the abandoned version
+
+
+class StoreWorkspace:
+    """A workspace under a prefix of the artifact store, shared by every Dask worker.
+
+    Pickles as its settings and prefix (no client, no secret); each process opens the
+    store once, with credentials from the settings' Secret block or boto3's chain."""
+
+    def __init__(self, store: StoreSettings, prefix: str):
+        self.store, self.prefix = store, prefix.strip("/")
+
+    def __repr__(self) -> str:
+        return f"StoreWorkspace({self.store.url!r}, {self.prefix!r})"
+
+    @property
+    def backend(self):
+        return _open_store(self.store.model_dump_json()).backend
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}"
+
+    def where(self, rel: str) -> str:
+        return f"{self.store.url.rstrip('/')}/{self._key(rel)}"
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        return self.backend.get_bytes(self._key(rel))
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        self.backend.put_bytes(self._key(rel), data)
+
+    def put_file(self, local: Path, rel: str) -> None:
+        self.backend.upload_file(local, self._key(rel))
+        local.unlink(missing_ok=True)
+
+    def read_range(self, rel: str, start: int, count: int) -> Iterator[bytes]:
+        while count > 0:
+            block = self.backend.get_range(self._key(rel), start, min(count, READ_BLOCK))
+            if not block:
+                raise EOFError(f"{self.where(rel)}: truncated (wanted {count} more bytes at {start})")
+            start, count = start + len(block), count - len(block)
+            yield block
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="gptoss-preprocess-") as tmp:
+            yield Path(tmp)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_store(settings_json: str) -> ArtifactStore:
+    return StoreSettings.model_validate_json(settings_json).open()
 
 
 def summary_rows(metrics: dict) -> list[dict]:

@@ -11,9 +11,7 @@ an empty document, not a sequence). We keep that to stay byte-identical.
 """
 from __future__ import annotations
 
-import os
 import struct
-from pathlib import Path
 
 import numpy as np
 
@@ -43,27 +41,3 @@ def index_bytes(document_lengths: np.ndarray, dtype) -> bytes:
         struct.pack("<Q", len(sequence_lengths)), struct.pack("<Q", len(document_indices)),
         sequence_lengths.astype(np.int32).tobytes(), pointers.tobytes(), document_indices.tobytes(),
     ])
-
-
-def write_index(path: str | os.PathLike, document_lengths: np.ndarray, dtype) -> None:
-    """Write `.idx` atomically (temp file + rename): its presence marks the pair complete."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(index_bytes(document_lengths, dtype))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_index_summary(path: str | os.PathLike) -> dict:
-    """Counts from an `.idx` header and arrays (no megatron-core needed)."""
-    data = Path(path).read_bytes()
-    if data[:9] != INDEX_MAGIC:
-        raise ValueError(f"{path}: not a megatron index file")
-    code = data[17]
-    sequences, doc_entries = struct.unpack_from("<QQ", data, 18)
-    lengths = np.frombuffer(data, dtype=np.int32, count=sequences, offset=34)
-    itemsize = np.dtype({v: k for k, v in DTYPE_CODES.items()}[code]).itemsize
-    return {"documents": doc_entries - 1, "sequences": int(sequences), "tokens": int(lengths.sum(dtype=np.int64)),
-            "bin_bytes": int(lengths.sum(dtype=np.int64)) * itemsize, "dtype_code": code}

@@ -1,21 +1,25 @@
 """JSONL corpora -> megatron indexed datasets, in two resumable, parallel phases.
 
 1. Tokenise: every work unit (a byte range of a plain file, or a whole compressed file;
-   see `sources`) is tokenised in batches into a part (`unit_NNNNNN.{key}.tok` with the
-   ids back to back, `.len` with one int64 length per document) under `parts_dir`; a
-   unit's `.json` summary is written last and marks it done.
+   see `sources`) is tokenised in batches into parts (`unit_NNNNNN.{key}.tok` with the
+   ids back to back, `.len.npy` with one int64 length per document) in the `parts`
+   workspace; the unit's `.json` summary is put last and marks it done.
 2. Assemble: shard boundaries are cut on the GLOBAL document stream (all units in order),
    so they depend only on the corpus and the options, never on how it was split into files
    or units, nor on how many workers ran. Each shard copies its byte ranges out of the
-   parts into `{out_dir}/shard_NNNNN_{key}_document.bin`, then writes the `.idx`
-   (atomically, last): its presence marks the shard done.
+   parts into `shard_NNNNN_{key}_document.bin` + `.idx` in the `out` workspace; its
+   summary (`shard_NNNNN.json` in `parts`, with each file's sha256) is put last.
 
 A rerun after a crash skips the units and shards already done. Both phases take a
 `map_fn(function, jobs) -> results in order`, so they run in-process, in a local process
-pool, or on any cluster engine that can call a picklable top-level function.
+pool, or on any cluster engine that can call a picklable top-level function; the
+workspaces (see `workspace`) are local directories or an object-store prefix that every
+machine of such a cluster reaches.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import queue
@@ -29,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from gptoss_model.data.indexed import dtype_code, read_index_summary, write_index
+from gptoss_model.data.indexed import index_bytes
 from gptoss_model.data.sources import (
     DEFAULT_UNIT_BYTES,
     BadRecords,
@@ -40,6 +44,7 @@ from gptoss_model.data.sources import (
     plan_units,
 )
 from gptoss_model.data.tokenizer import BatchEncoder, TokenizerSpec
+from gptoss_model.data.workspace import Workspace, as_workspace
 
 Progress = Callable[[int, int, int], None]  # (documents, tokens, input bytes) done since the last call
 # map_fn(function, jobs, on_done) -> results in job order; on_done(result) as each finishes
@@ -61,7 +66,7 @@ class UnitJob:
     unit: WorkUnit
     tokenizer: TokenizerSpec
     options: PretrainOptions
-    parts_dir: str
+    parts: Workspace
     storage_options: dict = field(default_factory=dict)
 
 
@@ -71,67 +76,90 @@ class ShardJob:
     pieces: tuple[tuple[int, int, int], ...]   # (unit index, first document, end document)
     keys: tuple[str, ...]
     dtype: str
-    parts_dir: str
-    out_dir: str
+    parts: Workspace
+    out: Workspace
 
 
 def shard_prefix(index: int, key: str) -> str:
     return f"shard_{index:05d}_{key}_document"
 
 
-def _unit_stem(parts_dir: str, index: int) -> Path:
-    return Path(parts_dir) / f"unit_{index:06d}"
+def _unit_stem(index: int) -> str:
+    return f"unit_{index:06d}"
+
+
+def _read_json(space: Workspace, rel: str) -> dict | None:
+    data = space.get_bytes(rel)
+    return None if data is None else json.loads(data)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def unit_lengths(parts: Workspace, unit: int, key: str) -> np.ndarray:
+    """Token count of every document of a tokenised unit, for one JSON key."""
+    rel = f"{_unit_stem(unit)}.{key}.len.npy"
+    data = parts.get_bytes(rel)
+    if data is None:
+        raise CorpusError(f"{parts.where(rel)}: missing (the unit's summary says it was written)")
+    return np.load(io.BytesIO(data))
+
+
+def _process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ---------------------------------------------------------------- phase 1: tokenise a unit
 
 def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
     """Tokenise one unit into its part files; returns (or, when already done, re-reads) its summary."""
-    stem = _unit_stem(job.parts_dir, job.unit.index)
-    summary_path = stem.with_suffix(".json")
+    stem = _unit_stem(job.unit.index)
     identity = {"unit": job.unit.label, "keys": list(job.options.json_keys)}
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("identity") == identity:
-            return {**summary, "resumed": True}
+    summary = _read_json(job.parts, f"{stem}.json")
+    if summary is not None and summary.get("identity") == identity:
+        return {**summary, "resumed": True}
     encoder = BatchEncoder(job.tokenizer)
     eod = job.tokenizer.eod_token_id
     if job.options.append_eod and eod is None:
         raise CorpusError(f"append_eod is on but the tokenizer {job.tokenizer.source} has no end-of-document token")
     reader = RecordReader(job.unit, job.options.json_keys, job.options.bad_input, job.storage_options)
     keys = job.options.json_keys
-    token_files = {k: open(f"{stem}.{k}.tok.tmp", "wb") for k in keys}
     lengths: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     documents = 0
     tokens = 0
-    try:
-        for batch, nbytes in _prefetched_batches(reader, job.options.batch_bytes):
-            batch_tokens = 0
-            for k_i, key in enumerate(keys):
-                ids, lens = encoder.encode([record[k_i] for record in batch])
-                if job.options.append_eod:
-                    ends = np.cumsum(lens)[lens > 0]
-                    ids = np.insert(ids, ends, np.asarray(eod, dtype=ids.dtype))
-                    lens = lens + (lens > 0)
-                token_files[key].write(ids.tobytes())
-                lengths[key].append(lens)
-                batch_tokens += int(ids.size)
-            documents += len(batch)
-            tokens += batch_tokens
-            if progress:
-                progress(len(batch), batch_tokens, nbytes)
-    finally:
-        for f in token_files.values():
-            f.close()
-    for key in keys:
-        os.replace(f"{stem}.{key}.tok.tmp", f"{stem}.{key}.tok")
-        np.save(f"{stem}.{key}.len.npy", np.concatenate(lengths[key]) if lengths[key] else np.zeros(0, np.int64))
+    with job.parts.scratch() as scratch:
+        token_paths = {k: scratch / f"{stem}.{k}.tok.tmp" for k in keys}
+        token_files = {k: open(path, "wb") for k, path in token_paths.items()}
+        try:
+            for batch, nbytes in _prefetched_batches(reader, job.options.batch_bytes):
+                batch_tokens = 0
+                for k_i, key in enumerate(keys):
+                    ids, lens = encoder.encode([record[k_i] for record in batch])
+                    if job.options.append_eod:
+                        ends = np.cumsum(lens)[lens > 0]
+                        ids = np.insert(ids, ends, np.asarray(eod, dtype=ids.dtype))
+                        lens = lens + (lens > 0)
+                    token_files[key].write(ids.tobytes())
+                    lengths[key].append(lens)
+                    batch_tokens += int(ids.size)
+                documents += len(batch)
+                tokens += batch_tokens
+                if progress:
+                    progress(len(batch), batch_tokens, nbytes)
+        finally:
+            for f in token_files.values():
+                f.close()
+        for key in keys:
+            job.parts.put_file(token_paths[key], f"{stem}.{key}.tok")
+            job.parts.put_bytes(f"{stem}.{key}.len.npy",
+                                _npy_bytes(np.concatenate(lengths[key]) if lengths[key] else np.zeros(0, np.int64)))
     summary = {"identity": identity, "unit": job.unit.index, "documents": documents, "tokens": tokens,
-               "process": f"{socket.gethostname()}:{os.getpid()}",
+               "process": _process(),
                "lines": reader.lines, "blank_lines": reader.blank_lines, "bad": reader.bad.as_dict()}
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, summary_path)
+    job.parts.put_bytes(f"{stem}.json", json.dumps(summary).encode())  # last: marks the unit done
     return {**summary, "resumed": False}
 
 
@@ -206,43 +234,44 @@ def plan_shards(unit_lengths: Sequence[np.ndarray], shard_tokens: int | None) ->
 
 
 def assemble_shard(job: ShardJob) -> dict:
+    """Copy the shard's document ranges out of the parts into `.bin` + `.idx` per key.
+
+    The shard's summary (with the size and sha256 of each file it wrote) goes into the
+    parts workspace last and marks the shard done."""
+    identity = {"pieces": [list(p) for p in job.pieces], "keys": list(job.keys), "dtype": job.dtype}
+    summary_rel = f"shard_{job.index:05d}.json"
+    summary = _read_json(job.parts, summary_rel)
+    if summary is not None and summary.get("identity") == identity:
+        return {**summary, "resumed": True}
     dtype = np.dtype(job.dtype)
-    metrics = {"shard": job.index, "documents": 0, "tokens": 0, "bytes": 0, "resumed": True}
-    for key in job.keys:
-        prefix = Path(job.out_dir) / shard_prefix(job.index, key)
-        idx_path = prefix.with_name(prefix.name + ".idx")
-        if not idx_path.exists():
-            metrics["resumed"] = False
-            lengths = []
-            tmp_bin = prefix.with_name(prefix.name + ".bin.tmp")
+    files, documents, tokens = [], 0, 0
+    with job.out.scratch() as scratch:
+        for key in job.keys:
+            prefix = shard_prefix(job.index, key)
+            tmp_bin = scratch / f"{prefix}.bin.tmp"
+            digest, lengths = hashlib.sha256(), []
             with open(tmp_bin, "wb") as out:
                 for unit, first, end in job.pieces:
-                    stem = _unit_stem(job.parts_dir, unit)
-                    unit_lengths = np.load(f"{stem}.{key}.len.npy")
-                    start_byte = int(unit_lengths[:first].sum()) * dtype.itemsize
-                    count = int(unit_lengths[first:end].sum()) * dtype.itemsize
-                    _copy_range(f"{stem}.{key}.tok", start_byte, count, out)
-                    lengths.append(unit_lengths[first:end])
-            os.replace(tmp_bin, prefix.with_name(prefix.name + ".bin"))
-            write_index(idx_path, np.concatenate(lengths) if lengths else np.zeros(0, np.int64), dtype)
-        summary = read_index_summary(idx_path)
-        if summary["dtype_code"] != dtype_code(dtype):
-            raise CorpusError(f"{idx_path}: written with dtype code {summary['dtype_code']}, expected {dtype}")
-        metrics["documents"] = summary["documents"]
-        metrics["tokens"] += summary["tokens"]
-        metrics["bytes"] += summary["bin_bytes"] + idx_path.stat().st_size
-    return metrics
-
-
-def _copy_range(path: str, start: int, count: int, out) -> None:
-    with open(path, "rb") as f:
-        f.seek(start)
-        while count > 0:
-            block = f.read(min(count, 16 << 20))
-            if not block:
-                raise CorpusError(f"{path}: truncated part (wanted {count} more bytes)")
-            out.write(block)
-            count -= len(block)
+                    doc_lengths = unit_lengths(job.parts, unit, key)
+                    start_byte = int(doc_lengths[:first].sum()) * dtype.itemsize
+                    count = int(doc_lengths[first:end].sum()) * dtype.itemsize
+                    for block in job.parts.read_range(f"{_unit_stem(unit)}.{key}.tok", start_byte, count):
+                        out.write(block)
+                        digest.update(block)
+                    lengths.append(doc_lengths[first:end])
+            bin_size = tmp_bin.stat().st_size
+            job.out.put_file(tmp_bin, f"{prefix}.bin")
+            doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+            index = index_bytes(doc_lengths, dtype)
+            job.out.put_bytes(f"{prefix}.idx", index)
+            files += [{"path": f"{prefix}.bin", "size": bin_size, "sha256": digest.hexdigest()},
+                      {"path": f"{prefix}.idx", "size": len(index), "sha256": hashlib.sha256(index).hexdigest()}]
+            documents = len(doc_lengths)
+            tokens += int(doc_lengths.sum())
+    summary = {"identity": identity, "shard": job.index, "documents": documents, "tokens": tokens,
+               "bytes": sum(f["size"] for f in files), "files": files, "process": _process()}
+    job.parts.put_bytes(summary_rel, json.dumps(summary).encode())
+    return {**summary, "resumed": False}
 
 
 # ---------------------------------------------------------------- the whole build
@@ -276,19 +305,19 @@ def _share_cores(workers: int) -> None:
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
-def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, out_dir: str | os.PathLike,
-                              parts_dir: str | os.PathLike, options: PretrainOptions = PretrainOptions(), *,
+def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, out: Workspace | str | os.PathLike,
+                              parts: Workspace | str | os.PathLike, options: PretrainOptions = PretrainOptions(), *,
                               workers: int = 1, map_fn: MapFn | None = None, progress: Progress | None = None,
                               storage_options: dict | None = None) -> dict:
-    """Tokenise `sources` into shards under `out_dir` (resuming what `parts_dir` already holds).
+    """Tokenise `sources` into shards in `out` (resuming what `parts` already holds).
 
-    Returns the metrics the dataset manifest carries.
+    `out` and `parts` are workspaces (or local directories). Returns the metrics the dataset
+    manifest carries, plus `output_files`: path, size and sha256 of every file put in `out`.
     """
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    out, parts = as_workspace(out), as_workspace(parts)
     files = expand_sources(sources, storage_options)
     units = plan_units(files, options.unit_bytes)
-    jobs = [UnitJob(u, tokenizer, options, str(parts_dir), dict(storage_options or {})) for u in units]
+    jobs = [UnitJob(u, tokenizer, options, parts, dict(storage_options or {})) for u in units]
     if map_fn is None and workers <= 1:
         summaries = [tokenize_unit(job, progress) for job in jobs]
     else:
@@ -308,11 +337,9 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
         raise CorpusError(f"the corpus ({', '.join(sources)}) yields no tokens"
                           + (f"; skipped records: {bad.counts}" if bad.counts else ""))
     keys = options.json_keys
-    totals = [sum(np.load(f"{_unit_stem(str(parts_dir), u.index)}.{k}.len.npy") for k in keys)
-              if len(keys) > 1 else np.load(f"{_unit_stem(str(parts_dir), u.index)}.{keys[0]}.len.npy")
-              for u in units]
+    totals = [sum(unit_lengths(parts, u.index, k) for k in keys) for u in units]
     dtype = np.dtype(tokenizer.token_dtype()).name
-    shard_jobs = [ShardJob(i, pieces, keys, dtype, str(parts_dir), str(out_dir))
+    shard_jobs = [ShardJob(i, pieces, keys, dtype, parts, out)
                   for i, pieces in enumerate(plan_shards(totals, options.shard_tokens))]
     shards = (map_fn or local_map(1))(assemble_shard, shard_jobs, None)
     return {
@@ -324,15 +351,17 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
         "resumed_units": sum(bool(s["resumed"]) for s in summaries),
         "tokenizing_processes": sorted({s["process"] for s in summaries}),
         "resumed_shards": sum(bool(s["resumed"]) for s in shards),
+        "assembling_processes": sorted({s["process"] for s in shards}),
         "blank_lines": sum(s["blank_lines"] for s in summaries),
         "skipped_records": bad.as_dict(),
         "token_dtype": dtype,
         "vocab_size": tokenizer.vocab_size,
         "eod_token_id": tokenizer.eod_token_id if options.append_eod else None,
-        "shards": [{k: v for k, v in s.items() if k != "resumed"} for s in shards],
+        "shards": [{k: s[k] for k in ("shard", "documents", "tokens", "bytes")} for s in shards],
         "data_prefixes": [shard_prefix(s.index, k) for s in shard_jobs for k in keys],
+        "output_files": [f for s in shards for f in s["files"]],
     }
 
 
 __all__ = ["PretrainOptions", "build_pretraining_dataset", "tokenize_unit", "assemble_shard", "plan_shards",
-           "local_map", "shard_prefix", "UnitJob", "ShardJob"]
+           "local_map", "shard_prefix", "unit_lengths", "UnitJob", "ShardJob"]

@@ -80,6 +80,11 @@ class LocalBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def get_range(self, key: str, start: int, count: int) -> bytes:
+        with open(self.path(key), "rb") as f:
+            f.seek(start)
+            return f.read(count)
+
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
@@ -178,6 +183,9 @@ class FsspecBackend:
             return self.fs.cat_file(self._k(key))
         except FileNotFoundError:
             return None
+
+    def get_range(self, key: str, start: int, count: int) -> bytes:
+        return self.fs.cat_file(self._k(key), start=start, end=start + count)
 
     def exists(self, key: str) -> bool:
         return self.fs.isfile(self._k(key))

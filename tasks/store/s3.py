@@ -98,6 +98,11 @@ class S3Backend:
                 return None
             raise
 
+    def get_range(self, key: str, start: int, count: int) -> bytes:
+        """`count` bytes from `start` (fewer at the object's end)."""
+        return self.client.get_object(Bucket=self.bucket, Key=self._k(key),
+                                      Range=f"bytes={start}-{start + count - 1}")["Body"].read()
+
     def get_etag(self, key: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .claims import hold_work_dir, work_dir_lock
 from .fingerprint import fingerprint
-from .manifest import InputRef, Manifest, Producer, git_sha, package_version
+from .manifest import FileEntry, InputRef, Manifest, Producer, git_sha, package_version
 from .progress import ProgressSink
 from .settings import settings
 from .store import ArtifactStore
@@ -40,11 +40,11 @@ class StageResult:
 
 
 def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str, name: str,
-              params: Any, build: Callable[[Path], dict | None],
+              params: Any, build: Callable[..., Any],
               inputs: Iterable[Manifest | InputRef] = (), workdir: str | Path | None = None,
               progress: ProgressSink | None = None, wait_timeout: float | None = None,
               poll_interval: float = 1.0, refs: Iterable[str] = ("latest",),
-              resumable: bool = False) -> StageResult:
+              resumable: bool = False, writes_to_store: bool = False) -> StageResult:
     """Run `build(staging_dir) -> metrics` once per distinct (stage, code, params, inputs).
 
     Concurrent callers with the same inputs end with one committed version:
@@ -54,6 +54,11 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
     failed or killed attempt: the next attempt (which holds the claim, so it is alone)
     gets the same dir with whatever `build` left there, and `build` decides what to keep.
     It is removed once the version is committed.
+
+    With `writes_to_store`, the build (or the workers it spreads over) also puts files
+    straight under the version's prefix in the store: it is called as
+    `build(staging_dir, version_prefix) -> (metrics, uploaded FileEntry list)`, and the
+    commit adopts those files beside what the staging dir holds.
     """
     input_refs = [i.ref if isinstance(i, Manifest) else i for i in inputs]
     version = fingerprint(stage, code_version, params, [r.model_dump() for r in input_refs])
@@ -96,13 +101,18 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, kind: str,
         committed = False
         try:
             started = time.time()
-            metrics = dict(build(staging) or {})
+            uploaded: list[FileEntry] = []
+            if writes_to_store:
+                metrics, uploaded = build(staging, store.prefix(kind, name, version))
+            else:
+                metrics = build(staging)
+            metrics = dict(metrics or {})
             metrics.setdefault("build_seconds", round(time.time() - started, 3))
             producer = Producer(stage=stage, code_version=code_version,
                                 package_version=package_version(), git_sha=git_sha())
             manifest, won = store.commit(staging, kind=kind, name=name, version=version, producer=producer,
                                          parameters=params, inputs=input_refs, metrics=metrics,
-                                         progress=progress, claim=claim)
+                                         progress=progress, claim=claim, uploaded=uploaded)
             committed = True
         finally:
             if committed or not resumable:

@@ -13,10 +13,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gptoss_model.errors import PermanentError
@@ -174,13 +174,15 @@ class ArtifactStore:
         self.backend.delete(keys)
         return len(keys)
 
-    def upload_dir(self, src: Path, prefix: str, progress: ProgressSink | None = None) -> list[FileEntry]:
+    def upload_dir(self, src: Path, prefix: str, progress: ProgressSink | None = None,
+                   uploaded: Sequence[FileEntry] = ()) -> list[FileEntry]:
         """Upload every file under `src` to `prefix/` (the caller holds the version's claim).
 
         Resumes an interrupted attempt: an object already there whose recorded sha256
-        equals its staging file's is kept, not sent again. Objects under the prefix that
-        are not in `src` (an older attempt's) are deleted, so the version holds exactly
-        what its manifest lists."""
+        equals its staging file's is kept, not sent again. `uploaded` lists files that
+        workers already put under the prefix themselves (their sizes are checked here).
+        Objects under the prefix that are in neither (an older attempt's, a build's
+        scratch) are deleted, so the version holds exactly what its manifest lists."""
         src = Path(src)
         files = sorted(p for p in src.rglob("*") if p.is_file())
         rels = [validate_relpath(p.relative_to(src).as_posix()) for p in files]
@@ -190,6 +192,7 @@ class ArtifactStore:
         present = {o.key: o.size for o in self.backend.list(prefix + "/") if not o.key.endswith("/" + CLAIM_FILE)}
         if f"{prefix}/{MANIFEST_FILE}" in present:
             raise RuntimeError(f"refusing to overwrite committed version {self.url}/{prefix}")
+        self._check_uploaded(prefix, uploaded, present, set(rels))
         recorded = getattr(self.backend, "recorded_sha256", None)
         kept = []
 
@@ -210,15 +213,28 @@ class ArtifactStore:
         if kept:
             log.info("%s/%s: kept %d of %d files an interrupted attempt had uploaded (sha256 matched)",
                      self.url, prefix, len(kept), len(files))
-        wanted = {f"{prefix}/{rel}" for rel in rels}
+        entries = sorted([*entries, *uploaded], key=lambda e: PurePosixPath(e.path).parts)
+        wanted = {f"{prefix}/{e.path}" for e in entries}
         self.backend.delete(sorted(k for k in present if k not in wanted))
         return entries
+
+    def _check_uploaded(self, prefix: str, uploaded: Sequence[FileEntry], present: dict[str, int],
+                        staged: set[str]) -> None:
+        for entry in uploaded:
+            where = f"{self.url}/{prefix}/{validate_relpath(entry.path)}"
+            if entry.path in staged:
+                raise ValueError(f"{where}: both in the staging dir and among the files workers uploaded")
+            found = present.get(f"{prefix}/{entry.path}")
+            if found != entry.size:
+                raise IntegrityError(f"{where}: a worker reported uploading {entry.size} bytes; the store holds "
+                                     + ("nothing" if found is None else f"{found} bytes"))
 
     def commit(self, src: Path, *, kind: str, name: str, version: str, producer: Producer,
                parameters: Any = None, inputs: Iterable[InputRef | Manifest] = (),
                metrics: dict | None = None, progress: ProgressSink | None = None,
-               claim=None) -> tuple[Manifest, bool]:
-        """Upload `src` as kind/name@version and write its manifest last.
+               claim=None, uploaded: Sequence[FileEntry] = ()) -> tuple[Manifest, bool]:
+        """Upload `src` (plus files already `uploaded` under the version, see upload_dir)
+        as kind/name@version and write its manifest last.
 
         Returns (manifest, won). won is False when another writer committed
         the version first; its manifest is returned and ours is dropped.
@@ -235,14 +251,14 @@ class ArtifactStore:
         try:
             return self._commit(src, prefix, kind=kind, name=name, version=version, producer=producer,
                                 parameters=parameters, inputs=inputs, metrics=metrics,
-                                progress=progress, claim=claim)
+                                progress=progress, claim=claim, uploaded=uploaded)
         finally:
             if own_claim is not None:
                 own_claim.release()
 
     def _commit(self, src, prefix, *, kind, name, version, producer, parameters, inputs, metrics,
-                progress, claim) -> tuple[Manifest, bool]:
-        entries = self.upload_dir(src, prefix, progress)
+                progress, claim, uploaded) -> tuple[Manifest, bool]:
+        entries = self.upload_dir(src, prefix, progress, uploaded)
         manifest = Manifest(kind=kind, name=name, version=version, producer=producer,
                             parameters=public_params(parameters or {}),
                             inputs=[i.ref if isinstance(i, Manifest) else i for i in inputs],

@@ -109,6 +109,9 @@ def test_params_are_validated():
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], split_sentences=True)
     with pytest.raises(ValueError, match="shard_samples for sft"):
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], mode="sft", shard_tokens=5)
+    with pytest.raises(ValueError, match="dask_address applies to mode=pretrain"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], mode="sft",
+                         dask_address="tcp://127.0.0.1:8786")
 
 
 @pytest.mark.s3
@@ -172,19 +175,53 @@ def test_kill_9_then_resume_redoes_only_unfinished_work(tmp_path):
     assert len(clean.metrics["shards"]) > 1
 
 
+@pytest.mark.s3
+def test_store_workspace_resumes_from_the_parts_in_the_store(tmp_path, s3_bucket, s3_endpoint):
+    """Parts and shards written through the store (as Dask workers do): the same bytes as a local
+    build, each shard's reported sha256 true of the stored object, and a rerun that lost one unit's
+    and one shard's done marker redoes only those."""
+    import hashlib
+
+    from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
+    from gptoss_model.data.tokenizer import tokenizer_spec
+    from tasks.preprocess import StoreWorkspace
+
+    settings = StoreSettings(url=f"s3://{s3_bucket}/ws", s3_endpoint_url=s3_endpoint)
+    out, parts = StoreWorkspace(settings, "v"), StoreWorkspace(settings, "v/_parts")
+    corpus, spec = str(_big_corpus(tmp_path, copies=8)), tokenizer_spec(U16_TOKENIZER)
+    options = PretrainOptions(unit_bytes=200_000, shard_tokens=60_000)
+    first = build_pretraining_dataset([corpus], spec, out, parts, options)
+    assert first["work_units"] > 2 and len(first["shards"]) > 2
+    local = build_pretraining_dataset([corpus], spec, tmp_path / "out", tmp_path / "parts", options)
+    assert local["output_files"] == first["output_files"]
+    for f in first["output_files"]:
+        assert hashlib.sha256(out.get_bytes(f["path"])).hexdigest() == f["sha256"]
+
+    out.backend.delete(["v/_parts/unit_000001.json", "v/_parts/shard_00001.json"])
+    again = build_pretraining_dataset([corpus], spec, out, parts, options)
+    assert again["resumed_units"] == first["work_units"] - 1
+    assert again["resumed_shards"] == len(first["shards"]) - 1
+    assert again["output_files"] == first["output_files"]
+
+
 @pytest.mark.prefect
-def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness, monkeypatch):
-    """The flow runs with a Prefect progress and table artifact; its units on a 2-worker Dask cluster."""
+@pytest.mark.s3
+def test_flow_on_a_dask_cluster_reads_and_writes_the_object_store(tmp_path, prefect_harness, monkeypatch,
+                                                                   s3_bucket, s3_endpoint):
+    """Units and shards run on a 2-worker Dask cluster, reading the corpus from S3 and writing parts
+    and shards to the S3 store themselves: the same bytes as the local run, nothing left in `_parts`."""
+    import s3fs
     from distributed import LocalCluster
     from prefect.settings import PREFECT_API_URL
 
     from flows.preprocess import preprocess_flow
 
-    store = ArtifactStore((tmp_path / "store").as_uri())
+    store = ArtifactStore(f"s3://{s3_bucket}/artifacts", s3_endpoint_url=s3_endpoint)
     tok = commit_tokenizer(store)
-    corpus = _big_corpus(tmp_path, copies=15)
-    base = dict(tokenizer=tok, inputs=[str(corpus)], unit_mb=1, shard_tokens=200_000,
-                store=StoreSettings(url=store.url))
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).pipe(
+        f"{s3_bucket}/corpus/big.jsonl", _big_corpus(tmp_path, copies=15).read_bytes())
+    base = dict(tokenizer=tok, inputs=[f"s3://{s3_bucket}/corpus/big.jsonl"], unit_mb=1, shard_tokens=200_000,
+                store=StoreSettings(url=store.url, s3_endpoint_url=s3_endpoint))
     local = preprocess_flow(PreprocessParams(name="local", workdir=str(tmp_path / "w1"), **base))
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report to the same server
@@ -192,9 +229,13 @@ def test_flow_and_dask_cluster_write_the_same_bytes(tmp_path, prefect_harness, m
         on_dask = preprocess_flow(PreprocessParams(name="dask", workdir=str(tmp_path / "w2"),
                                                    dask_address=cluster.scheduler_address, **base))
     assert on_dask.metrics["work_units"] > 1 and len(on_dask.metrics["shards"]) > 1
-    ran_on = set(on_dask.metrics["tokenizing_processes"])
-    assert len(ran_on) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in ran_on  # the two Dask workers
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    for ran_on in (on_dask.metrics["tokenizing_processes"], on_dask.metrics["assembling_processes"]):
+        assert here not in ran_on and 1 <= len(ran_on) <= 2  # the Dask workers, not the flow's process
+    assert len(on_dask.metrics["tokenizing_processes"]) == 2
     assert [(f.path, f.sha256) for f in on_dask.files] == [(f.path, f.sha256) for f in local.files]
+    stored = [o.key for o in store.backend.list(store.prefix("dataset", "dask", on_dask.version) + "/")]
+    assert not [k for k in stored if "/_parts/" in k] and len(stored) >= len(on_dask.files) + 1
 
     from prefect.client.orchestration import get_client
 
