@@ -263,3 +263,28 @@ def test_commit_retry_replaces_files_whose_content_changed(store, tmp_path):
     m = commit_tree(store, tmp_path, {"w.bin": b"B" * 4096}, version=version)
     assert (store.download(m, tmp_path / "out") / "w.bin").read_bytes() == b"B" * 4096
     assert sorted(o.key.rsplit("/", 1)[1] for o in store.backend.list(prefix + "/")) == ["MANIFEST.json", "w.bin"]
+
+
+def test_commit_adopts_files_workers_uploaded_and_refuses_a_missing_one(store, tmp_path):
+    """Files put under the version by other processes join the manifest (scratch beside them is
+    deleted); one a worker reported but the store does not hold fails the commit, naming it."""
+    from tasks.store.manifest import FileEntry
+
+    version = "0123456789abcdef0124"
+    prefix = store.prefix("dataset", "d", version)
+    shard = os.urandom(5000)
+    store.backend.put_bytes(f"{prefix}/shard.bin", shard)
+    store.backend.put_bytes(f"{prefix}/_parts/unit.tok", b"scratch")
+    uploaded = [FileEntry(path="shard.bin", size=len(shard), sha256=hashlib.sha256(shard).hexdigest())]
+    missing = FileEntry(path="gone.bin", size=3, sha256="0" * 64)
+    with pytest.raises(IntegrityError, match=r"gone\.bin: a worker reported uploading 3 bytes; the store holds nothing"):
+        store.commit(make_tree(tmp_path / "src1", {"meta.json": b"{}"}), kind="dataset", name="d", version=version,
+                     producer=Producer(stage="test", code_version="1"), uploaded=[*uploaded, missing])
+    assert store.get_manifest("dataset", "d", version) is None
+
+    m = store.commit(make_tree(tmp_path / "src2", {"meta.json": b"{}"}), kind="dataset", name="d",
+                     version=version, producer=Producer(stage="test", code_version="1"), uploaded=uploaded)[0]
+    assert [(f.path, f.size) for f in m.files] == [("meta.json", 2), ("shard.bin", len(shard))]
+    assert (store.download(m, tmp_path / "out") / "shard.bin").read_bytes() == shard
+    assert sorted(o.key.rsplit("/", 1)[1] for o in store.backend.list(prefix + "/")) == \
+        ["MANIFEST.json", "meta.json", "shard.bin"]
