@@ -3,11 +3,14 @@ one Prefect test harness per session. Environment is set before anything
 imports Prefect, so no test touches ~/.prefect or the network."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="gptoss-prefect-home-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
