@@ -36,6 +36,7 @@ from gptoss_model.data.sft import build_sft_dataset
 from gptoss_model.data.sources import expand_sources
 from gptoss_model.data.tokenizer import tokenizer_spec
 from gptoss_model.data.workspace import READ_BLOCK, LocalDir
+from gptoss_model.errors import InvalidParameterError
 from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
@@ -189,9 +190,12 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
                    progress: ProgressFn | None = None) -> StageResult:
     """The whole stage without Prefect's task machinery (tests, the CLI)."""
     store = store or params.store.open()
+    on_dask = params.dask_address is not None
+    if on_dask and _open_store(params.store.model_dump_json()).url != store.url:
+        raise InvalidParameterError(f"store: the Dask workers would write to {params.store.url}, but this run "
+                                    f"commits to {store.url}; pass the store as params.store")
     source = resolve_tokenizer(store, params.tokenizer)
     input_files = _input_identity(params)
-    on_dask = params.dask_address is not None
     scratch_dirs: list[Path] = []
 
     def build(staging: Path, version_prefix: str | None = None):

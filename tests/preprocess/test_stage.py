@@ -98,6 +98,15 @@ def test_sft_mode_through_the_stage(tmp_path):
     assert m.metrics["data_prefixes"] == json.loads((local / "sft.json").read_text())["prefixes"]
 
 
+def test_dask_workers_must_write_to_the_store_the_run_commits_to(tmp_path):
+    from gptoss_model.errors import InvalidParameterError
+
+    params = PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], dask_address="tcp://127.0.0.1:1",
+                              store=StoreSettings(url=(tmp_path / "elsewhere").as_uri()))
+    with pytest.raises(InvalidParameterError, match="Dask workers would write to file://.*elsewhere"):
+        run_preprocess(params, ArtifactStore((tmp_path / "store").as_uri()))
+
+
 def test_params_are_validated():
     with pytest.raises(ValueError, match="inputs"):
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=[])
