@@ -109,6 +109,9 @@ class BuildOptions:
     perform_initialization: bool = True
     token_dispatcher: str = "alltoall"  # "allgather" also works, incl. on CPU
     router_dtype: str | None = None  # None = model dtype, like the reference
+    # Where the parameters live: None = on the GPU when CUDA is available. False builds a
+    # CPU (or meta) model on a CUDA machine too: CPU initialisation, no fused kernels.
+    on_gpu: bool | None = None
 
 
 def transformer_config(cfg: GptOssModelConfig, layout: ParallelLayout, opts: BuildOptions = BuildOptions()):
@@ -116,7 +119,7 @@ def transformer_config(cfg: GptOssModelConfig, layout: ParallelLayout, opts: Bui
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     use_te = te_available() if opts.use_te is None else opts.use_te
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() if opts.on_gpu is None else opts.on_gpu
     tc = TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,

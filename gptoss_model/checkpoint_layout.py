@@ -49,12 +49,24 @@ def megatron_state_dict(model, iteration: int = 0) -> dict:
     return {"model": model.sharded_state_dict(), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
 
 
-def build_model(cfg: GptOssModelConfig, dtype: torch.dtype, device: str = "cpu"):
-    """A world-1 GPTModel (local spec), uninitialised; on "meta" it holds no memory."""
+def compute_device() -> str:
+    """Where checks run a megatron model: the GPU when there is one.
+
+    On a CUDA machine megatron-core puts some parameters (yarn, softmax sinks, router) on the
+    current CUDA device whatever the build asks, so a whole model there lives on the GPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_model(cfg: GptOssModelConfig, dtype: torch.dtype, device: str | None = None):
+    """A world-1 GPTModel (local spec), uninitialised, on `device` (default: compute_device()).
+
+    On "meta" its linear layers hold no memory (materialise them with `to_empty`)."""
     from gptoss_model import build
     from gptoss_model.parallel import ParallelLayout
 
-    opts = build.BuildOptions(params_dtype=dtype, use_te=False, perform_initialization=False)
+    device = device or compute_device()
+    opts = build.BuildOptions(params_dtype=dtype, use_te=False, perform_initialization=False,
+                              on_gpu=torch.device(device).type == "cuda")
     with torch.device(device):
         return build.build_gpt_model(cfg, ParallelLayout(), opts)
 

@@ -26,7 +26,7 @@ import torch
 from gptoss_model.errors import PermanentError
 from gptoss_model import name_map as nm
 
-PLAN_VERSION = "1"  # bump when the bytes a plan produces change
+PLAN_VERSION = "2"  # bump when the bytes a plan produces change (2: tensors in the writer's order)
 
 
 class PlanError(PermanentError, RuntimeError):
@@ -176,4 +176,25 @@ def plan_checkpoint(sharded_state_dict: dict, model_params: dict, num_layers: in
                 numel *= int(s)
             chunk.params += numel
             chunk.nbytes += numel * item.tensor_data.properties.dtype.itemsize
+    for chunk in chunks.values():
+        chunk.items = writer_order(chunk.items)
     return CheckpointPlan(metadata, [chunks[i] for i in sorted(chunks)], dtype, fingerprint)
+
+
+def writer_order(items: list) -> list:
+    """The order torch's FileSystemWriter asks for a plan's items, whichever loader it picks.
+
+    Byte items come first; tensors come in plan order from its serial loader (no CUDA), but
+    sorted by size (a stable sort) from its overlapping loader (CUDA available). A plan already
+    sorted that way is asked for in the same order by both, which the converting reader thread
+    relies on: it prepares tensors ahead in exactly this order."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    def nbytes(item) -> int:
+        numel = 1
+        for s in item.tensor_data.size:
+            numel *= int(s)
+        return numel * item.tensor_data.properties.dtype.itemsize
+
+    byte_items = [i for i in items if i.type == WriteItemType.BYTE_IO]
+    return byte_items + sorted((i for i in items if i.type != WriteItemType.BYTE_IO), key=nbytes)

@@ -102,8 +102,7 @@ def parity_check(megatron_dir: str | Path, hf_dir: str | Path, dtype: str = "flo
     started = time.time()
     with world_of_one("the parity check"):
         model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
-        got = model(ids, pos, None).float()
+        got = megatron_logits(model, ids)
         del model
     ref_model = load_reference_model(hf_dir, dtype=torch.float32)
     want_full = ref_model(ids).logits.float()
@@ -152,7 +151,14 @@ class _Megatron:
             self.model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, torch.arange(ids.shape[1]).expand_as(ids), None).float()
+        return megatron_logits(self.model, ids)
+
+
+def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits on the CPU, computed where the model lives (the GPU on a CUDA machine)."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    return model(ids, torch.arange(ids.shape[1], device=device).expand_as(ids), None).float().cpu()
 
 
 class _HF:

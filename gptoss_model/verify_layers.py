@@ -189,6 +189,7 @@ class MegatronSide:
                  compute_dtype: torch.dtype = torch.float32, base_megatron_path: str | Path | None = None):
         """`base_megatron_path`: `megatron_path` is an adapter-only LoRA/DoRA checkpoint; its adapters
         are merged (fp32) into this base's weights as they are read."""
+        from gptoss_model.checkpoint_layout import compute_device
         from gptoss_model.megatron_reader import MegatronCheckpointReader
 
         self.cfg = cfg
@@ -203,6 +204,7 @@ class MegatronSide:
         else:
             self.reader = MegatronCheckpointReader(megatron_path, cfg)
         self.name = f"megatron ({self.reader.iter_dir.parent.name}/{self.reader.iter_dir.name})"
+        self.device = compute_device()  # one layer at a time there; results come back to the CPU
         self._world = None
 
     def __enter__(self) -> "MegatronSide":
@@ -217,7 +219,7 @@ class MegatronSide:
         # one-layer model of the same attention config (its other sizes are irrelevant here).
         small = self.cfg.replace(num_layers=1, num_experts=self.cfg.experts_per_token, vocab_size=64,
                                  layer_types=(self.cfg.layer_types[0],))
-        self.rotary = build_model(small, torch.float32, device="cpu").rotary_pos_emb
+        self.rotary = build_model(small, torch.float32, device=self.device).rotary_pos_emb
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,7 +232,7 @@ class MegatronSide:
         return self.reader.stored_dtype("output_layer.weight")
 
     def _materialise(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
-        module.to_empty(device="cpu")
+        module.to_empty(device=self.device)
         with torch.no_grad():
             # One parameter read at a time: the stored copy of a whole layer is never held
             # beside its fp32 parameters.
@@ -240,7 +242,7 @@ class MegatronSide:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.reader.read(["embedding.word_embeddings.weight"])["embedding.word_embeddings.weight"]
-        return torch.nn.functional.embedding(ids, w.to(self.compute_dtype))
+        return torch.nn.functional.embedding(ids, w.to(self.compute_dtype))  # on the CPU: one lookup
 
     def prepare(self, ids: torch.Tensor, hidden: torch.Tensor) -> None:
         emb, _ = self.rotary(ids.shape[1])
@@ -249,7 +251,9 @@ class MegatronSide:
     def layer(self, i: int, x: torch.Tensor, forced_experts: torch.Tensor | None = None) -> dict:
         layer = self._materialise(self.model.decoder.layers[i], f"decoder.layers.{i}.")
         b, s, h = x.shape
-        xs = x.transpose(0, 1).contiguous()  # megatron: [s, b, h]
+        xs = x.transpose(0, 1).contiguous().to(self.device)  # megatron: [s, b, h]
+        if forced_experts is not None:
+            forced_experts = forced_experts.to(self.device)
         captured = {}
         router = layer.mlp.router
         own_routing = router.routing
@@ -280,14 +284,14 @@ class MegatronSide:
                "router_logits": captured["logits"].reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1),
                "routing_map": captured["map"].reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)}
         layer.to("meta")
-        return out
+        return {k: v.cpu() for k, v in out.items()}
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         norm = self._materialise(self.model.decoder.final_layernorm, "decoder.final_layernorm.")
-        w = self.reader.read(["output_layer.weight"])["output_layer.weight"].to(self.compute_dtype)
-        out = norm(x) @ w.T
+        w = self.reader.read(["output_layer.weight"])["output_layer.weight"].to(self.device, self.compute_dtype)
+        out = norm(x.to(self.device)) @ w.T
         norm.to("meta")
-        return out
+        return out.cpu()
 
     def close(self) -> None:
         pass

@@ -73,8 +73,9 @@ class PreprocessParams(BaseModel):
     messages_key: str = Field("messages", description="sft: the key holding the chat messages")
     target_length: int = Field(2048, ge=16, description="sft: packed sample length (tokens)")
     shard_samples: int | None = Field(None, ge=1, description="sft: packed samples per shard; None: one shard")
-    unit_mb: int = Field(64, ge=1, le=4096, description="work unit size: plain files are split into byte "
-                         "ranges of about this size (output bytes do not depend on it)")
+    unit_mb: int | None = Field(None, ge=1, le=4096, description="work unit size: plain files are split into byte "
+                                "ranges of about this size (output bytes do not depend on it); None: about "
+                                "8 units per local worker, 4-64 MB each, and 64 MB on Dask")
     workers: int = Field(1, ge=1, le=256, description="local tokenising processes (output bytes do not "
                          "depend on it)")
     dask_address: str | None = Field(None, description="scheduler address (tcp://host:8786) of a Dask cluster "
@@ -218,7 +219,7 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
                 out, parts = LocalDir(staging), LocalDir(scratch_dirs[-1])
             options = PretrainOptions(json_keys=tuple(params.json_keys), append_eod=params.append_eod,
                                       bad_input=params.bad_input, shard_tokens=params.shard_tokens,
-                                      unit_bytes=params.unit_mb << 20)
+                                      unit_bytes=params.unit_mb << 20 if params.unit_mb else None)
             metrics = build_pretraining_dataset(
                 params.inputs, tokenizer_spec(checkpoint_dir), out, parts, options, workers=params.workers,
                 map_fn=dask_map(params.dask_address) if on_dask else None, progress=meter,

@@ -18,6 +18,7 @@ machine of such a cluster reaches.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import numpy as np
 from gptoss_model.data.indexed import index_bytes
 from gptoss_model.data.sources import (
     DEFAULT_UNIT_BYTES,
+    auto_unit_bytes,
     BadRecords,
     CorpusError,
     RecordReader,
@@ -57,7 +59,7 @@ class PretrainOptions:
     append_eod: bool = True
     bad_input: str = "fail"            # "fail" | "skip"
     shard_tokens: int | None = None    # a shard closes after the document reaching this; None: one shard
-    unit_bytes: int = DEFAULT_UNIT_BYTES
+    unit_bytes: int | None = None      # None: auto_unit_bytes for the local workers (DEFAULT on a map_fn)
     batch_bytes: int = 4 << 20         # text handed to the tokenizer at once
 
 
@@ -121,7 +123,7 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
     summary = _read_json(job.parts, f"{stem}.json")
     if summary is not None and summary.get("identity") == identity:
         return {**summary, "resumed": True}
-    encoder = BatchEncoder(job.tokenizer)
+    encoder = _encoder(job.tokenizer)
     eod = job.tokenizer.eod_token_id
     if job.options.append_eod and eod is None:
         raise CorpusError(f"append_eod is on but the tokenizer {job.tokenizer.source} has no end-of-document token")
@@ -161,6 +163,12 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
                "lines": reader.lines, "blank_lines": reader.blank_lines, "bad": reader.bad.as_dict()}
     job.parts.put_bytes(f"{stem}.json", json.dumps(summary).encode())  # last: marks the unit done
     return {**summary, "resumed": False}
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(spec: TokenizerSpec) -> BatchEncoder:
+    """One tokenizer per process, reused by every unit it tokenises."""
+    return BatchEncoder(spec)
 
 
 def _prefetched_batches(reader: RecordReader, batch_bytes: int):
@@ -316,7 +324,9 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
     """
     out, parts = as_workspace(out), as_workspace(parts)
     files = expand_sources(sources, storage_options)
-    units = plan_units(files, options.unit_bytes)
+    unit_bytes = options.unit_bytes or (DEFAULT_UNIT_BYTES if map_fn is not None
+                                        else auto_unit_bytes(sum(f.size for f in files), workers))
+    units = plan_units(files, unit_bytes)
     jobs = [UnitJob(u, tokenizer, options, parts, dict(storage_options or {})) for u in units]
     if map_fn is None and workers <= 1:
         summaries = [tokenize_unit(job, progress) for job in jobs]

@@ -23,7 +23,15 @@ from gptoss_model.errors import PermanentError
 
 BAD_REASONS = ("malformed_json", "missing_key", "not_a_string", "not_a_conversation", "invalid_utf8", "empty_file",
                "too_long")
-DEFAULT_UNIT_BYTES = 64 << 20
+DEFAULT_UNIT_BYTES = 64 << 20  # the most a unit holds unless asked: few tasks for a cluster engine
+MIN_UNIT_BYTES = 4 << 20       # below this, per-unit start-up costs more than balance gains
+UNITS_PER_WORKER = 8           # enough that the last units finish close together
+
+
+def auto_unit_bytes(total_bytes: int, workers: int) -> int:
+    """A unit size that gives every local worker about UNITS_PER_WORKER units (the pool hands them
+    out as workers free up, so the run ends within about one small unit of perfect balance)."""
+    return min(DEFAULT_UNIT_BYTES, max(MIN_UNIT_BYTES, total_bytes // (max(workers, 1) * UNITS_PER_WORKER)))
 _READ_BLOCK = 1 << 20
 
 

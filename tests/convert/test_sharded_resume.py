@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from gptoss_model import convert, convert_writer, verify
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
@@ -80,3 +81,34 @@ def test_failed_attempt_is_resumed_without_rewriting_finished_chunks(source, ref
         convert.convert_hf_to_megatron(source, out, dtype="float32")
     with pytest.raises(convert.ConversionError, match="not empty"):
         convert.convert_hf_to_megatron(source, out, resume=False)
+
+
+def test_plan_order_is_the_order_torchs_writer_asks_for_with_or_without_cuda(source):
+    """FileSystemWriter asks for byte items first, then tensors in plan order (its serial loader,
+    no CUDA) or stably sorted by size (its overlapping loader, used when CUDA is available; a GPU
+    machine's conversion failed on that before). The converter prepares tensors in plan order,
+    so every chunk's order must be a fixed point of both."""
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+    from torch.distributed.checkpoint.filesystem import _item_size
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from gptoss_model.checkpoint_layout import build_model, megatron_state_dict
+    from gptoss_model.config import GptOssModelConfig
+    from gptoss_model.convert_plan import plan_checkpoint
+    from gptoss_model.parallel import world_of_one
+
+    cfg = GptOssModelConfig.from_hf_config(source)
+    with world_of_one("the plan test"):
+        model = build_model(cfg, torch.bfloat16, device="meta")
+        state = megatron_state_dict(model)
+        apply_factories(state["model"])
+        plan = plan_checkpoint({"model": state["model"]}, dict(model.state_dict(keep_vars=True)),
+                               cfg.num_layers, "bfloat16", "fingerprint")
+    sizes_vary = False
+    for chunk in plan.chunks:
+        kinds = [i.type == WriteItemType.BYTE_IO for i in chunk.items]
+        assert kinds == sorted(kinds, reverse=True)  # byte items first
+        tensors = [i for i in chunk.items if i.type != WriteItemType.BYTE_IO]
+        assert sorted(tensors, key=_item_size) == tensors
+        sizes_vary |= len({_item_size(i) for i in tensors}) > 1
+    assert sizes_vary  # the sort has something to reorder

@@ -1,0 +1,96 @@
+"""The CUDA code paths: NCCL, bf16 training, models built on the GPU, the numeric gates there.
+
+Skipped without CUDA (CI has none). On a GPU machine: `python -m pytest -q -s tests/gpu`.
+Each test prints what it measured. Transformer Engine is used when it is importable;
+without it the local layer spec runs on the GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from tests.train.data import write_tiny_pretrain_dataset
+
+    root = tmp_path_factory.mktemp("gpu")
+    return {"root": root, "hf": write_tiny_checkpoint(root / "hf", dtype="float32", seed=0),
+            "prefixes": write_tiny_pretrain_dataset(root / "dataset")}
+
+
+def test_conversion_parity_gate_runs_on_a_cuda_machine(tiny):
+    from gptoss_model.convert import convert_hf_to_megatron
+    from gptoss_model.verify import default_tolerance, enforce_parity, parity_check
+
+    out = tiny["root"] / "megatron"
+    convert_hf_to_megatron(tiny["hf"], out, dtype="float32")
+    gate = parity_check(out, tiny["hf"], dtype="float32")
+    print(f"\nparity on {torch.cuda.get_device_name(0)}: {gate}")
+    enforce_parity(gate, default_tolerance("float32"), "the tiny conversion on CUDA")
+
+
+def test_layer_wise_verification_on_a_cuda_machine(tiny):
+    from gptoss_model.config import GptOssModelConfig
+    from gptoss_model.verify import fixed_batch
+    from gptoss_model.verify_layers import HFSide, MegatronSide, default_tolerance, verify_layerwise
+
+    out = tiny["root"] / "megatron"
+    if not (out / "latest_checkpointed_iteration.txt").is_file():
+        pytest.skip("needs the conversion test's output")
+    cfg = GptOssModelConfig.from_hf_config(tiny["hf"])
+    ids = fixed_batch(cfg.vocab_size, 2, 2 * cfg.sliding_window + 8)
+    reference = HFSide(tiny["hf"])
+    with MegatronSide(out, cfg) as candidate:
+        reference.round_to = candidate.storage_dtype
+        report = verify_layerwise(reference, candidate, ids, tolerance=default_tolerance("float32"))
+    print(f"\nlayer-wise on CUDA machine: passed={report.passed} in {report.seconds:.1f} s, "
+          f"GPU memory {torch.cuda.max_memory_allocated() / 1e9:.3f} GB\n{report.table()}")
+    assert report.passed, report.first_failure
+
+
+def test_training_with_nccl_in_bf16_then_export_passes_the_gate(tiny):
+    from gptoss_model.export import export_megatron_to_hf
+    from gptoss_model.recipes import tiny_pretrain_config
+    from gptoss_model.training.config import save_yaml
+    from gptoss_model.training.launch import torchrun_command
+    from gptoss_model.training.metrics import read_metrics
+    from gptoss_model.verify import default_tolerance, verify_whole_model
+
+    run_dir = tiny["root"] / "run"
+    run = tiny_pretrain_config(data_paths=tiny["prefixes"], dir=str(run_dir), hf_path=str(tiny["hf"]),
+                               pretrained_checkpoint=str(tiny["hf"]), train_iters=30)
+    run.scheduler.lr_decay_iters = 30
+    config = tiny["root"] / "run.yaml"
+    save_yaml(run, config)
+    done = subprocess.run(torchrun_command(config, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
+    print(done.stdout[-3000:], done.stderr[-3000:], sep="\n")
+    assert done.returncode == 0
+
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    first, last = recs[0]["loss"], sum(r["loss"] for r in recs[-5:]) / 5
+    print(f"\nbf16 on CUDA, TE={importlib.util.find_spec('transformer_engine') is not None}: loss {first:.4f} -> "
+          f"{last:.4f}; {recs[-1]['tokens_per_s']:.0f} tok/s; device memory {recs[-1]['mem_gb']:.3f} GB")
+    assert len(recs) == 30 and last < first - 0.5
+    assert all(r["mem_gb"] > 0 for r in recs)  # CUDA's allocator, not the host's RSS
+
+    exported = tiny["root"] / "exported"
+    export_megatron_to_hf(run.save_dir(), exported, config=tiny["hf"], weight_format="bfloat16")
+    result = verify_whole_model(exported, run.save_dir(), candidate_kind="megatron",
+                                tolerance=default_tolerance("bfloat16"))
+    print(f"export gate on CUDA: { {k: v for k, v in result.items() if not isinstance(v, list)} }")
+    assert not result["failures"], result["failures"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
