@@ -112,3 +112,20 @@ def test_plan_order_is_the_order_torchs_writer_asks_for_with_or_without_cuda(sou
         assert sorted(tensors, key=_item_size) == tensors
         sizes_vary |= len({_item_size(i) for i in tensors}) > 1
     assert sizes_vary  # the sort has something to reorder
+
+
+def test_conversion_where_the_writer_asks_in_size_order_as_with_cuda(source, reference, tmp_path, monkeypatch):
+    """With CUDA present torch's writer loads tensors sorted by size (`_OverlappingCpuLoader`);
+    emulated here on CPU: the conversion still runs and writes the same bytes."""
+    import operator
+
+    from torch.distributed.checkpoint import filesystem
+
+    class SizeOrderedLoader(filesystem._SerialCpuLoader):
+        def start_loading(self) -> None:
+            self.items.sort(key=operator.itemgetter(0))  # what _OverlappingCpuLoader.start_loading does
+
+    monkeypatch.setattr(filesystem, "_SerialCpuLoader", SizeOrderedLoader)
+    out = tmp_path / "megatron"
+    convert.convert_hf_to_megatron(source, out, workers=1)
+    assert digest(out) == reference[1]

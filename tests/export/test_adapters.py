@@ -24,7 +24,7 @@ from gptoss_model.export import ExportError, export_megatron_to_hf
 from gptoss_model.parallel import world_of_one
 from gptoss_model.reference import load_reference_model
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
-from gptoss_model.verify import fixed_batch, logit_measures
+from gptoss_model.verify import fixed_batch, logit_measures, megatron_logits
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
@@ -79,7 +79,7 @@ def _megatron_logits(runs, method: str, ids: torch.Tensor, experts: bool = True)
                     module.adapter.lora_b.zero_()  # LoRA: no delta; DoRA: and magnitude = |W| -> scale 1
                     if hasattr(module.adapter, "dora_magnitude"):
                         module.adapter.dora_magnitude.copy_(module.weight.float().norm(dim=1))
-        return model(ids, torch.arange(ids.shape[1]).expand_as(ids), None).float()
+        return megatron_logits(model, ids)
 
 
 def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
