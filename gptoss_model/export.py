@@ -38,7 +38,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 

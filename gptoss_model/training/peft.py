@@ -68,7 +68,6 @@ class Adapter(torch.nn.Module):
         self.parallel, self.tp_size = parallel, tp_size
         self.dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         out_local, in_local = base.weight.shape
-        out_full = out_local * tp_size if parallel == "column" else out_local
         in_full = in_local * tp_size if parallel == "row" else in_local
         dtype = base.weight.dtype
         # Initialised on the full shape from a key-derived seed and then sliced: the same

@@ -147,7 +147,7 @@ def test_bad_record_line_number_inside_a_later_unit(tmp_path, specs):
     lines = [json.dumps({"text": f"document number {i}"}).encode() + b"\n" for i in range(400)]
     lines[317] = b'{"text": 5}\n'
     path.write_bytes(b"".join(lines))
-    with pytest.raises(BadRecordError, match=rf"big.jsonl:318: not a string"):
+    with pytest.raises(BadRecordError, match=r"big.jsonl:318: not a string"):
         build_pretraining_dataset([str(path)], specs["u16"], tmp_path / "o", tmp_path / "p",
                                   PretrainOptions(unit_bytes=2000), workers=2)
 

@@ -78,7 +78,7 @@ def test_permanent_errors_fail_at_once_transient_ones_are_retried(prefect_harnes
 
 def test_progress_artifact_logs_and_keyed_artifact(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     flow = _flow()
     state = flow(ProbeParams(store=(tmp_path / "store").as_uri(), tag="ok"), return_state=True)

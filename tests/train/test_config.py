@@ -9,7 +9,7 @@ import yaml
 from gptoss_model.recipes import (RECIPES, gpt_oss_20b_finetune_config, gpt_oss_20b_pretrain_config,
                                   gpt_oss_120b_finetune_config, gpt_oss_120b_pretrain_config)
 from gptoss_model.training.config import (ConfigError, RunConfig, apply_overrides, from_dict, load_yaml,
-                                          to_dict, to_yaml)
+                                          to_yaml)
 from gptoss_model.training.preflight import estimate_memory, parameter_counts, preflight
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
