@@ -11,6 +11,7 @@ from gptoss_model import convert, convert_writer, verify
 from gptoss_model.config import NotGptOssConfigError
 from gptoss_model.load_hf import CheckpointError
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from tests.artifacts import commit_directory
 
 LOGIT_TOL = 1e-4  # fp32 compute, same weights as the reference
 BF16_REL_TOL = 2e-2  # relative to max |logit| of the full-precision reference
@@ -114,17 +115,6 @@ def test_foreign_or_missing_tensors_are_rejected(sources, tmp_path):
 
 
 # ------------------------------------------------------------------- the stage
-def _commit_hf(store, path, name="tiny/gpt-oss"):
-    from tasks.store import run_stage
-
-    def build(staging):
-        shutil.copytree(path, staging, dirs_exist_ok=True)
-        return {}
-
-    return run_stage(store, stage="download", code_version="test", kind="hf-checkpoint", name=name,
-                     params={"source": str(path)}, build=build).manifest
-
-
 def test_stage_commits_then_cache_hit(sources, tmp_path):
     from tasks.common import StoreSettings
     from tasks.convert import ConvertParams, run_convert
@@ -132,7 +122,7 @@ def test_stage_commits_then_cache_hit(sources, tmp_path):
 
     url = (tmp_path / "store").as_uri()
     store = ArtifactStore(url)
-    hf = _commit_hf(store, sources["mxfp4"])
+    hf = commit_directory(store, sources["mxfp4"])
     params = ConvertParams(source="hf-checkpoint/tiny/gpt-oss", workdir=str(tmp_path / "work"),
                            store=StoreSettings(url=url))
     first = run_convert(params, store)
@@ -162,7 +152,7 @@ def test_stage_fails_its_parity_gate_and_commits_nothing(sources, tmp_path):
     from tasks.store import ArtifactStore
 
     store = ArtifactStore((tmp_path / "store").as_uri())
-    _commit_hf(store, sources["fp32"])
+    commit_directory(store, sources["fp32"])
     params = ConvertParams(source="hf-checkpoint/tiny/gpt-oss", dtype="bfloat16", parity_tolerance=1e-12,
                            workdir=str(tmp_path / "work"))
     with pytest.raises(ParityError, match="parity gate failed"):
@@ -183,7 +173,7 @@ def test_stage_rejects_wrong_input_kind_and_non_gpt_oss(sources, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "mixtral"
     (bad / "config.json").write_text(json.dumps(cfg))
-    _commit_hf(store, bad, name="not/gpt-oss")
+    commit_directory(store, bad, name="not/gpt-oss")
     with pytest.raises(NotGptOssConfigError):
         run_convert(ConvertParams(source="hf-checkpoint/not/gpt-oss", workdir=str(tmp_path / "w")), store)
     assert store.list("megatron-checkpoint") == []
@@ -207,7 +197,7 @@ def test_flow_converts_then_fails_fast_on_non_gpt_oss(prefect_harness, sources, 
 
     url = (tmp_path / "store").as_uri()
     store = ArtifactStore(url)
-    _commit_hf(store, sources["bf16"])
+    commit_directory(store, sources["bf16"])
     params = ConvertParams(source="hf-checkpoint/tiny/gpt-oss", workdir=str(tmp_path / "w"),
                            store=StoreSettings(url=url))
     manifest = convert_flow(params)
@@ -218,7 +208,7 @@ def test_flow_converts_then_fails_fast_on_non_gpt_oss(prefect_harness, sources, 
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["MixtralForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    _commit_hf(store, bad, name="not/gpt-oss")
+    commit_directory(store, bad, name="not/gpt-oss")
     t0 = time.monotonic()
     state = convert_flow(params.model_copy(update={"source": "hf-checkpoint/not/gpt-oss"}), return_state=True)
     assert state.is_failed() and time.monotonic() - t0 < 20

@@ -25,6 +25,7 @@ from gptoss_model.parallel import world_of_one
 from gptoss_model.reference import load_reference_model
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
 from gptoss_model.verify import fixed_batch, logit_measures, megatron_logits
+from tests.artifacts import commit_directory
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
@@ -159,29 +160,23 @@ def test_adapter_only_checkpoint_without_its_base_is_refused(runs, tmp_path):
 
 def test_export_and_verify_stages_find_an_adapter_run_s_base_through_lineage(runs, tmp_path):
     """hf-checkpoint -> convert -> megatron-checkpoint -> (a LoRA run's) train-checkpoint -> export -> verify."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from tasks.common import StoreSettings
     from tasks.convert import ConvertParams, run_convert
     from tasks.export import ExportParams, run_export
-    from tasks.store import ArtifactStore, run_stage
+    from tasks.store import ArtifactStore
 
     url = (tmp_path / "store").as_uri()
     store = ArtifactStore(url)
 
-    def copy_of(path):
-        return lambda staging: shutil.copytree(path, staging, dirs_exist_ok=True) and {}
-
-    hf = run_stage(store, stage="download", code_version="test", kind="hf-checkpoint", name="tiny/gpt-oss",
-                   params={"source": str(runs["hf"])}, build=copy_of(runs["hf"])).manifest
+    hf = commit_directory(store, runs["hf"], name="tiny/gpt-oss")
     meg = run_convert(ConvertParams(source=f"hf-checkpoint/{hf.name}", dtype="float32",
                                     workdir=str(tmp_path / "w"), store=StoreSettings(url=url)), store).manifest
     # What the train stage commits: the run's iteration dir + tracker, with the base among its inputs.
-    trained = run_stage(store, stage="train", code_version="test", kind="train-checkpoint", name="tiny-lora",
-                        params={"iteration": STEPS, "config": {"peft": {"method": "lora", "dim": 4}}},
-                        build=copy_of(runs["lora"]), inputs=[meg]).manifest
+    trained = commit_directory(store, runs["lora"], kind="train-checkpoint", name="tiny-lora", stage="train",
+                               params={"iteration": STEPS, "config": {"peft": {"method": "lora", "dim": 4}}},
+                               inputs=[meg])
     params = ExportParams(source=f"train-checkpoint/{trained.name}", weight_format="float32", peft_adapter=True,
                           workdir=str(tmp_path / "w"), store=StoreSettings(url=url))
     m = run_export(params, store).manifest

@@ -11,16 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
 from tasks.common import StoreSettings
-from tasks.store import ArtifactStore, run_stage
-
-
-def _commit_hf(store, path, name="tiny/gpt-oss"):
-    def build(staging):
-        shutil.copytree(path, staging, dirs_exist_ok=True)
-        return {}
-
-    return run_stage(store, stage="download", code_version="test", kind="hf-checkpoint", name=name,
-                     params={"source": str(path)}, build=build).manifest
+from tasks.store import ArtifactStore
+from tests.artifacts import commit_directory
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +23,7 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     url = (root / "store").as_uri()
     store = ArtifactStore(url)
-    hf = _commit_hf(store, write_tiny_checkpoint(root / "hf", dtype="bfloat16", mxfp4=True, seed=31))
+    hf = commit_directory(store, write_tiny_checkpoint(root / "hf", dtype="bfloat16", mxfp4=True, seed=31))
     meg = run_convert(ConvertParams(source=f"hf-checkpoint/{hf.name}", workdir=str(root / "w"),
                                     store=StoreSettings(url=url)), store).manifest
     return store, url, hf, meg, root
@@ -94,7 +86,7 @@ def test_verify_stage_fails_naming_the_layer_and_commits_nothing(pipeline, tmp_p
         if "model.layers.1.self_attn.o_proj.weight" in tensors:
             tensors["model.layers.1.self_attn.o_proj.weight"] *= 1.5
             save_file(tensors, f, metadata={"format": "pt"})
-    bad = _commit_hf(store, broken, name="tiny/broken")
+    bad = commit_directory(store, broken, name="tiny/broken")
     params = VerifyParams(candidate=f"hf-checkpoint/{bad.name}", reference=hf.spec, mode="layer-wise",
                           workdir=str(tmp_path / "w"), store=StoreSettings(url=url))
     with pytest.raises(VerificationFailed, match=r"layer 1 \(full\).*attention"):

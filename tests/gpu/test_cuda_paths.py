@@ -29,29 +29,33 @@ def tiny(tmp_path_factory):
             "prefixes": write_tiny_pretrain_dataset(root / "dataset")}
 
 
-def test_conversion_parity_gate_runs_on_a_cuda_machine(tiny):
+@pytest.fixture(scope="module")
+def converted(tiny):
+    """The conversion on a CUDA machine (where torch's writer orders tensors by size)."""
     from gptoss_model.convert import convert_hf_to_megatron
-    from gptoss_model.verify import default_tolerance, enforce_parity, parity_check
 
     out = tiny["root"] / "megatron"
     convert_hf_to_megatron(tiny["hf"], out, dtype="float32")
-    gate = parity_check(out, tiny["hf"], dtype="float32")
+    return out
+
+
+def test_conversion_parity_gate_runs_on_a_cuda_machine(tiny, converted):
+    from gptoss_model.verify import default_tolerance, enforce_parity, parity_check
+
+    gate = parity_check(converted, tiny["hf"], dtype="float32")
     print(f"\nparity on {torch.cuda.get_device_name(0)}: {gate}")
     enforce_parity(gate, default_tolerance("float32"), "the tiny conversion on CUDA")
 
 
-def test_layer_wise_verification_on_a_cuda_machine(tiny):
+def test_layer_wise_verification_on_a_cuda_machine(tiny, converted):
     from gptoss_model.config import GptOssModelConfig
     from gptoss_model.verify import fixed_batch
     from gptoss_model.verify_layers import HFSide, MegatronSide, default_tolerance, verify_layerwise
 
-    out = tiny["root"] / "megatron"
-    if not (out / "latest_checkpointed_iteration.txt").is_file():
-        pytest.skip("needs the conversion test's output")
     cfg = GptOssModelConfig.from_hf_config(tiny["hf"])
     ids = fixed_batch(cfg.vocab_size, 2, 2 * cfg.sliding_window + 8)
     reference = HFSide(tiny["hf"])
-    with MegatronSide(out, cfg) as candidate:
+    with MegatronSide(converted, cfg) as candidate:
         reference.round_to = candidate.storage_dtype
         report = verify_layerwise(reference, candidate, ids, tolerance=default_tolerance("float32"))
     print(f"\nlayer-wise on CUDA machine: passed={report.passed} in {report.seconds:.1f} s, "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +15,8 @@ import pytest
 
 from tasks.common import StoreSettings
 from tasks.preprocess import PreprocessParams, run_preprocess
-from tasks.store import ArtifactStore, run_stage
+from tasks.store import ArtifactStore
+from tests.artifacts import commit_directory
 from tests.preprocess.fixtures import GOLDEN, U16_TOKENIZER, corpus_lines, write_split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def commit_tokenizer(store: ArtifactStore, name: str = "tiny", source: Path = U16_TOKENIZER) -> str:
     """An hf-checkpoint artifact holding only tokenizer files (all the stage reads of it)."""
-    def build(staging: Path) -> dict:
-        for f in source.iterdir():
-            shutil.copy(f, staging / f.name)
-        return {}
-
-    return run_stage(store, stage="test-tokenizer", code_version="1", kind="hf-checkpoint", name=name,
-                     params={}, build=build).spec
+    return commit_directory(store, source, name=name, stage="test-tokenizer", params={}).spec
 
 
 def _shard_bytes(store: ArtifactStore, manifest, tmp: Path) -> dict[str, bytes]:
@@ -202,9 +196,12 @@ def test_store_workspace_resumes_from_the_parts_in_the_store(tmp_path, s3_bucket
     first = build_pretraining_dataset([corpus], spec, out, parts, options)
     assert first["work_units"] > 2 and len(first["shards"]) > 2
     local = build_pretraining_dataset([corpus], spec, tmp_path / "out", tmp_path / "parts", options)
-    assert local["output_files"] == first["output_files"]
-    for f in first["output_files"]:
-        assert hashlib.sha256(out.get_bytes(f["path"])).hexdigest() == f["sha256"]
+    assert [(f["path"], f["size"]) for f in local["output_files"]] == \
+        [(f["path"], f["size"]) for f in first["output_files"]]
+    for f in first["output_files"]:  # the digest the upload computed is the stored bytes', and a local build's
+        stored = out.get_bytes(f["path"])
+        assert hashlib.sha256(stored).hexdigest() == f["sha256"]
+        assert stored == (tmp_path / "out" / f["path"]).read_bytes()
 
     out.backend.delete(["v/_parts/unit_000001.json", "v/_parts/shard_00001.json"])
     again = build_pretraining_dataset([corpus], spec, out, parts, options)
