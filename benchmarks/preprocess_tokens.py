@@ -161,36 +161,31 @@ def main() -> None:
         def __exit__(self, *exc):
             cpu.append(cpu_seconds() - self.start)
 
+    def timed(label: str, run) -> None:
+        """One row: run() -> (wall seconds, tokens), with its CPU seconds beside it."""
+        with measured():
+            seconds, tokens = run()
+        rows.append((label, seconds, tokens))
+        print(f"{label}: {seconds:.1f} s", flush=True)
+
     def ours_run(workers: int) -> None:
         out = args.workdir / f"ours_w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
-        with measured():
-            seconds, tokens = ours(corpus, tokenizer_dir, out, workers)
-        rows.append((f"gptoss preprocess library, {workers} process(es)", seconds, tokens))
+        timed(f"gptoss preprocess library, {workers} process(es)", lambda: ours(corpus, tokenizer_dir, out, workers))
 
     # The essential three first (a shared machine may not leave time for the rest).
-    with measured():
-        seconds, tokens = raw_encode(corpus, tokenizer_dir, fast=False)
-    rows.append(("raw encode_batch (texts already in memory)", seconds, tokens))
-    print(f"{rows[-1][0]}: {seconds:.1f} s", flush=True)
+    timed("raw encode_batch (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, fast=False))
     ours_run(1)
-    print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
     if args.megatron_lm:
         prefix = args.workdir / "megatron"
-        with measured():
-            seconds = megatron(corpus, tokenizer_dir, prefix, args.megatron_lm, args.megatron_python)
-        rows.append((f"Megatron-LM tools/preprocess_data.py --workers {os.cpu_count()}", seconds, rows[1][2]))
-        print(f"{rows[-1][0]}: {seconds:.1f} s", flush=True)
+        timed(f"Megatron-LM tools/preprocess_data.py --workers {os.cpu_count()}",
+              lambda: (megatron(corpus, tokenizer_dir, prefix, args.megatron_lm, args.megatron_python), rows[1][2]))
         same = all(filecmp.cmp(f"{prefix}_text_document.{ext}", args.workdir / "ours_w1" /
                                f"shard_00000_text_document.{ext}", shallow=False) for ext in ("bin", "idx"))
     if not args.quick:
-        with measured():
-            seconds, tokens = raw_encode(corpus, tokenizer_dir, fast=True)
-        rows.append(("raw encode_batch_fast (texts already in memory)", seconds, tokens))
-        print(f"{rows[-1][0]}: {seconds:.1f} s", flush=True)
+        timed("raw encode_batch_fast (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, fast=True))
         ours_run(2)
-        print(f"{rows[-1][0]}: {rows[-1][1]:.1f} s", flush=True)
 
     raw = rows[0][1]
     print(f"\n{text_mb:.0f} MB of text, {rows[1][2]:,} tokens (with EOD), vocab {VOCAB:,}, "

@@ -273,9 +273,10 @@ class StoreWorkspace:
     def put_bytes(self, rel: str, data: bytes) -> None:
         self.backend.put_bytes(self._key(rel), data)
 
-    def put_file(self, local: Path, rel: str) -> None:
-        self.backend.upload_file(local, self._key(rel))
+    def put_file(self, local: Path, rel: str) -> str:
+        digest = self.backend.upload_file(local, self._key(rel))  # hashes what it sends
         local.unlink(missing_ok=True)
+        return digest
 
     def read_range(self, rel: str, start: int, count: int) -> Iterator[bytes]:
         while count > 0:

@@ -8,7 +8,8 @@
    so they depend only on the corpus and the options, never on how it was split into files
    or units, nor on how many workers ran. Each shard copies its byte ranges out of the
    parts into `shard_NNNNN_{key}_document.bin` + `.idx` in the `out` workspace; its
-   summary (`shard_NNNNN.json` in `parts`, with each file's sha256) is put last.
+   summary (`shard_NNNNN.json` in `parts`, with each file's size and, from an uploading
+   workspace, sha256) is put last.
 
 A rerun after a crash skips the units and shards already done. Both phases take a
 `map_fn(function, jobs) -> results in order`, so they run in-process, in a local process
@@ -26,7 +27,7 @@ import os
 import queue
 import socket
 import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Callable, Sequence
@@ -243,8 +244,8 @@ def plan_shards(unit_lengths: Sequence[np.ndarray], shard_tokens: int | None) ->
 def assemble_shard(job: ShardJob) -> dict:
     """Copy the shard's document ranges out of the parts into `.bin` + `.idx` per key.
 
-    The shard's summary (with the size and sha256 of each file it wrote) goes into the
-    parts workspace last and marks the shard done."""
+    The shard's summary (with the size of each file it wrote, and its sha256 where the `out`
+    workspace computed it on the way) goes into the parts workspace last and marks the shard done."""
     identity = {"pieces": [list(p) for p in job.pieces], "keys": list(job.keys), "dtype": job.dtype}
     summary_rel = f"shard_{job.index:05d}.json"
     summary = _read_json(job.parts, summary_rel)
@@ -256,7 +257,7 @@ def assemble_shard(job: ShardJob) -> dict:
         for key in job.keys:
             prefix = shard_prefix(job.index, key)
             tmp_bin = scratch / f"{prefix}.bin.tmp"
-            digest, lengths = hashlib.sha256(), []
+            lengths = []
             with open(tmp_bin, "wb") as out:
                 for unit, first, end in job.pieces:
                     doc_lengths = unit_lengths(job.parts, unit, key)
@@ -264,14 +265,13 @@ def assemble_shard(job: ShardJob) -> dict:
                     count = int(doc_lengths[first:end].sum()) * dtype.itemsize
                     for block in job.parts.read_range(f"{_unit_stem(unit)}.{key}.tok", start_byte, count):
                         out.write(block)
-                        digest.update(block)
                     lengths.append(doc_lengths[first:end])
             bin_size = tmp_bin.stat().st_size
-            job.out.put_file(tmp_bin, f"{prefix}.bin")
+            bin_sha256 = job.out.put_file(tmp_bin, f"{prefix}.bin")
             doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
             index = index_bytes(doc_lengths, dtype)
             job.out.put_bytes(f"{prefix}.idx", index)
-            files += [{"path": f"{prefix}.bin", "size": bin_size, "sha256": digest.hexdigest()},
+            files += [{"path": f"{prefix}.bin", "size": bin_size, "sha256": bin_sha256},
                       {"path": f"{prefix}.idx", "size": len(index), "sha256": hashlib.sha256(index).hexdigest()}]
             documents = len(doc_lengths)
             tokens += int(doc_lengths.sum())
@@ -319,7 +319,8 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
     """Tokenise `sources` into shards in `out` (resuming what `parts` already holds).
 
     `out` and `parts` are workspaces (or local directories). Returns the metrics the dataset
-    manifest carries, plus `output_files`: path, size and sha256 of every file put in `out`.
+    manifest carries, plus `output_files`: path, size and sha256 (None where `out` did not
+    compute it, e.g. a local directory) of every file put in `out`.
     """
     out, parts = as_workspace(out), as_workspace(parts)
     files = expand_sources(sources, storage_options)
@@ -346,7 +347,8 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
         raise CorpusError(f"the corpus ({', '.join(sources)}) yields no tokens"
                           + (f"; skipped records: {bad.counts}" if bad.counts else ""))
     keys = options.json_keys
-    totals = [sum(unit_lengths(parts, u.index, k) for k in keys) for u in units]
+    with ThreadPoolExecutor(16, thread_name_prefix="unit-lengths") as pool:  # many small reads, maybe remote
+        totals = list(pool.map(lambda u: sum(unit_lengths(parts, u.index, k) for k in keys), units))
     dtype = np.dtype(tokenizer.token_dtype()).name
     shard_jobs = [ShardJob(i, pieces, keys, dtype, parts, out)
                   for i, pieces in enumerate(plan_shards(totals, options.shard_tokens))]
