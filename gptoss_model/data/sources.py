@@ -21,8 +21,8 @@ import orjson
 
 from gptoss_model.errors import PermanentError
 
-BAD_REASONS = ("malformed_json", "missing_key", "not_a_string", "not_a_conversation", "invalid_utf8", "empty_file",
-               "too_long")
+BAD_REASONS = ("malformed_json", "missing_key", "not_a_string", "not_a_conversation", "invalid_utf8",
+               "lone_surrogate", "empty_file", "too_long")
 DEFAULT_UNIT_BYTES = 64 << 20  # the most a unit holds unless asked: few tasks for a cluster engine
 MIN_UNIT_BYTES = 4 << 20       # below this, per-unit start-up costs more than balance gains
 UNITS_PER_WORKER = 8           # enough that the last units finish close together
@@ -256,6 +256,11 @@ class RecordReader:
                 data = json.loads(text)
             except json.JSONDecodeError:
                 self.reject("malformed_json", number, str(e))
+                return None
+            try:  # its \ud800-style escapes may leave half a surrogate pair, which no tokenizer takes
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as u:
+                self.reject("lone_surrogate", number, f"a \\u escape decodes to half a surrogate pair ({u.reason})")
                 return None
         if not isinstance(data, dict):
             self.reject("malformed_json", number, f"a JSON {type(data).__name__}, not an object")

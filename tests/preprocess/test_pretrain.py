@@ -118,6 +118,7 @@ BAD_CASES = {
     "missing_key": (b'{"text": "ok"}\n{"body": "no text"}\n', 2),
     "not_a_string": (b'{"text": "ok"}\n{"text": null}\n', 2),
     "invalid_utf8": (b'{"text": "ok"}\n{"text": "bad \xff byte"}\n', 2),
+    "lone_surrogate": (b'{"text": "ok"}\n{"text": "half a pair \\ud800 here"}\n', 2),
     "empty_file": (b"", None),
 }
 
