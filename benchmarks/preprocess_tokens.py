@@ -8,9 +8,10 @@
 2. Tokenizer: a 50,257-entry byte-level BPE trained here with `tokenizers` on a sample of it.
 3. Timed, same corpus and tokenizer, one after the other:
    - raw `encode_batch` (and `encode_batch_fast`) on the texts already in memory: the limit;
-   - our library build (read, parse, tokenise, write .bin/.idx) with 1 and 2 processes;
+   - our library build (read, parse, tokenise, write .bin/.idx) with 1 and 2 processes, on the
+     default `tokenizers` engine and on the tiktoken engine (beside tiktoken's own raw batch call);
    - Megatron-LM `tools/preprocess_data.py` (tag core_v0.16.1), --workers = cores, --append-eod,
-     when a checkout is given; then its output is compared byte for byte with ours.
+     when a checkout is given; then its output is compared byte for byte with each of ours.
 Prints one table. Timings on a shared machine are noisy: run it when it is quiet, or say so.
 """
 from __future__ import annotations
@@ -105,14 +106,31 @@ def raw_encode(corpus: Path, tokenizer_dir: Path, fast: bool) -> tuple[float, in
     return time.perf_counter() - start, tokens
 
 
-def ours(corpus: Path, tokenizer_dir: Path, out: Path, workers: int) -> tuple[float, int]:
+def raw_tiktoken(corpus: Path, tokenizer_dir: Path) -> tuple[float, int]:
+    import tiktoken
+
+    from gptoss_model.data.tiktoken_engine import convert
+
+    conversion = convert((tokenizer_dir / "tokenizer.json").read_text(), str(tokenizer_dir))
+    encoding = tiktoken.Encoding("bench", pat_str=conversion.pattern, mergeable_ranks=conversion.ranks,
+                                 special_tokens={})
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    batch, tokens = 2048, 0
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        tokens += sum(map(len, encoding.encode_ordinary_batch(texts[i:i + batch], num_threads=os.cpu_count())))
+    return time.perf_counter() - start, tokens
+
+
+def ours(corpus: Path, tokenizer_dir: Path, out: Path, workers: int, engine: str) -> tuple[float, int]:
     from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
     from gptoss_model.data.tokenizer import tokenizer_spec
 
     spec = tokenizer_spec(tokenizer_dir)
     start = time.perf_counter()
     metrics = build_pretraining_dataset([str(corpus)], spec, out, out.with_name(out.name + ".parts"),
-                                        PretrainOptions(append_eod=True), workers=workers)
+                                        PretrainOptions(append_eod=True, tokenizer_engine=engine), workers=workers)
     return time.perf_counter() - start, metrics["tokens"]
 
 
@@ -168,24 +186,33 @@ def main() -> None:
         rows.append((label, seconds, tokens))
         print(f"{label}: {seconds:.1f} s", flush=True)
 
-    def ours_run(workers: int) -> None:
-        out = args.workdir / f"ours_w{workers}"
+    outputs = []
+
+    def ours_run(workers: int, engine: str) -> None:
+        out = args.workdir / f"ours_{engine}_w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
-        timed(f"gptoss preprocess library, {workers} process(es)", lambda: ours(corpus, tokenizer_dir, out, workers))
+        outputs.append(out)
+        timed(f"gptoss preprocess library, {engine} engine, {workers} process(es)",
+              lambda: ours(corpus, tokenizer_dir, out, workers, engine))
 
-    # The essential three first (a shared machine may not leave time for the rest).
+    # The essential rows first (a shared machine may not leave time for the rest).
     timed("raw encode_batch (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, fast=False))
-    ours_run(1)
+    ours_run(1, "tokenizers")
     if args.megatron_lm:
         prefix = args.workdir / "megatron"
         timed(f"Megatron-LM tools/preprocess_data.py --workers {os.cpu_count()}",
               lambda: (megatron(corpus, tokenizer_dir, prefix, args.megatron_lm, args.megatron_python), rows[1][2]))
-        same = all(filecmp.cmp(f"{prefix}_text_document.{ext}", args.workdir / "ours_w1" /
-                               f"shard_00000_text_document.{ext}", shallow=False) for ext in ("bin", "idx"))
+    ours_run(2, "tiktoken")
     if not args.quick:
         timed("raw encode_batch_fast (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, fast=True))
-        ours_run(2)
+        ours_run(2, "tokenizers")
+        timed(f"raw tiktoken encode_ordinary_batch, {os.cpu_count()} threads (texts already in memory)",
+              lambda: raw_tiktoken(corpus, tokenizer_dir))
+        ours_run(1, "tiktoken")
+    if args.megatron_lm:
+        same = all(filecmp.cmp(f"{prefix}_text_document.{ext}", out / f"shard_00000_text_document.{ext}",
+                               shallow=False) for out in outputs for ext in ("bin", "idx"))
 
     raw = rows[0][1]
     print(f"\n{text_mb:.0f} MB of text, {rows[1][2]:,} tokens (with EOD), vocab {VOCAB:,}, "
@@ -196,12 +223,13 @@ def main() -> None:
         print(f"| {label} | {seconds:.1f} | {tokens / seconds:,.0f} | {text_mb / seconds:.2f} | "
               f"{seconds / raw:.2f}x | {used:.1f} | {used / cpu[0]:.2f}x |")
     if args.megatron_lm:
-        best = min(r[1] for r in rows if r[0].startswith("gptoss"))
         mlm = next(r[1] for r in rows if r[0].startswith("Megatron"))
         mlm_cpu = next(c for r, c in zip(rows, cpu) if r[0].startswith("Megatron"))
-        best_cpu = min(c for r, c in zip(rows, cpu) if r[0].startswith("gptoss"))
-        print(f"\nours vs Megatron-LM: {mlm / best:.2f}x faster (wall), {mlm_cpu / best_cpu:.2f}x less CPU; "
-              f"output byte-identical to Megatron-LM's: {same}")
+        for engine in ("tokenizers", "tiktoken"):
+            mine = [(r[1], c) for r, c in zip(rows, cpu) if r[0].startswith(f"gptoss preprocess library, {engine} ")]
+            print(f"\nours ({engine} engine, best row) vs Megatron-LM: {mlm / min(w for w, _ in mine):.2f}x faster "
+                  f"(wall), {mlm_cpu / min(c for _, c in mine):.2f}x less CPU", end="")
+        print(f"\nevery output of ours byte-identical to Megatron-LM's: {same}")
 
 
 if __name__ == "__main__":

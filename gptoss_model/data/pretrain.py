@@ -61,6 +61,8 @@ class PretrainOptions:
     shard_tokens: int | None = None    # a shard closes after the document reaching this; None: one shard
     unit_bytes: int | None = None      # None: auto_unit_bytes for the local workers (DEFAULT on a map_fn)
     batch_bytes: int = 4 << 20         # text handed to the tokenizer at once
+    tokenizer_engine: str = "tokenizers"  # or "tiktoken" (see tiktoken_engine), same ids
+    engine_check_chars: int = 256 << 10   # per unit and key, re-encoded by tokenizers on the tiktoken engine
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
     summary = _read_json(job.parts, f"{stem}.json")
     if summary is not None and summary.get("identity") == identity:
         return {**summary, "resumed": True}
-    encoder = _encoder(job.tokenizer)
+    encoder = _encoder(job.tokenizer, job.options.tokenizer_engine)
     eod = job.tokenizer.eod_token_id
     if job.options.append_eod and eod is None:
         raise CorpusError(f"append_eod is on but the tokenizer {job.tokenizer.source} has no end-of-document token")
@@ -139,7 +141,10 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
             for batch, nbytes in _prefetched_batches(reader, job.options.batch_bytes):
                 batch_tokens = 0
                 for k_i, key in enumerate(keys):
-                    ids, lens = encoder.encode([record[k_i] for record in batch])
+                    ids, lens = encoder.encode(
+                        [record[k_i] for record in batch], verify_chars=job.options.engine_check_chars if
+                        documents == 0 else 0,
+                        describe=lambda i, key=key: f"{job.unit.label}: document {i + 1} of the unit, key {key!r}")
                     if job.options.append_eod:
                         ends = np.cumsum(lens)[lens > 0]
                         ids = np.insert(ids, ends, np.asarray(eod, dtype=ids.dtype))
@@ -166,9 +171,9 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(spec: TokenizerSpec) -> BatchEncoder:
+def _encoder(spec: TokenizerSpec, engine: str) -> BatchEncoder:
     """One tokenizer per process, reused by every unit it tokenises."""
-    return BatchEncoder(spec)
+    return BatchEncoder(spec, engine)
 
 
 def _prefetched_batches(reader: RecordReader, batch_bytes: int):
@@ -323,6 +328,7 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
     compute it, e.g. a local directory) of every file put in `out`.
     """
     out, parts = as_workspace(out), as_workspace(parts)
+    _encoder(tokenizer, options.tokenizer_engine)  # a tokenizer the engine cannot run fails here, before any work
     files = expand_sources(sources, storage_options)
     unit_bytes = options.unit_bytes or (DEFAULT_UNIT_BYTES if map_fn is not None
                                         else auto_unit_bytes(sum(f.size for f in files), workers))
@@ -366,6 +372,7 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
         "blank_lines": sum(s["blank_lines"] for s in summaries),
         "skipped_records": bad.as_dict(),
         "token_dtype": dtype,
+        "tokenizer_engine": options.tokenizer_engine,
         "vocab_size": tokenizer.vocab_size,
         "eod_token_id": tokenizer.eod_token_id if options.append_eod else None,
         "shards": [{k: s[k] for k in ("shard", "documents", "tokens", "bytes")} for s in shards],

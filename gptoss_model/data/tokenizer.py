@@ -76,18 +76,39 @@ def tokenizer_spec(checkpoint_dir: str | os.PathLike, *, eod_token: str | None =
                          eod_token_id=eod_id, pad_token_id=hf.pad_token_id, source=str(checkpoint_dir))
 
 
-class BatchEncoder:
-    """Token ids of many texts at once, as numpy arrays."""
+TOKENIZER_ENGINES = ("tokenizers", "tiktoken")
 
-    def __init__(self, spec: TokenizerSpec):
+
+class BatchEncoder:
+    """Token ids of many texts at once, as numpy arrays.
+
+    engine "tokenizers" is Megatron-LM's own path (by construction the same ids); "tiktoken"
+    runs convertible byte-level BPE tokenizers on tiktoken, checked against tokenizers on a
+    sample (see `tiktoken_engine`)."""
+
+    def __init__(self, spec: TokenizerSpec, engine: str = "tokenizers"):
         from tokenizers import Tokenizer
 
+        if engine not in TOKENIZER_ENGINES:
+            raise TokenizerError(f"tokenizer engine {engine!r}: expected one of {TOKENIZER_ENGINES}")
         self.spec = spec
         self._tokenizer = Tokenizer.from_str(spec.backend_json)
         self.dtype = spec.token_dtype()
+        self._tiktoken = None
+        if engine == "tiktoken":
+            from gptoss_model.data.tiktoken_engine import TiktokenEncoder
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(all ids back to back in the stage's dtype, int64 per-text lengths)."""
+            self._tiktoken = TiktokenEncoder(spec.backend_json, spec.source, self._tokenizer)
+
+    def encode(self, texts: Sequence[str], verify_chars: int = 0, describe=str) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids back to back in the stage's dtype, int64 per-text lengths).
+
+        On the tiktoken engine the leading texts, up to `verify_chars`, are checked against
+        tokenizers; `describe(i)` names text i if they differ."""
+        if self._tiktoken is not None:
+            arrays = self._tiktoken.encode(list(texts), self.dtype, verify_chars, describe)
+            lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+            return (np.concatenate(arrays) if arrays else np.zeros(0, self.dtype)), lengths
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
         lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
         if not encodings:

@@ -29,12 +29,13 @@ def _golden(name: str) -> tuple[bytes, bytes]:
     return ((GOLDEN / f"{name}_text_document.bin").read_bytes(), (GOLDEN / f"{name}_text_document.idx").read_bytes())
 
 
+@pytest.mark.parametrize("engine", ["tokenizers", "tiktoken"])
 @pytest.mark.parametrize("kind", ["u16", "i32"])
 @pytest.mark.parametrize("eod", [True, False])
-def test_golden_bytes_equal_megatron_lm(tmp_path, specs, kind, eod):
+def test_golden_bytes_equal_megatron_lm(tmp_path, specs, kind, eod, engine):
     """Megatron-LM core_v0.16.1 tools/preprocess_data.py made the fixtures (golden/make_golden.sh)."""
     metrics = build_pretraining_dataset([str(GOLDEN / "corpus.jsonl")], specs[kind], tmp_path / "out",
-                                        tmp_path / "parts", PretrainOptions(append_eod=eod))
+                                        tmp_path / "parts", PretrainOptions(append_eod=eod, tokenizer_engine=engine))
     assert _bytes(tmp_path / "out") == _golden(f"{kind}_{'eod' if eod else 'noeod'}")
     assert metrics["token_dtype"] == ("uint16" if kind == "u16" else "int32")
     assert metrics["documents"] == len(corpus_lines())

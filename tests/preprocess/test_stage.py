@@ -62,10 +62,12 @@ def test_stage_on_file_store_cache_hit_and_cli(tmp_path):
     assert again.cache_hit and again.manifest.version == m.version  # workers do not define the output
 
     result = CliRunner().invoke(app, ["preprocess", tok, "docs-cli", str(GOLDEN / "corpus.jsonl"),
-                                      "--no-append-eod", "--store", store.url, "--workdir", str(tmp_path / "w2")])
+                                      "--no-append-eod", "--tokenizer-engine", "tiktoken",
+                                      "--store", store.url, "--workdir", str(tmp_path / "w2")])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output and "shard 0" in result.output
     cli = store.resolve("dataset", "docs-cli")
+    assert cli.metrics["tokenizer_engine"] == "tiktoken" and m.metrics["tokenizer_engine"] == "tokenizers"
     assert _shard_bytes(store, cli, tmp_path / "pulled-cli") == _golden("u16_noeod")
 
 
@@ -115,6 +117,10 @@ def test_params_are_validated():
     with pytest.raises(ValueError, match="dask_address applies to mode=pretrain"):
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], mode="sft",
                          dask_address="tcp://127.0.0.1:8786")
+    with pytest.raises(ValueError, match="tokenizer_engine applies to mode=pretrain"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], mode="sft", tokenizer_engine="tiktoken")
+    with pytest.raises(ValueError, match="tokenizer_engine"):
+        PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], tokenizer_engine="sentencepiece")
 
 
 @pytest.mark.s3
@@ -215,7 +221,8 @@ def test_store_workspace_resumes_from_the_parts_in_the_store(tmp_path, s3_bucket
 def test_flow_on_a_dask_cluster_reads_and_writes_the_object_store(tmp_path, prefect_harness, monkeypatch,
                                                                    s3_bucket, s3_endpoint):
     """Units and shards run on a 2-worker Dask cluster, reading the corpus from S3 and writing parts
-    and shards to the S3 store themselves: the same bytes as the local run, nothing left in `_parts`."""
+    and shards to the S3 store themselves: the same bytes as the local run (which also checks the
+    tiktoken engine the Dask run uses against tokenizers), nothing left in `_parts`."""
     import s3fs
     from distributed import LocalCluster
     from prefect.settings import PREFECT_API_URL
@@ -233,7 +240,8 @@ def test_flow_on_a_dask_cluster_reads_and_writes_the_object_store(tmp_path, pref
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report to the same server
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         on_dask = preprocess_flow(PreprocessParams(name="dask", workdir=str(tmp_path / "w2"),
-                                                   dask_address=cluster.scheduler_address, **base))
+                                                   dask_address=cluster.scheduler_address,
+                                                   tokenizer_engine="tiktoken", **base))
     assert on_dask.metrics["work_units"] > 1 and len(on_dask.metrics["shards"]) > 1
     here = f"{socket.gethostname()}:{os.getpid()}"
     for ran_on in (on_dask.metrics["tokenizing_processes"], on_dask.metrics["assembling_processes"]):
