@@ -140,10 +140,10 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
         try:
             for batch, nbytes in _prefetched_batches(reader, job.options.batch_bytes):
                 batch_tokens = 0
+                check_chars = job.options.engine_check_chars if documents == 0 else 0  # the unit's first batch
                 for k_i, key in enumerate(keys):
                     ids, lens = encoder.encode(
-                        [record[k_i] for record in batch], verify_chars=job.options.engine_check_chars if
-                        documents == 0 else 0,
+                        [record[k_i] for record in batch], verify_chars=check_chars,
                         describe=lambda i, key=key: f"{job.unit.label}: document {i + 1} of the unit, key {key!r}")
                     if job.options.append_eod:
                         ends = np.cumsum(lens)[lens > 0]
