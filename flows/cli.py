@@ -176,13 +176,13 @@ def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched th
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
     """Remove what crashed or abandoned runs left: uncommitted versions, unfinished S3
     multipart uploads, staging and download work dirs. Nothing a live run holds."""
-    from tasks.store.housekeeping import Leftover, abort_stale_uploads, clean_work_dirs
+    from tasks.store.housekeeping import Leftover, abort_stale_uploads, clean_work_dirs, remove_incomplete_versions
     from tasks.store.settings import settings
 
     st = _store(store, s3_endpoint_url)
     age = parse_duration(older_than)
     found = abort_stale_uploads(st, age, dry_run=dry_run)
-    found += [Leftover("incomplete version", f"{st.url}/{p}") for p in st.gc(age, dry_run=dry_run)]
+    found += [Leftover("incomplete version", f"{st.url}/{p}") for p in remove_incomplete_versions(st, age, dry_run=dry_run)]
     found += clean_work_dirs(workdir or settings().workdir, age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for item in found:

@@ -25,8 +25,10 @@ from pathlib import Path
 from gptoss_model.paths import try_lock
 
 from .backends import S3Backend
-from .claims import work_dir_lock
+from .claims import CLAIM_FILE, work_dir_lock
+from .manifest import MANIFEST_FILE
 from .names import VERSION_RE
+from .store import SPECIAL_DIRS
 
 DOWNLOADS_DIR = "hf-downloads"
 # `{stage}-{version}` (resumable staging) or `{stage}-{version}-{random}` (one-shot staging).
@@ -111,6 +113,40 @@ def version_prefix(key: str) -> str | None:
         if VERSION_RE.match(parts[i]):
             return "/".join(parts[: i + 1])
     return None
+
+
+def incomplete_versions(store) -> dict[str, float]:
+    """Uncommitted version prefixes -> newest object time."""
+    newest: dict[str, float] = {}
+    committed: set[str] = set()
+    for info in store.backend.list(""):
+        prefix = None if info.key.startswith(SPECIAL_DIRS) else version_prefix(info.key)
+        if prefix is not None:
+            newest[prefix] = max(newest.get(prefix, 0.0), info.mtime)
+            if info.key == f"{prefix}/{MANIFEST_FILE}":
+                committed.add(prefix)
+    return {p: t for p, t in newest.items() if p not in committed}
+
+
+def remove_incomplete_versions(store, older_than_s: float, *, dry_run: bool = False) -> list[str]:
+    """Delete uncommitted versions untouched for `older_than_s` seconds whose claim we can take."""
+    cutoff = time.time() - older_than_s
+    removed = []
+    for prefix, mtime in sorted(incomplete_versions(store).items()):
+        if mtime > cutoff:
+            continue
+        kind, *name, version = prefix.split("/")
+        claim = store.claim(kind, "/".join(name), version)
+        if not claim.try_acquire():
+            continue  # a live writer is still on it
+        try:
+            if not dry_run:
+                store.clear_incomplete(kind, "/".join(name), version)
+                store.backend.delete([f"{prefix}/{CLAIM_FILE}"])
+            removed.append(prefix)
+        finally:
+            claim.release()
+    return removed
 
 
 def abort_stale_uploads(store, older_than_s: float, *, dry_run: bool = False) -> list[Leftover]:

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -363,44 +362,6 @@ class ArtifactStore:
         self.download(manifest, dest, progress)
         marker.write_text(manifest.version)
         return dest
-
-    # -- housekeeping -----------------------------------------------------
-    def incomplete_versions(self) -> dict[str, float]:
-        """Uncommitted version prefixes -> newest object time."""
-        newest: dict[str, float] = {}
-        committed: set[str] = set()
-        for info in self.backend.list(""):
-            parts = info.key.split("/")
-            if info.key.startswith(SPECIAL_DIRS):
-                continue
-            for i in range(2, len(parts) - 1):
-                if VERSION_RE.match(parts[i]):
-                    prefix = "/".join(parts[: i + 1])
-                    newest[prefix] = max(newest.get(prefix, 0.0), info.mtime)
-                    if parts[i + 1] == MANIFEST_FILE and i + 2 == len(parts):
-                        committed.add(prefix)
-                    break
-        return {p: t for p, t in newest.items() if p not in committed}
-
-    def gc(self, older_than_s: float, *, dry_run: bool = False) -> list[str]:
-        """Delete uncommitted versions untouched for `older_than_s` seconds."""
-        cutoff = time.time() - older_than_s
-        removed = []
-        for prefix, mtime in sorted(self.incomplete_versions().items()):
-            if mtime > cutoff:
-                continue
-            kind, *name, version = prefix.split("/")
-            claim = self.claim(kind, "/".join(name), version)
-            if not claim.try_acquire():
-                continue  # a live writer is still on it
-            try:
-                if not dry_run:
-                    self.clear_incomplete(kind, "/".join(name), version)
-                    self.backend.delete([f"{prefix}/{CLAIM_FILE}"])
-                removed.append(prefix)
-            finally:
-                claim.release()
-        return removed
 
 
 __all__ = ["ArtifactStore", "ArtifactNotFound", "ConcurrentWriterError", "DestinationConflict", "IntegrityError", "InvalidNameError", "DEFAULT_STORE"]

@@ -15,6 +15,7 @@ from flows.cli import app
 from gptoss_model.paths import try_lock
 from tasks.store import ArtifactStore, run_stage
 from tasks.store.claims import work_dir_lock
+from tasks.store.housekeeping import incomplete_versions
 from tests.store.test_store import _run_writer
 
 OLD = time.time() - 3 * 86400
@@ -108,7 +109,7 @@ def test_kill_9_mid_s3_upload_leaves_nothing_after_gc(s3_bucket, tmp_path, monke
     assert out.exit_code == 0, out.output
     assert "1 multipart upload(s), 1 staging dir(s)" in out.output
     assert list(store.backend.multipart_uploads()) == []
-    assert store.incomplete_versions() == {}
+    assert incomplete_versions(store) == {}
     assert [p for p in work.iterdir() if p.is_dir()] == []
 
 

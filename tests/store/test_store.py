@@ -15,6 +15,7 @@ import pytest
 from tasks.store import (ArtifactNotFound, ArtifactStore, IntegrityError, InvalidNameError, Manifest,
                          Producer, run_stage)
 from tasks.store.backends import LocalBackend, S3Backend
+from tasks.store.housekeeping import incomplete_versions, remove_incomplete_versions
 from tasks.store.names import parse_artifact_spec, validate_name, validate_relpath
 
 WRITER = Path(__file__).with_name("writer.py")
@@ -152,14 +153,14 @@ def test_kill_9_before_manifest_leaves_version_invisible_and_rerun_commits(store
     proc.wait(timeout=30)
     store = ArtifactStore(store_url)
     assert store.list() == []
-    leftovers = store.incomplete_versions()
+    leftovers = incomplete_versions(store)
     assert len(leftovers) == 1  # the data is there, without a manifest
     rerun = _result(_run_writer(store_url, "race"))
     assert rerun["cache_hit"] is False
     m = Manifest.model_validate(rerun["manifest"])
     out = store.download(m, tmp_path / "out")  # verifies every sha256
     assert json.loads((out / "config.json").read_text())["writer"] == m.metrics["writer_pid"]
-    assert store.incomplete_versions() == {}
+    assert incomplete_versions(store) == {}
 
 
 def test_two_concurrent_writers_end_with_one_version(store_url, tmp_path):
@@ -180,16 +181,16 @@ def test_gc_removes_only_stale_uncommitted_versions(store, tmp_path):
     orphan = "1111111111aaaaaaaaaa"
     prefix = store.prefix("hf-checkpoint", "org/model", orphan)
     store.backend.put_bytes(f"{prefix}/half-written.bin", b"partial")
-    assert store.gc(older_than_s=3600) == []  # too young
+    assert remove_incomplete_versions(store, older_than_s=3600) == []  # too young
     held = store.claim("hf-checkpoint", "org/model", orphan)
     assert held.try_acquire()
     try:
-        assert store.gc(older_than_s=0) == []  # a live writer holds it
+        assert remove_incomplete_versions(store, older_than_s=0) == []  # a live writer holds it
     finally:
         held.release()
-    assert store.gc(older_than_s=0, dry_run=True) == [prefix]
-    assert store.gc(older_than_s=0) == [prefix]
-    assert store.incomplete_versions() == {}
+    assert remove_incomplete_versions(store, older_than_s=0, dry_run=True) == [prefix]
+    assert remove_incomplete_versions(store, older_than_s=0) == [prefix]
+    assert incomplete_versions(store) == {}
     assert store.get_manifest("hf-checkpoint", "org/model", committed.version) == committed
 
 
@@ -239,7 +240,7 @@ def test_kill_9_mid_s3_commit_retry_uploads_only_missing_files(s3_bucket, tmp_pa
     proc.wait(timeout=30)
     sizes = {"a-big.bin": 20 << 20, "b.bin": 2 << 20, "c.bin": 2 << 20, "d.bin": 2 << 20, "e.bin": 2 << 20}
     store = ArtifactStore(url)
-    (prefix,) = store.incomplete_versions()
+    (prefix,) = incomplete_versions(store)
     assert sorted(o.key.rsplit("/", 1)[1] for o in store.backend.list(prefix + "/")
                   if not o.key.endswith(".claim.json")) == ["a-big.bin", "b.bin", "c.bin"]
 
@@ -250,7 +251,7 @@ def test_kill_9_mid_s3_commit_retry_uploads_only_missing_files(s3_bucket, tmp_pa
     m = Manifest.model_validate(rerun["manifest"])
     assert {f.path: f.size for f in m.files} == sizes
     store.download(m, tmp_path / "out")  # every sha256 verified
-    assert store.incomplete_versions() == {}
+    assert incomplete_versions(store) == {}
 
 
 def test_commit_retry_replaces_files_whose_content_changed(store, tmp_path):
