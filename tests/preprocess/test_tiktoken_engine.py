@@ -9,7 +9,7 @@ import pytest
 from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
 from gptoss_model.data.tiktoken_engine import GPT2_PATTERN, AddedTokenScan, EngineMismatch, NotConvertible, convert
 from gptoss_model.data.tokenizer import BatchEncoder, TokenizerSpec, tokenizer_spec
-from tests.preprocess.fixtures import tokenizer_dir
+from tests.preprocess.fixtures import GOLDEN, tokenizer_dir
 
 TEXTS = [
     "plain ascii, numbers 12345 and   runs of spaces\n\n\tand tabs",
@@ -103,12 +103,44 @@ def test_the_per_unit_check_stops_the_stage_where_the_engines_disagree(u16, tmp_
     build_pretraining_dataset([str(corpus)], spec, tmp_path / "out2", tmp_path / "parts2", PretrainOptions())
 
 
-def test_conversion_takes_the_pattern_of_either_pre_tokenizer_form_and_the_added_tokens(u16):
+# o200k's split regex (tiktoken_ext/openai_public.py), which GPT-OSS's o200k_harmony uses
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+"""])
+
+
+def test_gpt_oss_form_same_ids(u16, tmp_path):
+    """GPT-OSS's tokenizer.json has the form transformers' TikTokenConverter writes: Split(o200k
+    regex) + ByteLevel, every two-token split of a token as a merge (ties in result id), and
+    ignore_merges. Built here from the u16 vocabulary's ranks, it converts and gives the same ids."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from gptoss_model.data.tiktoken_engine import byte_of_char
+
+    to_byte = byte_of_char()
+    vocab = json.loads(u16.backend_json)["model"]["vocab"]
+    ranks = tmp_path / "u16.tiktoken"
+    ranks.write_text("".join(f"{base64.b64encode(bytes(to_byte[c] for c in token)).decode()} {rank}\n"
+                             for token, rank in vocab.items()))
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=O200K_PATTERN,
+                                extra_special_tokens=["<|endoftext|>"]).converted()
+    spec = TokenizerSpec(**{**u16.__dict__, "backend_json": backend.to_str(), "source": "o200k-form"})
+    model = json.loads(spec.backend_json)["model"]
+    assert model["ignore_merges"] and len(model["merges"]) > len(vocab) - 256  # several merges per token
+    conversion = convert(spec.backend_json, "o200k-form")
+    assert conversion.pattern == O200K_PATTERN and conversion.added == ("<|endoftext|>",)
+
+    texts = [json.loads(line)["text"] for line in (GOLDEN / "corpus.jsonl").read_text().splitlines()]
+    texts += TEXTS + ["Don'T STOP, WE'LL go 12345678 times\r\n\r\n  a//b ΑΒΓ ßẞ"]
+    want_ids, want_lengths = BatchEncoder(spec).encode(texts)
+    got_ids, got_lengths = BatchEncoder(spec, "tiktoken").encode(texts, verify_chars=10**9)
+    assert np.array_equal(got_lengths, want_lengths) and np.array_equal(got_ids, want_ids)
+
+
+def test_byte_level_form_takes_gpt2s_pattern_and_the_added_tokens(u16):
     byte_level = convert(u16.backend_json, "u16")
     assert byte_level.pattern == GPT2_PATTERN  # what ByteLevel(use_regex=True) splits with
     assert "<|endoftext|>" in byte_level.added and len(byte_level.ranks) == 2000
-    o200k_like = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s+(?!\S)|\s+"
-    split = _spec_with(u16, lambda s: s.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": o200k_like}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}))
-    assert convert(split.backend_json, "split").pattern == o200k_like
