@@ -323,7 +323,8 @@ def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
 
     create_table_artifact(table=summary_rows(metrics), key=artifact_key(KIND, params.name, "summary"),
                           description=f"preprocess {params.name}: {metrics['documents']:,} documents, "
-                                      f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s")
+                                      f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s"
+                                      + (f" ({engine} engine)" if (engine := metrics.get("tokenizer_engine")) else ""))
 
 
 def dask_map(address: str):
