@@ -92,34 +92,30 @@ def train_tokenizer(corpus: Path, out: Path, sample_mb: int = 24) -> Path:
     return out
 
 
-def raw_encode(corpus: Path, tokenizer_dir: Path, fast: bool) -> tuple[float, int]:
-    from tokenizers import Tokenizer
+def raw_encode(corpus: Path, tokenizer_dir: Path, engine: str) -> tuple[float, int]:
+    """The tokenizer alone on texts already in memory, 2048 at a time: "fast" / "slow" is
+    `tokenizers`' encode_batch_fast / encode_batch, "tiktoken" its encode_ordinary_batch on all cores."""
+    if engine == "tiktoken":
+        from gptoss_model.data.tiktoken_engine import convert
 
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    with open(corpus, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    encode = tok.encode_batch_fast if fast else tok.encode_batch
-    batch, tokens = 2048, 0
-    start = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        tokens += sum(len(e) for e in encode(texts[i:i + batch], add_special_tokens=False))
-    return time.perf_counter() - start, tokens
+        encoding = convert((tokenizer_dir / "tokenizer.json").read_text(), str(tokenizer_dir)).encoding()
 
+        def lengths(texts):
+            return map(len, encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count()))
+    else:
+        from tokenizers import Tokenizer
 
-def raw_tiktoken(corpus: Path, tokenizer_dir: Path) -> tuple[float, int]:
-    import tiktoken
+        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        encode = tok.encode_batch_fast if engine == "fast" else tok.encode_batch
 
-    from gptoss_model.data.tiktoken_engine import convert
-
-    conversion = convert((tokenizer_dir / "tokenizer.json").read_text(), str(tokenizer_dir))
-    encoding = tiktoken.Encoding("bench", pat_str=conversion.pattern, mergeable_ranks=conversion.ranks,
-                                 special_tokens={})
+        def lengths(texts):
+            return map(len, encode(texts, add_special_tokens=False))
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     batch, tokens = 2048, 0
     start = time.perf_counter()
     for i in range(0, len(texts), batch):
-        tokens += sum(map(len, encoding.encode_ordinary_batch(texts[i:i + batch], num_threads=os.cpu_count())))
+        tokens += sum(lengths(texts[i:i + batch]))
     return time.perf_counter() - start, tokens
 
 
@@ -197,7 +193,7 @@ def main() -> None:
               lambda: ours(corpus, tokenizer_dir, out, workers, engine))
 
     # The essential rows first (a shared machine may not leave time for the rest).
-    timed("raw encode_batch (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, fast=False))
+    timed("raw encode_batch (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, "slow"))
     ours_run(1, "tokenizers")
     if args.megatron_lm:
         prefix = args.workdir / "megatron"
@@ -205,10 +201,10 @@ def main() -> None:
               lambda: (megatron(corpus, tokenizer_dir, prefix, args.megatron_lm, args.megatron_python), rows[1][2]))
     ours_run(2, "tiktoken")
     if not args.quick:
-        timed("raw encode_batch_fast (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, fast=True))
+        timed("raw encode_batch_fast (texts already in memory)", lambda: raw_encode(corpus, tokenizer_dir, "fast"))
         ours_run(2, "tokenizers")
         timed(f"raw tiktoken encode_ordinary_batch, {os.cpu_count()} threads (texts already in memory)",
-              lambda: raw_tiktoken(corpus, tokenizer_dir))
+              lambda: raw_encode(corpus, tokenizer_dir, "tiktoken"))
         ours_run(1, "tiktoken")
     if args.megatron_lm:
         same = all(filecmp.cmp(f"{prefix}_text_document.{ext}", out / f"shard_00000_text_document.{ext}",

@@ -182,7 +182,8 @@ def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched th
     st = _store(store, s3_endpoint_url)
     age = parse_duration(older_than)
     found = abort_stale_uploads(st, age, dry_run=dry_run)
-    found += [Leftover("incomplete version", f"{st.url}/{p}") for p in remove_incomplete_versions(st, age, dry_run=dry_run)]
+    found += [Leftover("incomplete version", f"{st.url}/{p}")
+              for p in remove_incomplete_versions(st, age, dry_run=dry_run)]
     found += clean_work_dirs(workdir or settings().workdir, age, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for item in found:

@@ -321,10 +321,11 @@ def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
         return
     from prefect.artifacts import create_table_artifact
 
+    engine = metrics.get("tokenizer_engine")  # pretrain only
     create_table_artifact(table=summary_rows(metrics), key=artifact_key(KIND, params.name, "summary"),
                           description=f"preprocess {params.name}: {metrics['documents']:,} documents, "
                                       f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s"
-                                      + (f" ({engine} engine)" if (engine := metrics.get("tokenizer_engine")) else ""))
+                                      + (f" ({engine} engine)" if engine else ""))
 
 
 def dask_map(address: str):

@@ -1,8 +1,9 @@
 """Byte-level BPE tokenizers run on tiktoken's engine, checked against `tokenizers`.
 
-Why: on the same text, tiktoken spends a fifth to a quarter of the CPU that `tokenizers`
-does (no per-character alignment bookkeeping, no per-token strings). Tokenising is
-nearly all of the preprocess stage's work, so this is the stage's speed.
+Why: on the benchmark corpus (benchmarks/preprocess_tokens.py) tiktoken's batch call spends
+about a quarter of the CPU of `tokenizers`' `encode_batch_fast` (no per-character alignment
+bookkeeping, no per-token strings). Tokenising is nearly all of the preprocess stage's work,
+so this is the stage's speed.
 
 Why the ids agree, and where that rests on a check rather than on construction:
 - Both split the text with the same regex, then byte-pair-merge each piece. tiktoken merges
@@ -15,8 +16,8 @@ Why the ids agree, and where that rests on a check rather than on construction:
   registered merge, ties between two merges of one token, and the two regex engines'
   Unicode tables (onig vs Rust's regex). `TiktokenEncoder` re-encodes a sample of every
   work unit with `tokenizers` and stops on the first difference.
-- Texts outside the conversion go to `tokenizers` whole: those containing an added token's
-  text (`tokenizers` splits them out before the regex) and those with lone surrogates.
+- Texts containing an added token's text go to `tokenizers` whole: it splits those out
+  before the regex. (Texts are valid Unicode: the record reader refuses lone surrogates.)
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ class EngineMismatch(PermanentError, RuntimeError):
 
 @lru_cache(maxsize=1)
 def byte_of_char() -> dict[str, int]:
-    """The inverse of GPT-2's byte -> printable character table that byte-level BPE vocabularies use."""
+    """The inverse of GPT-2's byte -> printable character table that byte-level BPE vocabularies use.
+
+    transformers has the forward table (`convert_slow_tokenizer.bytes_to_unicode`), but its
+    module has moved between releases and costs a second to import in every worker."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = {b: chr(b) for b in printable}
     shifted = 0
@@ -59,6 +63,13 @@ class Conversion:
     pattern: str
     ranks: dict[bytes, int]
     added: tuple[str, ...]      # added tokens' texts: a text containing one goes to tokenizers
+
+    def encoding(self):
+        """The tiktoken Encoding: ranks are the token ids, no special tokens (added ones are routed)."""
+        import tiktoken
+
+        return tiktoken.Encoding("gptoss-preprocess", pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                 special_tokens={})
 
 
 def _pattern(pre: dict | None, where: str) -> str:
@@ -161,28 +172,15 @@ class AddedTokenScan:
         return False
 
 
-def _is_utf8_encodable(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON \\ud800 escape
-        return False
-    return True
-
-
 class TiktokenEncoder:
     """Per-text ids from tiktoken, from `tokenizers` for the texts tiktoken does not cover."""
 
     def __init__(self, backend_json: str, where: str, reference):
-        import tiktoken
-
         conversion = convert(backend_json, where)
         check_tokens_encode_to_themselves(reference, conversion.added, where)
         self.where = where
         self.reference = reference
-        self.encoding = tiktoken.Encoding("gptoss-preprocess", pat_str=conversion.pattern,
-                                          mergeable_ranks=conversion.ranks, special_tokens={})
+        self.encoding = conversion.encoding()
         self.added = AddedTokenScan(conversion.added)
 
     def encode(self, texts: list[str], dtype, verify_chars: int = 0, describe=str) -> list[np.ndarray]:
@@ -191,7 +189,7 @@ class TiktokenEncoder:
         out: list[np.ndarray | None] = [None] * len(texts)
         by_reference = []
         for i, text in enumerate(texts):
-            if _is_utf8_encodable(text) and not self.added.found_in(text):
+            if not self.added.found_in(text):
                 out[i] = np.array(self.encoding.encode_ordinary(text), dtype=dtype)
             else:
                 by_reference.append(i)
@@ -215,7 +213,8 @@ class TiktokenEncoder:
             have = got[i].astype(np.int64)
             if not np.array_equal(want, have):
                 n = min(len(want), len(have))
-                at = int(np.argmax(want[:n] != have[:n])) if (want[:n] != have[:n]).any() else n
+                differs = np.flatnonzero(want[:n] != have[:n])
+                at = int(differs[0]) if differs.size else n  # else one is a prefix of the other
                 raise EngineMismatch(
                     f"{describe(i)}: tiktoken and tokenizers disagree at token {at} "
                     f"(tiktoken {have[at:at + 4].tolist()}, tokenizers {want[at:at + 4].tolist()}) with the "
