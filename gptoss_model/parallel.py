@@ -78,7 +78,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
-def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None = None) -> None:
+def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None = None,
+               timeout_minutes: int = 30) -> None:
     """Init torch.distributed and megatron's parallel groups for `layout`.
 
     Re-initialising with a different layout in the same process is allowed
@@ -89,7 +90,7 @@ def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None 
     from gptoss_model import cpu_patches
 
     cpu_patches.apply()
-    init_distributed(backend)
+    init_distributed(backend, timeout_minutes)
     world = dist.get_world_size()
     if world % layout.model_parallel_size():
         raise ValueError(
@@ -103,6 +104,7 @@ def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None 
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     # Seeds the tracked RNG states (TP/EP-aware dropout and init). On CPU the
     # tracker is the CPU one installed by cpu_patches.

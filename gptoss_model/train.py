@@ -20,6 +20,8 @@ from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides
 # both mean a retry would fail the same way.
 EXIT_CONFIG = 2  # the config was refused
 EXIT_NONFINITE = 3  # loss or gradient norm became NaN/Inf; nothing was saved after the last good step
+# EXIT_HANG = 4 (training.watchdog): a rank hung; a retry resumes from the last checkpoint.
+EXIT_REPLICAS = 5  # replicated parameters disagree across ranks: a parallelism bug, not a transient
 
 
 def load_run_config(source: str, overrides: list[str]) -> RunConfig:
@@ -48,28 +50,38 @@ def die_with_torchrun() -> None:
         os._exit(1)
 
 
+def _refuse(error: Exception, code: int) -> int:
+    """Every rank meets the same error; one of them (rank 0) says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
     die_with_torchrun()
+    from gptoss_model.training.launch import guard_process_group
+
+    guard_process_group()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         run = load_run_config(argv[0], argv[1:])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse(e, EXIT_CONFIG)
     from gptoss_model.training.loop import NonFiniteLossError, train
+    from gptoss_model.training.replicas import ReplicaDivergenceError
 
     try:
         train(run)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse(e, EXIT_CONFIG)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
+        return _refuse(e, EXIT_NONFINITE)
+    except ReplicaDivergenceError as e:
+        return _refuse(e, EXIT_REPLICAS)
     finally:
         from gptoss_model import parallel
 

@@ -83,6 +83,9 @@ class TrainConfig:
     manual_gc_interval: int = 100  # 0: collect only at start
     seed: int = 1234
     exit_on_nonfinite: bool = True
+    replica_check_interval: int = 100  # compare every replicated parameter across ranks every N steps; 0: never
+    hang_timeout: float = 300.0  # seconds without progress (of any rank) before the run ends; 0: no watchdog
+    collective_timeout_minutes: int = 30  # torch.distributed's process-group timeout
 
 
 @dataclass

@@ -65,6 +65,36 @@ def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
             pid_file.unlink(missing_ok=True)
 
 
+def guard_process_group() -> None:
+    """Under torchrun, fork a watcher that SIGKILLs this rank's process group once the rank is gone.
+
+    A rank's children do not inherit its die-with-torchrun setting: the checkpoint writer
+    megatron forks per save (a copy of the rank, hundreds of MB), multiprocessing's
+    manager and resource tracker outlived a killed run. torchrun makes every rank the
+    leader of its own process group and all of them stay in it, so one killpg after the
+    rank's death ends them all. Forked before torch is imported: the watcher stays small.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.getpgid(0) != os.getpid():
+        return  # not a torchrun rank leading its own group: the group may hold other programs
+    rank_pid = os.getpid()
+    if os.fork() != 0:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, b"gptoss-guard")  # PR_SET_NAME: tell it from the rank in ps/top
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # hold none of the launcher's pipes open
+            os.dup2(devnull, fd)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a polite stop of the group is the rank's to handle
+        while os.getppid() == rank_pid:
+            time.sleep(0.1)
+        os.killpg(rank_pid, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
 def kill_tree(pid: int, sig: int = signal.SIGTERM, grace_s: float = 5.0) -> bool:
     """Signal torchrun (`pid`) and every descendant, group by group; SIGKILL what is left after
     `grace_s`. Returns False when nothing was running."""

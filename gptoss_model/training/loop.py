@@ -96,11 +96,12 @@ class Trainer:
         from gptoss_model.training.preflight import model_config, preflight
 
         self.run = run
-        parallel.init_distributed()
+        parallel.init_distributed(timeout_minutes=run.train.collective_timeout_minutes)
         self.world = dist.get_world_size()
         self.m = model_config(run)
         self.estimate = preflight(run, self.world, model=self.m)
-        parallel.initialize(layout_of(run), seed=run.train.seed)
+        parallel.initialize(layout_of(run), seed=run.train.seed,
+                            timeout_minutes=run.train.collective_timeout_minutes)
         self.rank0 = dist.get_rank() == 0
         if self.rank0:
             print(f"[gptoss train] {run.name}: world {self.world}, {self.estimate}", flush=True)
@@ -185,6 +186,11 @@ class Trainer:
         if update_ok:
             self.scheduler.step(increment=self.run.train.global_batch_size)
         self.iteration += 1
+        every = self.run.train.replica_check_interval
+        if every and self.iteration % every == 0:
+            from gptoss_model.training.replicas import check_replicas
+
+            check_replicas(self.chunks, grad_norm, self.iteration)
         self.consumed += self.run.train.global_batch_size
         elapsed = time.perf_counter() - started
         from gptoss_model.training.metrics import memory_gb
@@ -227,26 +233,45 @@ class Trainer:
             gc.collect()
         last = {}
         try:
-            while self.iteration < tr.train_iters:
-                last = self.step()
-                if self.iteration % self.run.logging.log_interval == 0 or self.iteration == tr.train_iters:
-                    self.metrics.write(last)
-                if tr.eval_interval and self.iteration % tr.eval_interval == 0:
-                    val = self.evaluate()
-                    if val is not None:
-                        self.metrics.write({"iteration": self.iteration, "val_loss": val})
-                if ck.save_interval and self.iteration % ck.save_interval == 0:
-                    self.save()
-                elif ck.save_final and self.iteration == tr.train_iters:
-                    self.save()
-                if tr.manual_gc and tr.manual_gc_interval and self.iteration % tr.manual_gc_interval == 0:
-                    gc.collect()
+            with _watchdog(tr.hang_timeout) as dog:
+                while self.iteration < tr.train_iters:
+                    dog.phase(self.iteration, "training step")
+                    last = self.step()
+                    if self.iteration % self.run.logging.log_interval == 0 or self.iteration == tr.train_iters:
+                        self.metrics.write(last)
+                    if tr.eval_interval and self.iteration % tr.eval_interval == 0:
+                        dog.phase(self.iteration, "validation")
+                        val = self.evaluate()
+                        if val is not None:
+                            self.metrics.write({"iteration": self.iteration, "val_loss": val})
+                    if (ck.save_interval and self.iteration % ck.save_interval == 0) or (
+                            ck.save_final and self.iteration == tr.train_iters):
+                        dog.phase(self.iteration, "checkpoint save")
+                        self.save()
+                    if tr.manual_gc and tr.manual_gc_interval and self.iteration % tr.manual_gc_interval == 0:
+                        gc.collect()
+                dog.phase(self.iteration, "done")
         finally:
             if tr.manual_gc:
                 gc.enable()
             self.metrics.close()
         return {"iteration": self.iteration, "consumed_samples": self.consumed, "resumed_from": self.resumed_from,
                 "last": last}
+
+
+def _watchdog(timeout_s: float):
+    from contextlib import nullcontext
+
+    from gptoss_model.training.watchdog import Watchdog
+
+    if timeout_s <= 0:
+        return nullcontext(_NoDog())
+    return Watchdog(timeout_s)
+
+
+class _NoDog:
+    def phase(self, iteration: int, what: str) -> None:
+        pass
 
 
 def train(run: RunConfig) -> dict:

@@ -211,6 +211,9 @@ def preflight(run: RunConfig, world_size: int, *, local_world_size: int | None =
     need(tr.eval_interval >= 0, "train.eval_interval", "must be >= 0 (0 disables validation)")
     need(tr.eval_interval == 0 or tr.eval_iters >= 1, "train.eval_iters", "must be >= 1 when validating")
     need(tr.manual_gc_interval >= 0, "train.manual_gc_interval", "must be >= 0")
+    need(tr.replica_check_interval >= 0, "train.replica_check_interval", "must be >= 0 (0 disables the check)")
+    need(tr.hang_timeout >= 0, "train.hang_timeout", "must be >= 0 seconds (0 disables the watchdog)")
+    need(tr.collective_timeout_minutes >= 1, "train.collective_timeout_minutes", "must be >= 1")
 
     # data
     need(data.kind in ("pretrain", "sft"), "data.kind", f"{data.kind!r}: expected pretrain or sft")
