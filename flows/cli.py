@@ -18,6 +18,8 @@ app = typer.Typer(help="GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Fa
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 artifacts = typer.Typer(help="Inspect and maintain the artifact store.", no_args_is_help=True)
 app.add_typer(artifacts, name="artifacts")
+train_app = typer.Typer(help="Plan training runs.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 # Piped output (logs, CI) gets a wide console so versions are never cut.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -216,6 +218,27 @@ def fsck(quarantine: Annotated[bool, typer.Option(
     typer.echo(f"{len(problems)} problem(s) in {st.url}" + (f", {left} left" if quarantine else ""))
     if left:
         raise typer.Exit(1)
+
+@train_app.command("plan")
+@one_line_errors
+def train_plan(
+        recipe: Annotated[str, typer.Argument(help="Recipe name (gpt_oss_20b_pretrain, ...) or a YAML run config.")],
+        gpus: Annotated[int, typer.Option(help="GPUs in the whole job (nodes x GPUs per node).")],
+        device: Annotated[str, typer.Option(help="h100, h200 or a100-80g.")] = "h100",
+        set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key.sub=value.")] = [],  # noqa: B006
+) -> None:
+    """Per-rank memory and the parallel layout of a run on GPUs, from any machine (no GPU needed)."""
+    from gptoss_model.train import load_run_config
+    from gptoss_model.training.config import ConfigError
+    from gptoss_model.training.plan import plan
+
+    source = recipe if Path(recipe).is_file() else f"recipe:{recipe}"
+    try:
+        typer.echo(plan(load_run_config(source, set_), gpus, device).table())
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
 
 @app.command("preprocess")
 def preprocess(

@@ -24,7 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE
+from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_REPLICAS
+from gptoss_model.training.watchdog import EXIT_HANG
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
@@ -36,6 +37,7 @@ STAGE = "train"
 KIND = "train-checkpoint"
 CODE_VERSION = "1"
 _RANK0 = re.compile(r"^\[default0\]:")
+_OTHER_RANK = re.compile(r"^\[default[1-9]\d*\]:")
 _RANK_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 
@@ -185,12 +187,17 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
     rank_exit_codes: set[int] = set()
+    hung: list[str] = []
     # The reader thread has no Prefect run context; stage_task's log forwarding attaches
     # this task run's ids to its records, so rank 0's lines reach the flow run's log.
     def on_line(line: str) -> None:
+        if _OTHER_RANK.match(line) and "error: " not in line:
+            return  # rank 0 speaks for the run; another rank only when it reports an error (a hang rank 0 is in)
         log.info("%s", _RANK0.sub("", line))
         if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
             rank_exit_codes.add(int(reported.group(1)))
+        if "error: training hung:" in line:
+            hung.append(line.split("error: ", 1)[1])
 
     rc = launch.launch(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=home / "torchrun.pid",
                        on_line=on_line, poll=watch)
@@ -199,6 +206,14 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
     if EXIT_NONFINITE in rank_exit_codes:  # permanent: a retry resumes into the same overflow
         raise NonFiniteLossError(f"training stopped on a non-finite loss or gradient norm (see the log above); "
                                  f"checkpoints committed: {sorted(state['committed'])}")
+    if EXIT_REPLICAS in rank_exit_codes:
+        from gptoss_model.training.replicas import ReplicaDivergenceError
+
+        raise ReplicaDivergenceError(f"training stopped: replicated parameters disagree across ranks (see the log "
+                                     f"above); checkpoints committed: {sorted(state['committed'])}")
+    if EXIT_HANG in rank_exit_codes:  # transient: a retry resumes from the newest committed checkpoint
+        raise TrainingFailed(f"{hung[0] if hung else 'training hung: a rank made no progress for train.hang_timeout'}"
+                             f" (checkpoints committed: {sorted(state['committed'])})")
     if rc != 0:
         raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: "
                              f"{sorted(state['committed'])} (a retry resumes from the newest)")

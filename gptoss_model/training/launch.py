@@ -6,8 +6,9 @@ NOT enough: torchrun (torch 2.13) starts every rank with start_new_session=True,
 ranks are session leaders of their own groups and keep training after torchrun dies.
 `kill_tree` therefore collects the whole process tree first and kills every group in it;
 and each rank asks the kernel to kill it when torchrun dies (gptoss_model.train sets
-PR_SET_PDEATHSIG), so even a SIGKILL of torchrun alone leaves no rank behind. Rank 0's lines
-(torchrun tags them with `[default0]:` under --tee 3) are handed to a callback as they come.
+PR_SET_PDEATHSIG), so even a SIGKILL of torchrun alone leaves no rank behind, and each rank's
+guard (`guard_process_group`) kills what the rank itself started. Every rank's lines (torchrun
+tags them `[defaultN]:` under --tee 3) are handed to a callback as they come.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable
 def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
-            "--tee", "3", "--local-ranks-filter", "0", "-m", "gptoss_model.train", str(config_yaml),
+            "--tee", "3", "-m", "gptoss_model.train", str(config_yaml),
             *overrides]
 
 

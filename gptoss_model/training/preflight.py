@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 from dataclasses import dataclass
 
 from gptoss_model.config import GptOssModelConfig, preset
+from gptoss_model.training.gpus import GpuSpec
 from gptoss_model.training.config import ConfigError, RunConfig
 
 GiB = 1024 ** 3
@@ -25,6 +27,7 @@ PEFT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 DISPATCHERS = ("alltoall", "allgather")
 TE_MIN_VERSION = (2, 8)  # learnable softmax (sinks) in TE attention
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name; anything else is a local path
 
 
 def model_config(run: RunConfig) -> GptOssModelConfig:
@@ -36,11 +39,20 @@ def model_config(run: RunConfig) -> GptOssModelConfig:
 
     source = run.model.hf_config
     if source and Path(source).exists():
-        return GptOssModelConfig.from_hf_config(source)
+        try:
+            return GptOssModelConfig.from_hf_config(source)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with it, this field names it
+            raise ConfigError(f"model.hf_config: {source}: {e}") from e
+    if source and not HUB_ID.match(source):
+        raise ConfigError(f"model.hf_config: {source} does not exist (give a local checkpoint dir, its "
+                          "config.json, or a Hub id like openai/gpt-oss-20b)")
     if source and source not in HF_IDS:
         from gptoss_model.bridge import resolve_checkpoint
 
-        return GptOssModelConfig.from_hf_config(resolve_checkpoint(source))
+        try:
+            return GptOssModelConfig.from_hf_config(resolve_checkpoint(source))
+        except Exception as e:  # noqa: BLE001 - a Hub or config error, named by the field
+            raise ConfigError(f"model.hf_config: {source}: {type(e).__name__}: {e}") from e
     name = HF_IDS.get(source, run.model.preset)
     try:
         return preset(name)
@@ -101,7 +113,9 @@ def adapter_params_per_layer(m: GptOssModelConfig, dim: int, targets: list[str],
                for t in targets for fan_in, fan_out in shapes[t])
 
 
-def estimate_memory(run: RunConfig, m: GptOssModelConfig, world_size: int) -> MemoryEstimate:
+def estimate_memory(run: RunConfig, m: GptOssModelConfig, world_size: int, *, bf16: bool | None = None,
+                    flash_attention: bool | None = None) -> MemoryEstimate:
+    """Per-rank bytes; `bf16` / `flash_attention` default to what this machine would run."""
     par, tr = run.parallelism, run.train
     tp, pp, ep = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                   par.expert_model_parallel_size)
@@ -111,7 +125,7 @@ def estimate_memory(run: RunConfig, m: GptOssModelConfig, world_size: int) -> Me
     layers = m.num_layers // pp
     dense = (c["embedding"] + (c["lm_head"] if pp == 1 else 0)) // tp + layers * c["layer_dense"] // tp
     experts = layers * (m.num_experts // ep) * c["expert"]
-    bf16 = _bf16(run)
+    bf16 = _bf16(run) if bf16 is None else bf16
     p_bytes = 2 if bf16 else 4
     if run.peft.method:
         trainable = layers * adapter_params_per_layer(m, run.peft.dim, run.peft.target_modules,
@@ -127,9 +141,11 @@ def estimate_memory(run: RunConfig, m: GptOssModelConfig, world_size: int) -> Me
     # attention), MoE MLP ~ s*b*(2h + topk * 5 * intermediate); SP divides all by TP.
     # 1F1B keeps up to PP micro-batches in flight on the first stage.
     s, b = run.data.seq_length, tr.micro_batch_size
-    from gptoss_model.build import te_available
+    if flash_attention is None:
+        from gptoss_model.build import te_available
 
-    scores = 0 if te_available() else 5 * m.num_attention_heads * s * s * b
+        flash_attention = te_available()
+    scores = 0 if flash_attention else 5 * m.num_attention_heads * s * s * b
     per_layer = (s * b * m.hidden_size * 13 + scores
                  + s * b * m.experts_per_token * 5 * m.intermediate_size) * p_bytes / 2
     in_flight = min(pp, max(tr.global_batch_size // max(tr.micro_batch_size * dp, 1), 1))
@@ -158,8 +174,13 @@ def device_memory_bytes(local_world_size: int = 1) -> tuple[float, str]:
 
 # ------------------------------------------------------------------- checks
 def preflight(run: RunConfig, world_size: int, *, local_world_size: int | None = None,
-              model: GptOssModelConfig | None = None) -> MemoryEstimate:
-    """Every rule the config breaks, as one ConfigError; else the memory estimate."""
+              model: GptOssModelConfig | None = None, check_inputs: bool = True,
+              device: "GpuSpec | None" = None) -> MemoryEstimate:
+    """Every rule the config breaks, as one ConfigError; else the memory estimate.
+
+    `check_inputs` also opens what the run will read and probes where it writes
+    (input_checks); planning a run for another machine leaves it off and names the target
+    `device` (a GPU: bf16 unless float32 is asked for, flash attention, its memory)."""
     from gptoss_model.build import layout_problems
     from gptoss_model.parallel import ParallelLayout
 
@@ -189,10 +210,11 @@ def preflight(run: RunConfig, world_size: int, *, local_world_size: int | None =
          f"{run.model.params_dtype!r}: expected auto, bfloat16 or float32")
     need(run.model.moe_token_dispatcher_type in DISPATCHERS, "model.moe_token_dispatcher_type",
          f"{run.model.moe_token_dispatcher_type!r}: expected one of {DISPATCHERS}")
-    cuda = _cuda()
-    need(cuda or not _bf16(run), "model.params_dtype",
+    cuda = _cuda() or device is not None
+    bf16 = _bf16(run) if device is None else run.model.params_dtype != "float32"
+    need(cuda or not bf16, "model.params_dtype",
          "bfloat16 training needs CUDA; on CPU megatron's optimizer only handles float32 parameters")
-    if cuda and importlib.util.find_spec("transformer_engine") is not None:
+    if device is None and cuda and importlib.util.find_spec("transformer_engine") is not None:
         version = tuple(int(x) for x in importlib.metadata.version("transformer-engine").split(".")[:2])
         need(version >= TE_MIN_VERSION, "model",
              f"Transformer Engine {'.'.join(map(str, version))} is too old: GPT-OSS's learnable softmax "
@@ -246,7 +268,7 @@ def preflight(run: RunConfig, world_size: int, *, local_world_size: int | None =
     need(opt.adam_eps > 0, "optimizer.adam_eps", "must be > 0")
     need(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     need(opt.clip_grad >= 0, "optimizer.clip_grad", "must be >= 0 (0 disables clipping)")
-    need(opt.bf16 is None or opt.bf16 == _bf16(run), "optimizer.bf16",
+    need(opt.bf16 is None or opt.bf16 == bf16, "optimizer.bf16",
          f"{opt.bf16} disagrees with model.params_dtype={run.model.params_dtype}")
     need(sch.lr_decay_style in DECAY_STYLES, "scheduler.lr_decay_style",
          f"{sch.lr_decay_style!r}: expected one of {DECAY_STYLES}")
@@ -267,13 +289,21 @@ def preflight(run: RunConfig, world_size: int, *, local_world_size: int | None =
              f"{bad or 'empty'}: choose from {list(PEFT_TARGETS)}")
         need(run.checkpoint.pretrained_checkpoint is not None, "checkpoint.pretrained_checkpoint",
              "LoRA/DoRA adapt pretrained weights: set the base checkpoint")
+    if check_inputs:
+        from gptoss_model.training import input_checks
+
+        for fld, rule in (input_checks.data_problems(run) + input_checks.pretrained_problems(run, m)
+                          + input_checks.resume_problems(run) + input_checks.writable_problems(run)):
+            need(False, fld, rule)
     if problems:
         raise ConfigError(f"run config {run.name!r} refused before launch ({len(problems)} problem"
                           f"{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems))
 
-    estimate = estimate_memory(run, m, world_size)
+    estimate = estimate_memory(run, m, world_size, bf16=bf16,
+                               flash_attention=True if device is not None else None)
     if run.logging.memory_check:
-        available, what = device_memory_bytes(local_world_size or min(world_size, 8))
+        available, what = ((device.memory_bytes, device.name) if device is not None
+                           else device_memory_bytes(local_world_size or min(world_size, 8)))
         if estimate.total > 0.95 * available:
             raise ConfigError(f"train.micro_batch_size / parallelism: {estimate} exceeds {what} "
                               f"({available / GiB:.1f} GiB); raise TP/PP/EP, use the distributed optimizer, "

@@ -19,6 +19,7 @@ def train_env(tmp_path_factory):
                                pretrained_checkpoint=str(ckpt), train_iters=30)
     # A fixed schedule length, so runs of different lengths share one LR curve.
     run.scheduler.lr_decay_iters = 30
+    run.train.replica_check_interval = 1  # every step: a replica gone astray fails the test that caused it
     config = root / "base.yaml"
     save_yaml(run, config)
     sft_prefixes = write_tiny_sft_dataset(root / "sft")

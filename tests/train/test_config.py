@@ -159,7 +159,7 @@ BAD = [  # (override, world size, the field the message must name)
 def test_preflight_refuses_bad_configs_naming_the_field(overrides, world, field):
     c = apply_overrides(_tiny(pretrained_checkpoint="/ckpt"), overrides)
     with pytest.raises(ConfigError) as e:
-        preflight(c, world)
+        preflight(c, world, check_inputs=False)
     assert field in str(e.value), str(e.value)
     print(f"\n{overrides} (world {world}) -> {e.value}")
 
@@ -169,17 +169,17 @@ def test_preflight_accepts_the_recipes_and_prints_a_memory_estimate(monkeypatch,
 
     assert parameter_counts(__import__("gptoss_model.config", fromlist=["x"]).gpt_oss_20b())["total"] == 20_914_757_184
     assert parameter_counts(__import__("gptoss_model.config", fromlist=["x"]).gpt_oss_120b())["total"] == 116_829_156_672
-    preflight(_tiny(), 1)
+    preflight(_tiny(), 1, check_inputs=False)
     monkeypatch.setattr(pf, "_cuda", lambda: True)  # judge the GPU recipes as on GPUs
     for fn, world in ((gpt_oss_20b_pretrain_config, 16), (gpt_oss_120b_pretrain_config, 64)):
         c = fn(data_paths=["/d"])
         c.logging.memory_check = False
-        est = preflight(c, world)
+        est = preflight(c, world, check_inputs=False)
         print(f"\n{c.name} at world {world}: {est}")
         assert 0 < est.total < 80 * 1024 ** 3 * 2
     c = gpt_oss_20b_finetune_config(data_paths=["/d"], pretrained_checkpoint="/p", peft="lora")
     c.logging.memory_check = False
-    est = preflight(c, 8)
+    est = preflight(c, 8, check_inputs=False)
     assert est.trainable_params < est.params_per_rank / 50  # adapters are a few % of the model
     print(f"\n20B LoRA: {est}")
     # a 120B full SFT on one 80 GB-class GPU must be refused by the memory check
@@ -187,7 +187,7 @@ def test_preflight_accepts_the_recipes_and_prints_a_memory_estimate(monkeypatch,
                                        expert_parallelism=1)
     monkeypatch.setattr(pf, "device_memory_bytes", lambda n=1: (80e9, "test GPU"))
     with pytest.raises(ConfigError, match="exceeds test GPU"):
-        preflight(big, 1)
+        preflight(big, 1, check_inputs=False)
     assert estimate_memory(big, pf.model_config(big), 1).total > 80e9
 
 

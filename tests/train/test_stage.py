@@ -5,6 +5,7 @@ cancelled through the Prefect API leaving no torchrun or rank process."""
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import threading
 import time
@@ -257,3 +258,59 @@ def test_a_nonfinite_loss_is_a_permanent_failure_of_the_task(store_inputs, tmp_p
     assert isinstance(raised.value, PermanentError)
     store = store_inputs[0]
     assert sorted(m.parameters["iteration"] for m in store.list(KIND) if m.name == "overflow") == [1, 2]
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, store_inputs, tmp_path, caplog):
+    """SIGSTOP one of two ranks after the first committed checkpoint: the watchdog ends the
+    attempt within train.hang_timeout + 30 s naming the rank, and the task's retry resumes
+    from the newest committed checkpoint to the end."""
+    import logging
+    import os
+    import signal
+
+    from prefect import flow
+
+    from tasks.train import KIND, pid_file, train_model
+
+    hang_timeout = 8
+    params = _params("hung", store_inputs, tmp_path, **{"train.hang_timeout": hang_timeout}).model_copy(
+        update={"nproc_per_node": 2})
+    store = store_inputs[0]
+    pidf = pid_file(params, store)
+    stopped: dict = {}
+
+    def stop_a_rank_after_the_first_commit():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if any(m.name == "hung" and m.parameters.get("iteration", 16) < 16 for m in store.list(KIND)):
+                torchrun = psutil.Process(int(pidf.read_text()))
+                ranks = sorted((p for p in torchrun.children() if "gptoss_model.train" in " ".join(p.cmdline())),
+                               key=lambda p: p.pid)
+                victim = ranks[-1]
+                os.kill(victim.pid, signal.SIGSTOP)
+                stopped.update(pid=victim.pid, at=time.monotonic())
+                psutil.wait_procs([victim], timeout=hang_timeout + 60)
+                stopped["gone_after"] = time.monotonic() - stopped["at"]
+                return
+            time.sleep(0.1)
+
+    stopper = threading.Thread(target=stop_a_rank_after_the_first_commit, daemon=True)
+    stopper.start()
+
+    @flow
+    def train_with_fast_retry(p):
+        return train_model.with_options(retry_delay_seconds=0)(p)
+
+    with caplog.at_level(logging.INFO):
+        manifest = train_with_fast_retry(params)
+    stopper.join(timeout=120)
+    assert stopped, "no rank was stopped"
+    print(f"\nrank pid {stopped['pid']} stopped; the attempt ended {stopped['gone_after']:.1f} s later "
+          f"(hang_timeout {hang_timeout} s)")
+    assert stopped["gone_after"] < hang_timeout + 30
+    assert re.search(r"training hung: rank \d on \S+ \(last seen at iteration \d+", caplog.text), caplog.text[-3000:]
+    assert "resumed from" in caplog.text
+    assert manifest.parameters["iteration"] == 16
