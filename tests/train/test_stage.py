@@ -263,7 +263,7 @@ def test_a_nonfinite_loss_is_a_permanent_failure_of_the_task(store_inputs, tmp_p
 @pytest.mark.prefect
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, store_inputs, tmp_path, caplog):
+def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, store_inputs, tmp_path):
     """SIGSTOP one of two ranks after the first committed checkpoint: the watchdog ends the
     attempt within train.hang_timeout + 30 s naming the rank, and the task's retry resumes
     from the newest committed checkpoint to the end."""
@@ -304,13 +304,20 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
     def train_with_fast_retry(p):
         return train_model.with_options(retry_delay_seconds=0)(p)
 
-    with caplog.at_level(logging.INFO):
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("tasks.train").addHandler(handler)  # the stage's log, as the run shows it
+    try:
         manifest = train_with_fast_retry(params)
+    finally:
+        logging.getLogger("tasks.train").removeHandler(handler)
+    text = "\n".join(lines)
     stopper.join(timeout=120)
     assert stopped, "no rank was stopped"
     print(f"\nrank pid {stopped['pid']} stopped; the attempt ended {stopped['gone_after']:.1f} s later "
           f"(hang_timeout {hang_timeout} s)")
     assert stopped["gone_after"] < hang_timeout + 30
-    assert re.search(r"training hung: rank \d on \S+ \(last seen at iteration \d+", caplog.text), caplog.text[-3000:]
-    assert "resumed from" in caplog.text
+    assert re.search(r"training hung: rank \d on \S+ \(last seen at iteration \d+", text), text[-3000:]
+    assert "resumed from" in text
     assert manifest.parameters["iteration"] == 16
