@@ -10,6 +10,7 @@ metrics, NaN/Inf guard, validation, checkpoint, manual GC.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -190,7 +191,8 @@ class Trainer:
         if every and self.iteration % every == 0:
             from gptoss_model.training.replicas import check_replicas
 
-            check_replicas(self.chunks, grad_norm, self.iteration)
+            with self.params_gathered():
+                check_replicas(self.chunks, grad_norm, self.iteration)
         self.consumed += self.run.train.global_batch_size
         elapsed = time.perf_counter() - started
         from gptoss_model.training.metrics import memory_gb
@@ -199,6 +201,22 @@ class Trainer:
                 "grad_norm": grad_norm, "tokens_per_s": self.tokens_per_step / elapsed,
                 "tflops_per_s_per_rank": self.flops_per_token * self.tokens_per_step / elapsed / self.world / 1e12,
                 "step_s": elapsed, "mem_gb": memory_gb(), "consumed_samples": self.consumed}
+
+    @contextlib.contextmanager
+    def params_gathered(self):
+        """Every parameter up to date on every rank. With overlap_param_gather the distributed
+        optimizer's all-gather of updated shards waits for the next forward; checks, validation
+        and saves must see the gathered weights (as Megatron-LM's training loop does)."""
+        if not self.run.parallelism.overlap_param_gather:
+            yield
+            return
+        for c in self.chunks:
+            c.disable_forward_pre_hook()  # all-gathers synchronously
+        try:
+            yield
+        finally:
+            for c in self.chunks:
+                c.enable_forward_pre_hook()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -241,13 +259,15 @@ class Trainer:
                         self.metrics.write(last)
                     if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                         dog.phase(self.iteration, "validation")
-                        val = self.evaluate()
+                        with self.params_gathered():
+                            val = self.evaluate()
                         if val is not None:
                             self.metrics.write({"iteration": self.iteration, "val_loss": val})
                     if (ck.save_interval and self.iteration % ck.save_interval == 0) or (
                             ck.save_final and self.iteration == tr.train_iters):
                         dog.phase(self.iteration, "checkpoint save")
-                        self.save()
+                        with self.params_gathered():
+                            self.save()
                     if tr.manual_gc and tr.manual_gc_interval and self.iteration % tr.manual_gc_interval == 0:
                         gc.collect()
                 dog.phase(self.iteration, "done")

@@ -63,12 +63,40 @@ def _losses(params, store):
     return {r["iteration"]: r for r in read_metrics(run_dir(params, identity) / "metrics.jsonl") if "loss" in r}
 
 
+def _train_with_fast_retry(params, interrupt):
+    """The train task in a flow, retrying at once; `interrupt()` runs beside it in a thread."""
+    from prefect import flow
+
+    from tasks.train import train_model
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+
+    @flow
+    def train_with_fast_retry(p):
+        return train_model.with_options(retry_delay_seconds=0)(p)
+
+    manifest = train_with_fast_retry(params)
+    thread.join(timeout=120)
+    return manifest
+
+
+def _first_partial_commit(store, name: str, deadline_s: float = 300) -> bool:
+    """Wait until a checkpoint of `name` short of the last (iteration 16) is committed."""
+    from tasks.train import KIND
+
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        if any(m.name == name and m.parameters.get("iteration", 16) < 16 for m in store.list(KIND)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.mark.prefect
 @pytest.mark.slow
 def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, store_inputs, tmp_path):
-    from prefect import flow
-
-    from tasks.train import KIND, pid_file, resolve_run, run_dir, run_train, train_model
+    from tasks.train import KIND, pid_file, resolve_run, run_dir, run_train
 
     store, base, data = store_inputs
     straight = _params("straight", store_inputs, tmp_path)
@@ -90,25 +118,13 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
     def crash_after_first_commit():
         from gptoss_model.training.launch import kill_from_pid_file
 
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if any(m.name == "crashed" and m.parameters.get("iteration", 16) < 16 for m in store.list(KIND)):
-                crashed_at.append(max(_losses(crashed, store)))
-                kill_from_pid_file(pidf)  # the first attempt dies...
-                time.sleep(1)
-                shutil.rmtree(save_dir, ignore_errors=True)  # ...and its machine's disk with it
-                return
-            time.sleep(0.1)
+        if _first_partial_commit(store, "crashed"):
+            crashed_at.append(max(_losses(crashed, store)))
+            kill_from_pid_file(pidf)  # the first attempt dies...
+            time.sleep(1)
+            shutil.rmtree(save_dir, ignore_errors=True)  # ...and its machine's disk with it
 
-    killer = threading.Thread(target=crash_after_first_commit, daemon=True)
-    killer.start()
-
-    @flow
-    def train_with_fast_retry(params):
-        return train_model.with_options(retry_delay_seconds=0)(params)
-
-    manifest = train_with_fast_retry(crashed)
-    killer.join()
+    manifest = _train_with_fast_retry(crashed, crash_after_first_commit)
     assert crashed_at and crashed_at[0] < 16, "the first attempt was not interrupted"
     assert manifest.parameters["iteration"] == 16
     got, want = _losses(crashed, store), _losses(straight, store)
@@ -205,7 +221,7 @@ def test_cancelling_the_flow_run_leaves_no_torchrun_or_rank_process(prefect_harn
             if pidf.is_file():
                 try:
                     root = psutil.Process(int(pidf.read_text()))
-                    ranks = [p for p in root.children(recursive=True) if "gptoss_model.train" in p.cmdline()]
+                    ranks = [p for p in root.children() if "gptoss_model.train" in p.cmdline()]  # not their guards
                     if len(ranks) == 2 and _losses(params, store_inputs[0]):  # both up and training
                         tree = [root, *root.children(recursive=True)]
                 except (psutil.NoSuchProcess, ValueError, FileNotFoundError):
@@ -271,9 +287,7 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
     import os
     import signal
 
-    from prefect import flow
-
-    from tasks.train import KIND, pid_file, train_model
+    from tasks.train import pid_file
 
     hang_timeout = 8
     params = _params("hung", store_inputs, tmp_path, **{"train.hang_timeout": hang_timeout}).model_copy(
@@ -283,37 +297,24 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
     stopped: dict = {}
 
     def stop_a_rank_after_the_first_commit():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if any(m.name == "hung" and m.parameters.get("iteration", 16) < 16 for m in store.list(KIND)):
-                torchrun = psutil.Process(int(pidf.read_text()))
-                ranks = sorted((p for p in torchrun.children() if "gptoss_model.train" in " ".join(p.cmdline())),
-                               key=lambda p: p.pid)
-                victim = ranks[-1]
-                os.kill(victim.pid, signal.SIGSTOP)
-                stopped.update(pid=victim.pid, at=time.monotonic())
-                psutil.wait_procs([victim], timeout=hang_timeout + 60)
-                stopped["gone_after"] = time.monotonic() - stopped["at"]
-                return
-            time.sleep(0.1)
-
-    stopper = threading.Thread(target=stop_a_rank_after_the_first_commit, daemon=True)
-    stopper.start()
-
-    @flow
-    def train_with_fast_retry(p):
-        return train_model.with_options(retry_delay_seconds=0)(p)
+        if _first_partial_commit(store, "hung"):
+            torchrun = psutil.Process(int(pidf.read_text()))
+            ranks = sorted((p for p in torchrun.children() if "gptoss_model.train" in " ".join(p.cmdline())),
+                           key=lambda p: p.pid)
+            os.kill(ranks[-1].pid, signal.SIGSTOP)
+            stopped.update(pid=ranks[-1].pid, at=time.monotonic())
+            psutil.wait_procs([ranks[-1]], timeout=hang_timeout + 60)
+            stopped["gone_after"] = time.monotonic() - stopped["at"]
 
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("tasks.train").addHandler(handler)  # the stage's log, as the run shows it
     try:
-        manifest = train_with_fast_retry(params)
+        manifest = _train_with_fast_retry(params, stop_a_rank_after_the_first_commit)
     finally:
         logging.getLogger("tasks.train").removeHandler(handler)
     text = "\n".join(lines)
-    stopper.join(timeout=120)
     assert stopped, "no rank was stopped"
     print(f"\nrank pid {stopped['pid']} stopped; the attempt ended {stopped['gone_after']:.1f} s later "
           f"(hang_timeout {hang_timeout} s)")

@@ -39,7 +39,11 @@ NO_SAVE = ["checkpoint.save_interval=0", "checkpoint.save_final=false", "train.e
 TP2_SP = ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"]
 EP2 = ["parallelism.expert_model_parallel_size=2"]
 PP2 = ["parallelism.pipeline_model_parallel_size=2"]
-LAYOUTS = {"tp2_sp": TP2_SP, "tp2_sp_ep2": TP2_SP + EP2, "pp2": PP2}
+# DP2 with the distributed optimizer overlapping its param all-gather with the next forward
+# (the 20B/120B pretrain recipes): validation, checks and saves must see gathered weights.
+DP2_OVERLAP = ["parallelism.use_distributed_optimizer=true", "parallelism.overlap_grad_reduce=true",
+               "parallelism.overlap_param_gather=true"]
+LAYOUTS = {"tp2_sp": TP2_SP, "tp2_sp_ep2": TP2_SP + EP2, "pp2": PP2, "dp2_overlap": DP2_OVERLAP}
 FOUR_PROCESS_LAYOUTS = {"tp2_sp_pp2": TP2_SP + PP2}
 LAYOUT_STEPS = 20
 PERTURB = {"rank": 1, "after": 4, "param": "decoder.final_layernorm.weight"}
@@ -134,6 +138,7 @@ def test_parallel_layouts_match_one_process_with_clipping(reference, two_process
     not split bitwise equal across the TP ranks at the end (they diverged before the
     expert-optimizer-tp-group patch: TP2+SP drifted to 1.8e-5 by step 10)."""
     result = (four_process if layout in FOUR_PROCESS_LAYOUTS else two_process)[layout]
+    assert result["error"] is None, result["error"]  # the trainer's own replica check stopped the run
     got = [r for r in result["metrics"] if "loss" in r][:LAYOUT_STEPS]
     assert len(got) == len(reference) == LAYOUT_STEPS
     assert max(r["grad_norm"] for r in reference) > 1.0, "the clip never bit"
@@ -309,6 +314,41 @@ def test_kill_at_five_points_leaves_no_process_and_resume_is_bitwise_exact(two_p
         assert got[it]["lr"] == want[it]["lr"]
     print(f"resumed from iteration {last}; iterations 1-20 across six launches bitwise the uninterrupted run")
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "20"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_killed_launcher_takes_torchrun_and_every_rank_process_with_it(train_env, tmp_path):
+    """The flow's process (what `launch()` runs in) killed with SIGKILL: nothing can clean up, so
+    torchrun must die with it (PR_SET_PDEATHSIG through exec), the ranks with torchrun, and each
+    rank's guard must take the rest of its process group."""
+    from gptoss_model.training.config import apply_overrides, load_yaml, save_yaml
+
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    save_yaml(apply_overrides(load_yaml(train_env["config"]), [f"dir={run_dir}", *EP2, "train.train_iters=1000",
+                                                               "checkpoint.save_interval=2"]), config)
+    pid_file = tmp_path / "torchrun.pid"
+    code = ("from pathlib import Path; from gptoss_model.training.launch import launch; "
+            f"launch({str(config)!r}, nproc_per_node=2, pid_file=Path({str(pid_file)!r}), on_line=lambda line: None)")
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while max(_metrics(run_dir), default=0) < 3:  # training, and a save behind it
+            assert launcher.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.1)
+        torchrun = psutil.Process(int(pid_file.read_text()))
+        groups = _run_groups(torchrun)
+        procs = [torchrun, *_run_processes(groups, run_dir)]
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        time.sleep(5)
+        survivors = _alive(procs + _run_processes(groups, run_dir))
+        print(f"\nlauncher killed: {len(procs)} processes of the run, {len(survivors)} alive 5 s later")
+        assert not survivors, survivors
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
 
 
 @pytest.mark.distributed
