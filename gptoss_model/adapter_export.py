@@ -35,6 +35,7 @@ from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 from gptoss_model.megatron_reader import MegatronCheckpointReader, resolve_iter_dir
+from gptoss_model.safe_unpickle import refusals_named
 from gptoss_model.training.config import PeftConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def read_peft_config(megatron_path: str | Path) -> PeftConfig | None:
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     iter_dir = resolve_iter_dir(megatron_path)
-    saved = load_common_state_dict(str(iter_dir)).get("peft")
+    with refusals_named():
+        saved = load_common_state_dict(str(iter_dir)).get("peft")
     if not saved:
         return None
     if saved.get("method") not in ("lora", "dora"):
@@ -237,7 +239,8 @@ def load_adapted_megatron(base_megatron_path: str | Path, adapter_path: str | Pa
     model = load_megatron_checkpoint(build_model(cfg, dtype), base_megatron_path)
     apply_adapters(model, peft)
     state = {k: v for k, v in model.sharded_state_dict().items() if is_adapter_key(k)}
-    loaded = dist_checkpointing.load({"model": state}, str(resolve_iter_dir(adapter_path)))
+    with refusals_named():
+        loaded = dist_checkpointing.load({"model": state}, str(resolve_iter_dir(adapter_path)))
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if is_adapter_key(k)]  # the base weights were loaded above
     if unexpected or missing:

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import torch
 
+from gptoss_model import safe_unpickle
 from gptoss_model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
+
+safe_unpickle.install()  # every torch_dist reader in this process: .metadata through the restricted unpickler
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # storage dtypes of a converted checkpoint
@@ -76,6 +79,7 @@ def load_megatron_checkpoint(model, megatron_dir: str | Path):
     from megatron.core import dist_checkpointing
 
     state = megatron_state_dict(model)
-    loaded = dist_checkpointing.load(state, str(checkpoint_iter_dir(megatron_dir)))
+    with safe_unpickle.refusals_named():
+        loaded = dist_checkpointing.load(state, str(checkpoint_iter_dir(megatron_dir)))
     model.load_state_dict(loaded["model"], strict=True)
     return model

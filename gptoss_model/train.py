@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from gptoss_model.errors import PermanentError
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
 
 
@@ -22,6 +23,7 @@ EXIT_CONFIG = 2  # the config was refused
 EXIT_NONFINITE = 3  # loss or gradient norm became NaN/Inf; nothing was saved after the last good step
 # EXIT_HANG = 4 (training.watchdog): a rank hung; a retry resumes from the last checkpoint.
 EXIT_REPLICAS = 5  # replicated parameters disagree across ranks: a parallelism bug, not a transient
+EXIT_PERMANENT = 6  # any other error a retry cannot fix (an unreadable or tampered checkpoint, bad data)
 
 
 def load_run_config(source: str, overrides: list[str]) -> RunConfig:
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(e, EXIT_NONFINITE)
     except ReplicaDivergenceError as e:
         return _refuse(e, EXIT_REPLICAS)
+    except PermanentError as e:
+        return _refuse(e, EXIT_PERMANENT)
     finally:
         from gptoss_model import parallel
 

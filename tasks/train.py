@@ -24,7 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_REPLICAS
+from gptoss_model.errors import PermanentError
+from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS
 from gptoss_model.training.watchdog import EXIT_HANG
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
@@ -43,6 +44,10 @@ _RANK_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 
 class TrainingFailed(RuntimeError):
     """torchrun exited non-zero for a reason a retry may fix (a killed rank, a lost node)."""
+
+
+class TrainingRefused(PermanentError, RuntimeError):
+    """The training entry stopped on an error a retry cannot fix (a tampered checkpoint, bad data)."""
 
 
 class TrainParams(BaseModel):
@@ -187,7 +192,7 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
     rank_exit_codes: set[int] = set()
-    hung: list[str] = []
+    errors: list[str] = []  # the ranks' one-line errors, as reported
     # The reader thread has no Prefect run context; stage_task's log forwarding attaches
     # this task run's ids to its records, so rank 0's lines reach the flow run's log.
     def on_line(line: str) -> None:
@@ -196,8 +201,8 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
         log.info("%s", _RANK0.sub("", line))
         if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
             rank_exit_codes.add(int(reported.group(1)))
-        if "error: training hung:" in line:
-            hung.append(line.split("error: ", 1)[1])
+        if "error: " in line:
+            errors.append(line.split("error: ", 1)[1])
 
     rc = launch.launch(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=home / "torchrun.pid",
                        on_line=on_line, poll=watch)
@@ -211,7 +216,11 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
 
         raise ReplicaDivergenceError(f"training stopped: replicated parameters disagree across ranks (see the log "
                                      f"above); checkpoints committed: {sorted(state['committed'])}")
+    if EXIT_PERMANENT in rank_exit_codes:
+        raise TrainingRefused(f"training stopped on an error a retry cannot fix: {errors[0] if errors else 'see the log'}"
+                              f" (checkpoints committed: {sorted(state['committed'])})")
     if EXIT_HANG in rank_exit_codes:  # transient: a retry resumes from the newest committed checkpoint
+        hung = [e for e in errors if e.startswith("training hung:")]
         raise TrainingFailed(f"{hung[0] if hung else 'training hung: a rank made no progress for train.hang_timeout'}"
                              f" (checkpoints committed: {sorted(state['committed'])})")
     if rc != 0:

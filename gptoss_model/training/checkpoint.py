@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from gptoss_model.checkpoint_layout import CHECKPOINT_VERSION, TRACKER_FILE, iter_dir_name
 from gptoss_model.errors import PermanentError
+from gptoss_model.safe_unpickle import refusals_named
 from gptoss_model.training import peft as peft_mod
 from gptoss_model.training.config import RunConfig, save_yaml, to_dict
 
@@ -164,7 +165,8 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
     for stale in incomplete_dirs(root):
         _say(f"ignoring {stale}: a save that never completed (the tracker names iteration {iteration})")
     source = iter_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(source))
+    with refusals_named():
+        common = dist_checkpointing.load_common_state_dict(str(source))
     saved_peft = common.get("peft")
     if bool(saved_peft) != bool(run.peft.method) or (saved_peft and saved_peft["method"] != run.peft.method):
         raise CheckpointError(f"{source}: saved with peft={saved_peft and saved_peft['method']}, this run "
@@ -172,7 +174,7 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
     state = _state(run, chunks, optimizer, scheduler, iteration, 0, loading=True)
     if common.get("world_size") != dist.get_world_size():
         state.pop("rng_state", None)  # per-rank streams only mean something on the same world
-    with torch.no_grad():
+    with torch.no_grad(), refusals_named():
         loaded = dist_checkpointing.load(state, str(source))
     from gptoss_model.parallel import unwrap_model
 
