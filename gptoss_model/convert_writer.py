@@ -24,8 +24,6 @@ import os
 import pickle
 import queue
 import shutil
-import signal
-import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import torch
 from gptoss_model.convert_plan import Chunk, item_key
 from gptoss_model.hf_reader import CheckpointError
 from gptoss_model.load_hf import read_for_param, reads_row_windows
+from gptoss_model.processes import die_with_parent
 from gptoss_model.resources import peak_rss_mb
 from gptoss_model.safe_unpickle import restricted_load_file
 
@@ -255,12 +254,8 @@ def canonical_results(chunks: list[Chunk], results: dict[int, list]) -> list[lis
 _WORKER: dict = {}
 
 
-def _worker_init(hf_dir: str, mapped_limit: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the converter
+def _worker_init(hf_dir: str, mapped_limit: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # die with the converter
     torch.set_num_threads(1)  # one process per core does the parallelism
     from gptoss_model.hf_reader import HFCheckpoint
 
@@ -293,7 +288,7 @@ def start_workers(hf_dir: Path, processes: int, mapped_limit: int = MAPPED_BYTES
     import multiprocessing as mp
 
     executor = ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(str(hf_dir), mapped_limit))
+                                   initializer=_worker_init, initargs=(str(hf_dir), mapped_limit, os.getpid()))
     for _ in range(processes):  # one submit spawns one process (while none is idle)
         executor.submit(_worker_ready)
     return WorkerPool(executor, processes)

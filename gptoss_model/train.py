@@ -37,19 +37,15 @@ def load_run_config(source: str, overrides: list[str]) -> RunConfig:
 
 
 def die_with_torchrun() -> None:
-    """Under torchrun, have the kernel SIGKILL this rank when torchrun dies (Linux).
+    """Under torchrun, have the kernel SIGKILL this rank when torchrun dies.
 
     torchrun starts ranks in their own sessions: without this a killed torchrun
-    leaves its ranks training (and writing checkpoints) as orphans."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
+    leaves its ranks training (and writing checkpoints) as orphans. (torchrun may be a
+    container's PID 1, so an orphan is told by its parent changing, not by PPID 1.)"""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        from gptoss_model.processes import die_with_parent
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # torchrun already gone before the call took effect
-        os._exit(1)
+        die_with_parent()
 
 
 def _refuse(error: Exception, code: int) -> int:

@@ -299,7 +299,7 @@ def local_map(workers: int) -> MapFn:
                     on_done(results[-1])
             return results
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
-                                 initializer=_share_cores, initargs=(workers,)) as pool:
+                                 initializer=_init_worker, initargs=(workers, os.getpid())) as pool:
             futures = [pool.submit(function, job) for job in jobs]
             try:
                 for future in as_completed(futures):
@@ -313,7 +313,10 @@ def local_map(workers: int) -> MapFn:
     return run
 
 
-def _share_cores(workers: int) -> None:
+def _init_worker(workers: int, parent_pid: int) -> None:
+    from gptoss_model.processes import die_with_parent
+
+    die_with_parent(parent_pid)  # a killed preprocess run takes its workers with it
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 

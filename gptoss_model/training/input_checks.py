@@ -9,7 +9,6 @@ pickle): the .idx header of every data prefix, `sft.json`, a checkpoint's tracke
 from __future__ import annotations
 
 import json
-import os
 import struct
 import uuid
 from pathlib import Path

@@ -22,14 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 
-# Runs the rest of the command line with PR_SET_PDEATHSIG=SIGKILL (it survives exec): torchrun dies
-# with whoever launched it, even a SIGKILLed flow process; its ranks die with it.
-_DIE_WITH_PARENT = [sys.executable, "-c", "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9); "
-                    "os.getppid() == 1 and sys.exit(1); os.execv(sys.argv[1], sys.argv[1:])"]
-
-
 def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
-    return [*(_DIE_WITH_PARENT if sys.platform.startswith("linux") else []),
+    # torchrun dies with whoever launched it, even a SIGKILLed flow process (gptoss_model.processes).
+    return [sys.executable, "-m", "gptoss_model.processes", str(os.getpid()),
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
             "--tee", "3", "-m", "gptoss_model.train", str(config_yaml),

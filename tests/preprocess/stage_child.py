@@ -1,6 +1,6 @@
 """One preprocess run as its own process (the crash test kill -9s it).
 
-    python tests/preprocess/stage_child.py STORE_URL TOKENIZER_SPEC CORPUS WORKDIR
+    python tests/preprocess/stage_child.py STORE_URL TOKENIZER_SPEC CORPUS WORKDIR [WORKERS]
 
 Prints the committed manifest's metrics as one JSON line.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main(store_url: str, tokenizer: str, corpus: str, workdir: str) -> None:
+def main(store_url: str, tokenizer: str, corpus: str, workdir: str, workers: str = "1") -> None:
     import gptoss_model.data.pretrain as pretrain
     from tasks.common import StoreSettings
     from tasks.preprocess import PreprocessParams, run_preprocess
@@ -32,7 +32,7 @@ def main(store_url: str, tokenizer: str, corpus: str, workdir: str) -> None:
 
         pretrain.tokenize_unit = slow
     params = PreprocessParams(tokenizer=tokenizer, name="big", inputs=[corpus], unit_mb=1, shard_tokens=300_000,
-                              workdir=workdir, store=StoreSettings(url=store_url))
+                              workdir=workdir, workers=int(workers), store=StoreSettings(url=store_url))
     print(json.dumps(run_preprocess(params).manifest.metrics))
 
 

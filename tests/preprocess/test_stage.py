@@ -1,6 +1,8 @@
 """The preprocess stage: store in/out (file and moto S3), cache hits, CLI, crash resume, Dask, Prefect."""
 from __future__ import annotations
 
+import contextlib
+
 import gzip
 import json
 import os
@@ -182,6 +184,34 @@ def test_kill_9_then_resume_redoes_only_unfinished_work(tmp_path):
     resumed_manifest = store.resolve("dataset", "big")
     assert [(f.path, f.sha256) for f in resumed_manifest.files] == [(f.path, f.sha256) for f in clean.files]
     assert len(clean.metrics["shards"]) > 1
+
+
+def test_kill_9_of_the_stage_process_alone_takes_its_workers_with_it(tmp_path):
+    """SIGKILL of the preprocess process only (not its group): no cleanup code runs, so its
+    worker processes must die of their parent-death signal; none is left 5 s later."""
+    import psutil
+
+    store_url = (tmp_path / "store").as_uri()
+    tok = commit_tokenizer(ArtifactStore(store_url))
+    args = [sys.executable, str(Path(__file__).with_name("stage_child.py")), store_url, tok,
+            str(_big_corpus(tmp_path)), str(tmp_path / "work"), "2"]
+    child = subprocess.Popen(args, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(descendants := psutil.Process(child.pid).children(recursive=True)) < 2:
+            assert child.poll() is None, "the child finished before its workers started"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        descendants = psutil.Process(child.pid).children(recursive=True)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=5)
+        print(f"\nkilled the preprocess process: {len(descendants)} descendants, {len(alive)} alive 5 s later")
+        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 @pytest.mark.s3
