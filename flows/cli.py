@@ -241,6 +241,7 @@ def train_plan(
 
 
 @app.command("preprocess")
+@one_line_errors
 def preprocess(
         tokenizer: Annotated[str, typer.Argument(help="hf-checkpoint/NAME[@VERSION|@REF] whose tokenizer is used.")],
         name: Annotated[str, typer.Argument(help="Output dataset artifact name.")],

@@ -71,6 +71,12 @@ def test_stage_on_file_store_cache_hit_and_cli(tmp_path):
     cli = store.resolve("dataset", "docs-cli")
     assert cli.metrics["tokenizer_engine"] == "tiktoken" and m.metrics["tokenizer_engine"] == "tokenizers"
     assert _shard_bytes(store, cli, tmp_path / "pulled-cli") == _golden("u16_noeod")
+    missing = tmp_path / "no-such-corpus.jsonl"
+    bad = CliRunner().invoke(app, ["preprocess", tok, "docs-bad", str(missing), "--store", store.url,
+                                   "--workdir", str(tmp_path / "w3")])
+    lines = [line for line in bad.output.splitlines() if line.strip()]
+    assert bad.exit_code == 1 and lines[-1].startswith("error: ") and str(missing) in lines[-1], bad.output
+    assert "Traceback" not in bad.output
 
 
 def test_sft_mode_through_the_stage(tmp_path):
