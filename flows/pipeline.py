@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 from prefect import flow
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.convert import convert_flow
 from flows.download import download_flow
@@ -59,6 +59,8 @@ class PipelineVerifyParams(BaseModel):
 
 
 class PipelineParams(BaseModel):
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+
     download: DownloadParams = Field(default_factory=DownloadParams)
     convert: PipelineConvertParams = Field(default_factory=PipelineConvertParams)
     preprocess: PipelinePreprocessParams | None = Field(None, description="tokenise a corpus (omit: no dataset)")

@@ -25,6 +25,22 @@ def relative_path_problem(path) -> str | None:
     return None
 
 
+# scheme://authority-without-@[/rest], or a plain path (no "://" in it); spaces allowed in paths.
+# A JSON-schema pattern too: the Prefect server refuses a run whose URL parameter breaks it.
+URL_WITHOUT_CREDENTIALS_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*(?:[/?#].*)?"
+                                   r"|(?:[^:]|:[^/]|:/[^/])+(?::/?)?)$")
+
+
+def url_credentials_problem(url: str, field: str) -> str | None:
+    """Why `url` may not be stored with a run (it carries a user:password@), naming `field`."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        return (f"{field}: {scheme}://…@… holds credentials (user:password@), which would be stored in the "
+                "run's parameters and the artifact's manifest; give them through the filesystem's own "
+                "configuration (environment, profile, storage options or a Prefect Secret block) instead")
+    return None
+
+
 def is_within(root: Path, path: Path) -> bool:
     """`path` resolves to `root` or below it (symlinks and '..' followed)."""
     root, path = Path(root).resolve(), Path(path).resolve()

@@ -21,11 +21,11 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
 from gptoss_model.hf_validate import require_checkpoint_files
-from gptoss_model.paths import is_within
+from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, is_within, url_credentials_problem
 from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
 from tasks.common import (SecretBlockError, StageProgress, StoreSettings, default_workdir, load_secret_block,
                           run_logged_stage, stage_task)
@@ -35,9 +35,6 @@ from tasks.store.names import ARTIFACT_NAME_PATTERN
 # JSON-schema patterns: the Prefect server refuses a run whose parameters miss them, naming the field.
 HF_REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
 HF_REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
-# scheme://authority-without-@[/rest], or a plain path (no "://" in it)
-URL_WITHOUT_CREDENTIALS_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*(?:[/?#]\S*)?"
-                                   r"|(?:[^:\s]|:[^/\s]|:/[^/\s])+(?::/?)?)$")
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +46,8 @@ CODE_VERSION = "1"  # bump when what lands in the artifact changes for the same 
 class DownloadParams(BaseModel):
     """What to download. Holds no secret in the clear: `hf_token` is a SecretStr
     and `hf_token_block` only names a Prefect Secret block."""
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+
 
     repo_id: str = Field("openai/gpt-oss-20b", pattern=HF_REPO_ID_PATTERN,
                          description="Hugging Face model repo id (owner/name)")
@@ -70,6 +69,13 @@ class DownloadParams(BaseModel):
                                 "default: GPTOSS_WORKDIR or the temp dir")
     keep_download: bool = Field(False, description="keep the work copy after the commit")
     store: StoreSettings = Field(default_factory=StoreSettings)
+
+    @field_validator("source_url", mode="before")
+    @classmethod
+    def _no_credentials(cls, url):
+        if isinstance(url, str) and (problem := url_credentials_problem(url, "source_url")):
+            raise ValueError(problem)
+        return url
 
 
 def _token(params: DownloadParams) -> str | None:

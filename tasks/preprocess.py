@@ -27,15 +27,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
 from gptoss_model.data.sft import build_sft_dataset
 from gptoss_model.data.sources import expand_sources
 from gptoss_model.data.tokenizer import tokenizer_spec
 from gptoss_model.data.workspace import READ_BLOCK, LocalDir
+from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
 from gptoss_model.errors import InvalidParameterError
 from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
                           run_logged_stage, stage_task)
@@ -54,8 +55,11 @@ ProgressFn = Callable[[int, int, int, int], None]
 
 
 class PreprocessParams(BaseModel):
-    inputs: list[str] = Field(..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs "
-                              "(s3://...), plain, .gz or .zst; read in the order given, each glob sorted")
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+
+    inputs: list[Annotated[str, Field(pattern=URL_WITHOUT_CREDENTIALS_PATTERN)]] = Field(
+        ..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs (s3://...), plain, .gz or "
+        ".zst; read in the order given, each glob sorted; no user:password@ (use the filesystem's own credentials)")
     tokenizer: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN, description="hf-checkpoint/NAME[@VERSION|@REF] "
                            "whose tokenizer (and chat template, for sft) is used")
     name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output dataset artifact name")
@@ -90,6 +94,14 @@ class PreprocessParams(BaseModel):
     workdir: str | None = Field(None, description="staging dir parent (kept across attempts, so a rerun "
                                 "resumes)")
     store: StoreSettings = Field(default_factory=StoreSettings)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _no_credentials(cls, inputs):
+        for i, url in enumerate(inputs if isinstance(inputs, list) else []):
+            if isinstance(url, str) and (problem := url_credentials_problem(url, f"inputs[{i}]")):
+                raise ValueError(problem)
+        return inputs
 
     @field_validator("json_keys")
     @classmethod

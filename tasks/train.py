@@ -123,9 +123,16 @@ def _committed(store: ArtifactStore, name: str, identity: str) -> list:
 def _pull_newest(store: ArtifactStore, name: str, identity: str, save_dir: Path) -> int | None:
     """Put the newest committed checkpoint of this run into save_dir (a retry elsewhere)."""
     from gptoss_model.checkpoint_layout import TRACKER_FILE
+    from gptoss_model.training.checkpoint import CheckpointError, latest_iteration
 
-    if (save_dir / TRACKER_FILE).is_file():
-        return int((save_dir / TRACKER_FILE).read_text())
+    tracker = save_dir / TRACKER_FILE
+    if tracker.is_file():
+        try:
+            return latest_iteration(save_dir)
+        except CheckpointError as e:  # the local copy is damaged; the store holds what was committed
+            aside = tracker.with_name(f"{TRACKER_FILE}.unreadable")
+            tracker.replace(aside)
+            log.warning("%s; moved it to %s and resuming from the newest committed checkpoint instead", e, aside)
     done = _committed(store, name, identity)
     if not done:
         return None
@@ -154,10 +161,10 @@ def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageR
     run.dir = str(home)
     run.checkpoint.save = str(home / "checkpoints")
     run.checkpoint.load = None
-    print(preflight(run, params.nproc_per_node, local_world_size=params.nproc_per_node))  # before launch
     save_dir = run.save_dir()
     save_dir.mkdir(parents=True, exist_ok=True)
     _pull_newest(store, params.name, identity, save_dir)
+    print(preflight(run, params.nproc_per_node, local_world_size=params.nproc_per_node))  # before launch
     config_yaml = home / "run_config.yaml"
     save_yaml(run, config_yaml)
     progress = StageProgress(f"train {params.name} ({run.train.train_iters} iterations)")

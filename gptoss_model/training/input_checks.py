@@ -24,16 +24,44 @@ _IDX_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "fl
 _TOKEN_DTYPES = ("uint16", "int32", "int64", "uint8", "int16")
 
 
+_IDX_HEADER = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
+_ITEM_SIZE = {"uint8": 1, "int8": 1, "int16": 2, "uint16": 2, "int32": 4, "float32": 4, "int64": 8, "float64": 8}
+
+
 def read_idx_header(idx: Path) -> tuple[str, int, int]:
     """(dtype, sequence count, document count) of a megatron .idx file; ValueError if it is not one."""
     with open(idx, "rb") as f:
-        head = f.read(len(_IDX_MAGIC) + 8 + 1 + 8 + 8)
-    if len(head) < 34 or head[:9] != _IDX_MAGIC:
+        head = f.read(_IDX_HEADER)
+    if len(head) < _IDX_HEADER or head[:9] != _IDX_MAGIC:
         raise ValueError("not a megatron indexed dataset index (bad header)")
     version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
     if version != 1 or code not in _IDX_DTYPES:
         raise ValueError(f"unsupported index version {version} / dtype code {code}")
     return _IDX_DTYPES[code], sequences, documents
+
+
+def check_indexed_sizes(prefix: str) -> None:
+    """The .idx holds the arrays its header announces and the .bin the tokens they point at
+    (a truncated copy is caught here, not as a buffer error inside a rank); ValueError if not."""
+    idx, binary = Path(prefix + ".idx"), Path(prefix + ".bin")
+    dtype, sequences, documents = read_idx_header(idx)
+    # lengths int32[seq], pointers int64[seq], document indices int64[doc] (+ optional modes int8[seq])
+    arrays = sequences * 4 + sequences * 8 + documents * 8
+    have = idx.stat().st_size - _IDX_HEADER
+    if have not in (arrays, arrays + sequences):
+        raise ValueError(f"{idx.stat().st_size} bytes, but its header announces {sequences} sequences and "
+                         f"{documents} documents ({_IDX_HEADER + arrays} bytes): truncated or not written "
+                         "by IndexedDatasetBuilder")
+    if sequences:
+        with open(idx, "rb") as f:
+            f.seek(_IDX_HEADER + (sequences - 1) * 4)
+            (last_length,) = struct.unpack("<i", f.read(4))
+            f.seek(_IDX_HEADER + sequences * 4 + (sequences - 1) * 8)
+            (last_pointer,) = struct.unpack("<q", f.read(8))
+        want = last_pointer + last_length * _ITEM_SIZE[dtype]
+        if binary.stat().st_size != want:
+            raise ValueError(f"{binary} holds {binary.stat().st_size} bytes, its index points to {want}: "
+                             "truncated or from another dataset")
 
 
 def _indexed_problems(prefix: str, field: str) -> list[tuple[str, str]]:
@@ -47,6 +75,7 @@ def _indexed_problems(prefix: str, field: str) -> list[tuple[str, str]]:
         return [(field, f"{prefix}{'/'.join(missing)} does not exist")]
     try:
         dtype, sequences, documents = read_idx_header(Path(prefix + ".idx"))
+        check_indexed_sizes(prefix)
     except (OSError, ValueError, struct.error) as e:
         return [(field, f"{prefix}.idx: {e}")]
     if sequences == 0 or documents == 0:

@@ -38,10 +38,20 @@ def test_download_and_convert_parameters_are_validated_at_run_creation(prefect_h
         "space": {"repo_id": "openai/gpt oss"},
         "credentials": {"source_url": "http://user:password@mirror.internal/gpt-oss"},
         "revision": {"revision": "main; rm -rf"},
+        "path with a space": {"source_url": "/mirrors/my model"},
     }))
-    assert download["good"].startswith("accepted")
+    assert download["good"].startswith("accepted") and download["path with a space"].startswith("accepted")
     for case, field in (("space", "repo_id"), ("credentials", "source_url"), ("revision", "revision")):
         assert not download[case].startswith("accepted") and field in download[case], (case, download[case])
+
+    from flows.preprocess import preprocess_flow
+
+    preprocess = asyncio.run(_create_runs(preprocess_flow, {
+        "good": {"tokenizer": "hf-checkpoint/tiny", "name": "docs", "inputs": ["s3://corpora/a.jsonl"]},
+        "credentials": {"tokenizer": "hf-checkpoint/tiny", "name": "docs", "inputs": ["s3://k:s3cret@corpora/a.jsonl"]},
+    }))
+    assert preprocess["good"].startswith("accepted")
+    assert not preprocess["credentials"].startswith("accepted") and "inputs" in preprocess["credentials"]
 
     convert = asyncio.run(_create_runs(convert_flow, {
         "good": {"source": "hf-checkpoint/openai/gpt-oss-20b@latest"},

@@ -129,6 +129,12 @@ def test_params_are_validated():
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], mode="sft", tokenizer_engine="tiktoken")
     with pytest.raises(ValueError, match="tokenizer_engine"):
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], tokenizer_engine="sentencepiece")
+    for url in ("s3://user:hunter2@bucket/c.jsonl", "https://me:hunter2@host/c.jsonl.gz"):
+        with pytest.raises(ValueError, match=r"inputs\[1\]: .*holds credentials") as refused:
+            PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a.jsonl", url])
+        assert "hunter2" not in str(refused.value)  # the error (and so the log) never shows it
+    ok = PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["/data/my corpus/a.jsonl", "s3://b/x@1.jsonl"])
+    assert ok.inputs[0] == "/data/my corpus/a.jsonl"
 
 
 @pytest.mark.s3

@@ -44,6 +44,13 @@ def _cases(env, tmp: Path):
     corrupt = tmp / "corrupt_text_document"
     shutil.copy(prefix + ".bin", str(corrupt) + ".bin")
     Path(str(corrupt) + ".idx").write_bytes(b"not an index at all, just bytes" * 2)
+    truncated = tmp / "truncated_text_document"
+    shutil.copy(prefix + ".bin", str(truncated) + ".bin")
+    idx = Path(prefix + ".idx").read_bytes()
+    Path(str(truncated) + ".idx").write_bytes(idx[: len(idx) - 20])
+    short_bin = tmp / "short_bin_text_document"
+    shutil.copy(prefix + ".idx", str(short_bin) + ".idx")
+    Path(str(short_bin) + ".bin").write_bytes(Path(prefix + ".bin").read_bytes()[:-8])
     if os.geteuid() == 0:  # root writes anywhere: a file where the directory must go instead
         (tmp / "blocker").write_text("a file")
         unwritable = (f"checkpoint.save={tmp / 'blocker' / 'ckpts'}", "is not a directory")
@@ -56,6 +63,8 @@ def _cases(env, tmp: Path):
          "does not exist"),
         ("prefix with .bin", [f"data.data_paths=[{prefix}.bin]"], "data.data_paths[0]", "without .bin"),
         ("unreadable index", [f"data.data_paths=[{corrupt}]"], "data.data_paths[0]", "bad header"),
+        ("truncated index", [f"data.data_paths=[{truncated}]"], "data.data_paths[0]", "truncated"),
+        ("truncated tokens", [f"data.data_paths=[{short_bin}]"], "data.data_paths[0]", "its index points to"),
         ("missing pretrained checkpoint", [f"checkpoint.pretrained_checkpoint={tmp / 'no_ckpt'}"],
          "checkpoint.pretrained_checkpoint", "does not exist"),
         ("hf_config that does not exist", ["model.hf_config=/nonexistent"], "model.hf_config", "does not exist"),

@@ -108,6 +108,17 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
         (base.kind, base.name, base.version), (data.kind, data.name, data.version)}
     assert versions[0].parameters["config"]["train"]["train_iters"] == 16
 
+    # A damaged local tracker (a disk error, a bad copy): the stage resumes from the store instead.
+    from gptoss_model.checkpoint_layout import TRACKER_FILE
+    from tasks.train import _pull_newest
+
+    _, _, straight_id = resolve_run(straight, store)
+    straight_ckpts = run_dir(straight, straight_id) / "checkpoints"
+    (straight_ckpts / TRACKER_FILE).write_text("garbage\x00")
+    assert _pull_newest(store, "straight", straight_id, straight_ckpts) == 16
+    assert (straight_ckpts / TRACKER_FILE).read_text().strip() == "16"
+    assert (straight_ckpts / f"{TRACKER_FILE}.unreadable").read_text() == "garbage\x00"
+
     crashed = _params("crashed", store_inputs, tmp_path)
     _, _, identity = resolve_run(crashed, store)
     save_dir = run_dir(crashed, identity) / "checkpoints"
