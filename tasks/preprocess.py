@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
 from gptoss_model.data.sft import build_sft_dataset
-from gptoss_model.data.sources import expand_sources
+from gptoss_model.data.sources import expand_sources, input_errors_named, input_filesystem
 from gptoss_model.data.tokenizer import tokenizer_spec
 from gptoss_model.data.workspace import READ_BLOCK, LocalDir
 from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
@@ -129,10 +129,20 @@ class PreprocessParams(BaseModel):
         return self
 
     def storage_options(self) -> dict:
+        """fsspec options for the inputs: s3 ones get the store's timeouts and retries (an endpoint
+        that accepts connections and never answers fails instead of hanging)."""
+        if not any(i.startswith(("s3://", "s3a://")) for i in self.inputs):
+            return {}
+        from tasks.store.s3 import S3Backend
+
+        # botocore retries (MAX_ATTEMPTS); s3fs's own retry loop on top would multiply the wait
+        options: dict = {"retries": 1, "config_kwargs": {"connect_timeout": S3Backend.CONNECT_TIMEOUT,
+                                           "read_timeout": S3Backend.READ_TIMEOUT,
+                                           "retries": {"max_attempts": S3Backend.MAX_ATTEMPTS, "mode": "standard"}}}
         endpoint = self.input_s3_endpoint_url or self.store.s3_endpoint_url
-        if endpoint and any(i.startswith(("s3://", "s3a://")) for i in self.inputs):
-            return {"client_kwargs": {"endpoint_url": endpoint}}
-        return {}
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
 
     def fingerprint_params(self, input_files: list[dict]) -> dict:
         """What defines the output: options and the input files' identity (not workers, units, dask)."""
@@ -145,12 +155,11 @@ class PreprocessParams(BaseModel):
 
 
 def _input_identity(params: PreprocessParams) -> list[dict]:
-    import fsspec
-
     identity = []
     for f in expand_sources(params.inputs, params.storage_options()):
-        fs, path = fsspec.core.url_to_fs(f.url, **params.storage_options())
-        info = fs.info(path)
+        fs, path = input_filesystem(f.url, params.storage_options())
+        with input_errors_named(f.url):
+            info = fs.info(path)
         stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
         identity.append({"url": f.url, "size": f.size, "stamp": str(stamp)})
     return identity

@@ -13,6 +13,8 @@ and counted); every other line must be a JSON object with a string under each ke
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -104,31 +106,60 @@ class BadRecords:
                                                                  data.get("examples", {}).items()})
 
 
-def _filesystem(url: str, storage_options: dict | None):
-    fs, _ = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs
+class InputUnreachable(ConnectionError):
+    """An input's endpoint did not answer in time (transient: a retry may reach it)."""
+
+
+def input_filesystem(url: str, storage_options: dict | None):
+    """(fsspec filesystem, path) for an input URL. `storage_options["retries"]` caps s3fs's own
+    retries (5 by default, on top of botocore's), so an endpoint that never answers fails
+    within a few timeouts instead of minutes."""
+    options = dict(storage_options or {})
+    retries = options.pop("retries", None)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if retries is not None and hasattr(fs, "retries"):
+        fs.retries = retries
+    return fs, path
+
+
+@contextlib.contextmanager
+def input_errors_named(url: str):
+    """A network failure reading an input becomes InputUnreachable naming the input."""
+    try:
+        yield
+    except (CorpusError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - botocore/aiohttp errors share no base class with OSError
+        if isinstance(e, (TimeoutError, ConnectionError)) or type(e).__module__.split(".")[0] in (
+                "botocore", "aiohttp", "aiobotocore", "urllib3", "requests"):
+            raise InputUnreachable(f"{url}: {type(e).__name__}: {e}") from e
+        raise
 
 
 def expand_sources(sources: Sequence[str], storage_options: dict | None = None) -> list[SourceFile]:
     """Every file the sources name, in order; an unmatched source is an error."""
     files: list[SourceFile] = []
     for source in sources:
-        fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
-        if fsspec.core.has_magic(path):
-            paths = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            paths = sorted(p for p in fs.find(path) if p.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz",
-                                                                  ".jsonl.zst", ".json.zst")))
-        elif fs.exists(path):
-            paths = [path]
-        else:
-            raise CorpusError(f"{source}: no such file")
-        if not paths:
-            raise CorpusError(f"{source}: matches no file")
-        for p in paths:
-            url = fs.unstrip_protocol(p)
-            files.append(SourceFile(url=url, size=int(fs.size(p)), compression=fsspec.utils.infer_compression(p)))
+        with input_errors_named(source):
+            files += _expand_one(source, storage_options)
     return files
+
+
+def _expand_one(source: str, storage_options: dict | None) -> list[SourceFile]:
+    fs, path = input_filesystem(source, storage_options)
+    if fsspec.core.has_magic(path):
+        paths = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        paths = sorted(p for p in fs.find(path) if p.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz",
+                                                              ".jsonl.zst", ".json.zst")))
+    elif fs.exists(path):
+        paths = [path]
+    else:
+        raise CorpusError(f"{source}: no such file")
+    if not paths:
+        raise CorpusError(f"{source}: matches no file")
+    return [SourceFile(url=fs.unstrip_protocol(p), size=int(fs.size(p)), compression=fsspec.utils.infer_compression(p))
+            for p in paths]
 
 
 def plan_units(files: Sequence[SourceFile], unit_bytes: int = DEFAULT_UNIT_BYTES) -> list[WorkUnit]:
@@ -143,12 +174,84 @@ def plan_units(files: Sequence[SourceFile], unit_bytes: int = DEFAULT_UNIT_BYTES
 
 
 def _open_raw(unit: WorkUnit, storage_options: dict | None):
-    fs, path = fsspec.core.url_to_fs(unit.file.url, **(storage_options or {}))
+    fs, path = input_filesystem(unit.file.url, storage_options)
+    if unit.file.compression == "zstd":
+        return _ZstdFrames(fs.open(path, "rb", block_size=8 << 20))
     return fs.open(path, "rb", compression=unit.file.compression, block_size=8 << 20)
 
 
+class TruncatedStreamError(EOFError):
+    """A compressed file ends inside a frame."""
+
+
+class _ZstdFrames:
+    """Decompress a .zst file frame after frame, refusing one that ends mid-frame.
+
+    zstandard's stream reader (fsspec's) returns a truncated file's data up to the cut as
+    if it were complete: a corpus copied in part would silently lose its tail."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._zstd = raw, zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._mid_frame = False
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            block = self._raw.read(size if size and size > 0 else 8 << 20)
+            if not block:
+                if self._mid_frame:
+                    raise TruncatedStreamError("the file ends inside a zstd frame (truncated)")
+                return b""
+            out = []
+            while block:
+                self._mid_frame = True
+                out.append(self._frame.decompress(block))
+                block = b""
+                if self._frame.eof:  # a frame ended; what follows it starts the next one
+                    self._mid_frame = False
+                    block = self._frame.unused_data
+                    self._frame = self._zstd.ZstdDecompressor().decompressobj()
+            data = b"".join(out)
+            if data:
+                return data
+
+    def seek(self, *_a):
+        raise OSError("a compressed file is read from its start")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._raw.close()
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import gzip
+    import zlib
+
+    import zstandard
+
+    return EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError
+
+
 def iter_lines(unit: WorkUnit, storage_options: dict | None = None) -> Iterator[tuple[int, bytes]]:
-    """(line number within the unit, 1-based; line bytes without the newline) for the unit's lines."""
+    """(line number within the unit, 1-based; line bytes without the newline) for the unit's lines.
+
+    A compressed file that is corrupt or truncated is a CorpusError naming the file and the
+    last line read (EOFError would otherwise end a CLI run as a bare "Aborted.")."""
+    number = 0
+    try:
+        with input_errors_named(unit.file.url):
+            for number, line in _iter_lines(unit, storage_options):
+                yield number, line
+    except _decompression_errors() as e:
+        raise CorpusError(f"{unit.file.url}: {unit.file.compression} stream is corrupt or truncated after line "
+                          f"{number}: {e}") from None
+
+
+def _iter_lines(unit: WorkUnit, storage_options: dict | None) -> Iterator[tuple[int, bytes]]:
     with _open_raw(unit, storage_options) as stream:
         position = 0
         if unit.start > 0:
@@ -187,7 +290,7 @@ def lines_before(unit: WorkUnit, storage_options: dict | None = None) -> int:
     """How many lines of the file precede the unit's first line (read only on the error path)."""
     if unit.start == 0:
         return 0
-    fs, path = fsspec.core.url_to_fs(unit.file.url, **(storage_options or {}))
+    fs, path = input_filesystem(unit.file.url, storage_options)
     newlines = 0
     with fs.open(path, "rb") as f:
         remaining = unit.start - 1

@@ -20,6 +20,7 @@ from tasks.preprocess import PreprocessParams, run_preprocess
 from tasks.store import ArtifactStore
 from tests.artifacts import commit_directory
 from tests.preprocess.fixtures import GOLDEN, U16_TOKENIZER, corpus_lines, write_split
+from tests.store.test_faults import silent_endpoint  # noqa: F401 - a fixture
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,6 +110,45 @@ def test_dask_workers_must_write_to_the_store_the_run_commits_to(tmp_path):
                               store=StoreSettings(url=(tmp_path / "elsewhere").as_uri()))
     with pytest.raises(InvalidParameterError, match="Dask workers would write to file://.*elsewhere"):
         run_preprocess(params, ArtifactStore((tmp_path / "store").as_uri()))
+
+
+def test_compressed_inputs_corrupt_or_truncated_are_one_clear_error(tmp_path):
+    import zstandard
+
+    from gptoss_model.data.sources import CorpusError, expand_sources, iter_lines, plan_units
+
+    data = b"".join(b'{"text": "document %d"}\n' % i for i in range(50_000))
+    z = zstandard.ZstdCompressor().compress(data)
+    cases = {"truncated.jsonl.gz": gzip.compress(data)[:-2000], "truncated.jsonl.zst": z[: len(z) // 2],
+             "corrupt.jsonl.zst": b"not zstd at all" * 64, "corrupt.jsonl.gz": b"not gzip at all" * 64,
+             "two_frames.jsonl.zst": z + zstandard.ZstdCompressor().compress(b'{"text": "last"}\n')}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        unit = plan_units(expand_sources([str(tmp_path / name)]))[0]
+        if name.startswith("two_frames"):
+            assert sum(1 for _ in iter_lines(unit)) == 50_001  # every frame read
+            continue
+        with pytest.raises(CorpusError, match=rf"{name}: (gzip|zstd) stream is corrupt or truncated after line \d+"):
+            for _ in iter_lines(unit):
+                pass
+
+
+def test_a_silent_s3_input_endpoint_fails_within_the_timeouts_naming_the_input(silent_endpoint, monkeypatch):
+    from gptoss_model.data.sources import InputUnreachable, expand_sources
+    from tasks.store.s3 import S3Backend
+
+    monkeypatch.setattr(S3Backend, "READ_TIMEOUT", 1)
+    monkeypatch.setattr(S3Backend, "MAX_ATTEMPTS", 2)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    params = PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["s3://corpora/web/*.jsonl"],
+                              input_s3_endpoint_url=silent_endpoint)
+    started = time.monotonic()
+    with pytest.raises(InputUnreachable, match=r"s3://corpora/web/\*\.jsonl: ReadTimeoutError"):
+        expand_sources(params.inputs, params.storage_options())
+    elapsed = time.monotonic() - started
+    print(f"\na silent input endpoint failed after {elapsed:.1f} s (read timeout 1 s, 2 attempts)")
+    assert elapsed < 15
 
 
 def test_params_are_validated():
