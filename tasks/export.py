@@ -146,12 +146,23 @@ def push_folder(folder: Path, repo_id: str, token: str | None, private: bool, me
 
     from gptoss_model.hub_download import hub_endpoint
 
-    api = HfApi(endpoint=hub_endpoint(endpoint), token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    # The store's own bookkeeping is not part of a Hugging Face checkpoint.
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message,
-                             ignore_patterns=["MANIFEST.json", ".*"])
+    url = hub_endpoint(endpoint)
+    api = HfApi(endpoint=url, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        # The store's own bookkeeping is not part of a Hugging Face checkpoint.
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message,
+                                 ignore_patterns=["MANIFEST.json", ".*"])
+    except Exception as e:  # noqa: BLE001 - httpx/requests errors name neither the endpoint nor the repo
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in ("httpx",
+                                                                                                    "httpcore"):
+            raise HubUnreachable(f"pushing {repo_id} to the Hub at {url}: {type(e).__name__}: {e}") from e
+        raise
     return str(getattr(info, "commit_url", info))
+
+
+class HubUnreachable(ConnectionError):
+    """The Hub endpoint could not be reached while pushing (transient: the task retries)."""
 
 
 def run_export(params: ExportParams, store: ArtifactStore | None = None) -> StageResult:

@@ -132,3 +132,16 @@ def test_push_to_hub_then_download_stage_pulls_it_back_bitwise(pipeline, tmp_pat
     assert sorted(f.path for f in back.files) == names
     for name in names:
         assert (got / name).read_bytes() == (sent / name).read_bytes(), name
+
+
+def test_push_to_a_hub_that_is_down_names_the_endpoint(tmp_path):
+    import socket
+
+    from tasks.export import HubUnreachable, push_folder
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(HubUnreachable, match=rf"pushing acme/tiny to the Hub at {down}: ConnectError"):
+        push_folder(tmp_path, "acme/tiny", token="hf_test", private=True, message="test", endpoint=down)
