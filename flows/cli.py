@@ -177,7 +177,7 @@ def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched th
            "(default: the temp dir).")] = None,
        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
     """Remove what crashed or abandoned runs left: uncommitted versions, unfinished S3
-    multipart uploads, staging and download work dirs. Nothing a live run holds."""
+    multipart uploads, staging, training run and download work dirs. Nothing a live run holds."""
     from tasks.store.housekeeping import Leftover, abort_stale_uploads, clean_work_dirs, remove_incomplete_versions
     from tasks.store.settings import settings
 
@@ -192,7 +192,7 @@ def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched th
         size = f" ({_size(item.bytes)})" if item.bytes else ""
         typer.echo(f"{verb} {item.what} {item.where}{size}")  # unwrapped: one path per line
     counts = {what: sum(1 for i in found if i.what == what) for what in
-              ("incomplete version", "multipart upload", "staging dir", "download work dir")}
+              ("incomplete version", "multipart upload", "staging dir", "training run dir", "download work dir")}
     typer.echo(f"{verb} " + ", ".join(f"{n} {what}(s)" for what, n in counts.items()))
 
 

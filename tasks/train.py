@@ -14,9 +14,11 @@ torchrun process group through the pid file (`pid_file(params)`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -144,18 +146,49 @@ def _pull_newest(store: ArtifactStore, name: str, identity: str, save_dir: Path)
 
 def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageResult:
     """The whole stage without Prefect's task machinery: launch, watch, commit each checkpoint."""
+    store = store or params.store.open()
+    planned, _, identity = resolve_run(params, store, materialize=False)
+    if hit := _trained_already(store, params.name, identity, planned.train.train_iters):
+        return hit
+    home = run_dir(params, identity)
+    with _run_dir_held(home):
+        # Another run of the same identity may have finished while this one waited.
+        return _trained_already(store, params.name, identity, planned.train.train_iters) or _train(params, store)
+
+
+def _trained_already(store: ArtifactStore, name: str, identity: str, train_iters: int) -> StageResult | None:
+    done = _committed(store, name, identity)
+    if done and done[-1].parameters["iteration"] >= train_iters:  # nothing left to train
+        log.info("%s: %s (cache hit: trained to iteration %d)", STAGE, done[-1].spec, done[-1].parameters["iteration"])
+        return StageResult(done[-1], cache_hit=True)
+    return None
+
+
+@contextlib.contextmanager
+def _run_dir_held(home: Path):
+    """One run at a time in a run dir: a second run of the same identity waits, then reuses what
+    the first committed. The lock (`.train-ID.lock`) also tells `gptoss artifacts gc` the dir is live."""
+    from gptoss_model.paths import try_lock, work_dir_lock
+
+    home.mkdir(parents=True, exist_ok=True)
+    lock = work_dir_lock(home)
+    fd = try_lock(lock)
+    if fd is None:
+        log.info("another run of the same training holds %s; waiting for it to finish", home)
+        fd = try_lock(lock, blocking=True)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train(params: TrainParams, store: ArtifactStore) -> StageResult:
     from gptoss_model.checkpoint_layout import TRACKER_FILE, iter_dir_name
     from gptoss_model.training import launch
     from gptoss_model.training.loop import NonFiniteLossError
     from gptoss_model.training.metrics import read_metrics
     from gptoss_model.training.preflight import preflight
 
-    store = store or params.store.open()
-    planned, _, identity = resolve_run(params, store, materialize=False)
-    done = _committed(store, params.name, identity)
-    if done and done[-1].parameters["iteration"] >= planned.train.train_iters:  # nothing left to train
-        log.info("%s: %s (cache hit: trained to iteration %d)", STAGE, done[-1].spec, done[-1].parameters["iteration"])
-        return StageResult(done[-1], cache_hit=True)
     run, inputs, identity = resolve_run(params, store)
     home = run_dir(params, identity)
     run.dir = str(home)

@@ -4,7 +4,9 @@
 - unfinished S3 multipart uploads under the store prefix (invisible in listings,
   billed by S3) of writers killed mid-upload;
 - local work dirs under the workdir: stage staging dirs (`{stage}-{version}`,
-  `{stage}-{version}-XXXX`) and download work dirs (`hf-downloads/*`).
+  `{stage}-{version}-XXXX`), training run dirs (`train-{identity}`: checkpoints with
+  optimizer state, everything of which is committed to the store as it is saved) and
+  download work dirs (`hf-downloads/*`).
 
 Nothing a live writer holds is touched: a version is only cleared by whoever
 gets its claim, and a work dir only while gc holds its lock (`.{name}.lock`
@@ -33,11 +35,12 @@ from .store import SPECIAL_DIRS
 DOWNLOADS_DIR = "hf-downloads"
 # `{stage}-{version}` (resumable staging) or `{stage}-{version}-{random}` (one-shot staging).
 STAGING_RE = re.compile(r"^[a-z][a-z0-9_-]*-[0-9a-f]{20}(-[A-Za-z0-9_]+)?$")
+TRAIN_RUN_RE = re.compile(r"^train-[0-9a-f]{16}$")  # tasks.train.run_dir: one per run identity
 
 
 @dataclass(frozen=True)
 class Leftover:
-    what: str   # "incomplete version", "multipart upload", "staging dir", "download work dir"
+    what: str   # "incomplete version", "multipart upload", "staging dir", "training run dir", "download work dir"
     where: str  # store key prefix, object key (+ upload id) or local path
     bytes: int = 0
 
@@ -73,6 +76,8 @@ def work_dir_candidates(workdir: Path) -> Iterator[tuple[str, Path]]:
     for entry in sorted(workdir.iterdir()):
         if entry.is_dir() and not entry.is_symlink() and STAGING_RE.match(entry.name):
             yield "staging dir", entry
+        elif entry.is_dir() and not entry.is_symlink() and TRAIN_RUN_RE.match(entry.name):
+            yield "training run dir", entry
     downloads = workdir / DOWNLOADS_DIR
     if downloads.is_dir():
         for entry in sorted(downloads.iterdir()):

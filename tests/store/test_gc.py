@@ -43,6 +43,9 @@ def test_gc_removes_stale_work_dirs_and_keeps_live_ones(store, tmp_path):
     held_download = _tree(work / "hf-downloads" / "local--00ff00ff00ff00ff", {"b": b"2"})
     not_ours = _tree(work / "my-notes", {"keep.txt": b"mine"})
     held_fd = try_lock(work_dir_lock(held_download))  # a transfer in progress
+    stale_train = _tree(work / "train-0123456789abcdef", {"checkpoints/iter_0000004/__0_0.distcp": b"o" * 4000})
+    live_train = _tree(work / "train-fedcba9876543210", {"checkpoints/iter_0000002/__0_0.distcp": b"p" * 10})
+    train_fd = try_lock(work_dir_lock(live_train))  # a training run in progress (tasks.train holds this)
 
     # A live stage: it holds its version's claim and its staging dir; its build waits for gc.
     building, finish = threading.Event(), threading.Event()
@@ -69,13 +72,15 @@ def test_gc_removes_stale_work_dirs_and_keeps_live_ones(store, tmp_path):
         for d in (stale_staging, stale_oneshot, stale_download):
             assert f"would remove {'download work' if 'hf-downloads' in str(d) else 'staging'} dir {d}" \
                 in out.output and d.is_dir()
-        for d in (young, held_download, not_ours, seen["staging"]):
+        for d in (young, held_download, not_ours, seen["staging"], live_train):
             assert str(d) not in out.output
+        assert f"would remove training run dir {stale_train}" in out.output
 
         out = runner.invoke(app, ["artifacts", "gc", "--older-than", "1h"], env=env)
         assert out.exit_code == 0, out.output
-        assert "removed 0 incomplete version(s), 0 multipart upload(s), 2 staging dir(s), 1 download work dir(s)" \
-            in out.output
+        assert ("removed 0 incomplete version(s), 0 multipart upload(s), 2 staging dir(s), 1 training run dir(s), "
+                "1 download work dir(s)") in out.output
+        assert not stale_train.exists() and (live_train / "checkpoints").is_dir()
         assert not stale_staging.exists() and not stale_oneshot.exists() and not stale_download.exists()
         assert not work_dir_lock(stale_staging).exists()
         assert young.is_dir() and held_download.is_dir() and (not_ours / "keep.txt").is_file()
@@ -87,6 +92,7 @@ def test_gc_removes_stale_work_dirs_and_keeps_live_ones(store, tmp_path):
         finish.set()
         live.join(60)
         os.close(held_fd)
+        os.close(train_fd)
     assert seen["result"].manifest.files[0].path == "w.bin"  # the live stage committed normally
     assert not seen["staging"].exists() and not work_dir_lock(seen["staging"]).exists()
 

@@ -333,3 +333,43 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
     assert re.search(r"training hung: rank \d on \S+ \(last seen at iteration \d+", text), text[-3000:]
     assert "resumed from" in text
     assert manifest.parameters["iteration"] == 16
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_same_training_one_trains_the_other_waits_and_reuses_it(store_inputs, tmp_path):
+    import logging
+
+    from tasks.train import run_train
+
+    params = _params("twice", store_inputs, tmp_path, **{"train.train_iters": 8})
+    store = store_inputs[0]
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("tasks.train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    results: list = []
+    try:
+        runs = [threading.Thread(target=lambda: results.append(_capture_result(run_train, params, store)))
+                for _ in range(2)]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(timeout=300)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(results) == 2 and all(not isinstance(r, Exception) for r in results), results
+    assert sorted(r.cache_hit for r in results) == [False, True]  # one trained, one reused its commits
+    assert results[0].manifest.version == results[1].manifest.version
+    assert any("waiting for it to finish" in line for line in lines)
+    assert sum("[gptoss train] " in line for line in lines) == 1  # torchrun started once
+
+
+def _capture_result(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        return e
