@@ -139,16 +139,32 @@ def enforce_parity(gate: dict, tolerance: float | Tolerance, what: str) -> None:
 
 
 # --------------------------------------------------------------- whole model
+@torch.no_grad()
+def round_weights(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Every floating-point weight rounded to `dtype` and kept in its own dtype (None: unchanged).
+
+    A bf16 export of fp32 weights is a different model: its rounding alone can flip MoE
+    routing and move logits past any bf16 tolerance. Rounded alike (the export casts with
+    the same round-to-nearest-even), both sides hold the same values and may be held to the
+    fp32 gate, which a wrong mapping still fails by far."""
+    if dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.copy_(p.to(dtype).to(p.dtype))
+    return model
+
+
 class _Megatron:
     """A megatron checkpoint as a causal LM: ids [b, s] -> logits [b, s, V] (world 1, fp32)."""
 
-    def __init__(self, megatron_dir, cfg: GptOssModelConfig, base_megatron_path=None):
+    def __init__(self, megatron_dir, cfg: GptOssModelConfig, base_megatron_path=None, round_to=None):
         if base_megatron_path is not None:  # adapter-only LoRA/DoRA checkpoint on its base, unmerged
             from gptoss_model.adapter_export import load_adapted_megatron
 
             self.model = load_adapted_megatron(base_megatron_path, megatron_dir, cfg)
         else:
             self.model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
+        round_weights(self.model, round_to)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return megatron_logits(self.model, ids)
@@ -162,8 +178,8 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 class _HF:
-    def __init__(self, hf_dir, dtype: torch.dtype = torch.float32):
-        self.model = load_reference_model(hf_dir, dtype=dtype)
+    def __init__(self, hf_dir, dtype: torch.dtype = torch.float32, round_to=None):
+        self.model = round_weights(load_reference_model(hf_dir, dtype=dtype), round_to)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids).logits.float()
@@ -180,24 +196,27 @@ def greedy_tokens(lm, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 @torch.no_grad()
 def verify_whole_model(reference_hf_dir: str | Path, candidate: str | Path, *, candidate_kind: str,
                        tolerance: Tolerance, batch: int = 2, seq: int | None = None,
-                       continuation_tokens: int = 8, base_megatron_path: str | Path | None = None) -> dict:
+                       continuation_tokens: int = 8, base_megatron_path: str | Path | None = None,
+                       round_to: torch.dtype | None = None) -> dict:
     """Logits of `candidate` (a "megatron" checkpoint dir or an "hf" dir) vs the HF reference, in fp32.
 
     `seq` defaults to twice the sliding window plus 8, so windowed layers see keys fall out of
     the window. Returns the measures, the greedy continuations' agreement and `failures` (empty
     when the gate passes). `base_megatron_path`: the candidate is an adapter-only LoRA/DoRA
-    checkpoint, run with its adapters on this base.
+    checkpoint, run with its adapters on this base. `round_to`: both sides' weights rounded to
+    this dtype first (comparing a bf16 export with the fp32 checkpoint it came from like with like).
     """
     cfg = GptOssModelConfig.from_hf_config(reference_hf_dir)
     seq = seq or 2 * cfg.sliding_window + 8
     ids = fixed_batch(cfg.vocab_size, batch, seq)
     started = time.time()
-    ref = _HF(reference_hf_dir)
+    ref = _HF(reference_hf_dir, round_to=round_to)
     want = ref(ids)
     want_cont = greedy_tokens(ref, ids[:, : seq // 2], continuation_tokens)
     del ref
     with world_of_one("whole-model verification"):
-        cand = _Megatron(candidate, cfg, base_megatron_path) if candidate_kind == "megatron" else _HF(candidate)
+        cand = (_Megatron(candidate, cfg, base_megatron_path, round_to) if candidate_kind == "megatron"
+                else _HF(candidate, round_to=round_to))
         got = cand(ids)
         got_cont = greedy_tokens(cand, ids[:, : seq // 2], continuation_tokens)
         del cand
@@ -207,6 +226,7 @@ def verify_whole_model(reference_hf_dir: str | Path, candidate: str | Path, *, c
     out = {"mode": "whole-model", "batch": [batch, seq], **measures,
            "greedy_tokens": continuation_tokens, "greedy_agreeing_prefix": agree,
            "greedy_reference": want_cont.tolist(), "greedy_candidate": got_cont.tolist(),
-           "tolerance": asdict(tolerance), "seconds": round(time.time() - started, 3)}
+           "tolerance": asdict(tolerance), "weights_rounded_to": str(round_to).removeprefix("torch.") if round_to else None,
+           "seconds": round(time.time() - started, 3)}
     out["failures"] = gate_failures(measures, tolerance)
     return out

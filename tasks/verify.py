@@ -70,19 +70,37 @@ def _params_of(cfg: GptOssModelConfig) -> int:
     return sum(math.prod(s) for s in nm.expected_hf_shapes(cfg).values())
 
 
-def _storage_dtype(kind: str, path: Path) -> str:
+def _storage_dtype(kind: str, path: Path) -> str | None:
+    """float32, bfloat16 or mxfp4 (experts); None when the checkpoint does not say (a training run's)."""
     if kind in HF_KINDS:
-        return json.loads((path / "config.json").read_text()).get("dtype", "bfloat16")
+        config = json.loads((path / "config.json").read_text())
+        if (config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+            return "mxfp4"
+        return config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     report = path / "conversion_report.json"
-    return json.loads(report.read_text()).get("dtype", "bfloat16") if report.is_file() else "bfloat16"
+    return json.loads(report.read_text()).get("dtype") if report.is_file() else None
 
 
-def _whole_model(params, ref_dir, cand_dir, kind, dtype, base_dir=None) -> dict:
-    tolerance = default_tolerance(dtype)
+def _gate(reference_dtype: str | None, candidate_dtype: str | None):
+    """(weights rounded to, tolerance): like with like. Where either side may be bf16, both are
+    rounded to bf16 (an export's own cast) and held to the fp32 gate; MXFP4 experts cannot be
+    matched that way and keep the looser bf16 gate."""
+    import torch
+
+    if "mxfp4" in (reference_dtype, candidate_dtype):
+        return None, default_tolerance("bfloat16")
+    if reference_dtype == candidate_dtype == "float32":
+        return None, default_tolerance("float32")
+    return torch.bfloat16, default_tolerance("float32")
+
+
+def _whole_model(params, ref_dir, cand_dir, kind, ref_dtype, cand_dtype, base_dir=None) -> dict:
+    round_to, tolerance = _gate(ref_dtype, cand_dtype)
     if params.max_rel_diff:
         tolerance = type(tolerance)(params.max_rel_diff, tolerance.min_cosine, tolerance.min_top1_agreement)
     out = verify_whole_model(ref_dir, cand_dir, candidate_kind="megatron" if kind in MEGATRON_KINDS else "hf",
-                             tolerance=tolerance, batch=params.batch, seq=params.seq, base_megatron_path=base_dir)
+                             tolerance=tolerance, batch=params.batch, seq=params.seq, base_megatron_path=base_dir,
+                             round_to=round_to)
     out["first_failure"] = {"block": "logits", "tensor": "logits", "why": out["failures"]} if out["failures"] else None
     out["rows"] = [{"block": "model", "tensor": "logits", **{k: out[k] for k in (
         "max_abs_logit_diff", "rel_logit_diff", "logit_cosine", "top1_agreement")}}]
@@ -139,8 +157,9 @@ def run_verify(params: VerifyParams, store: ArtifactStore | None = None) -> Stag
         progress = StageProgress(f"verify {candidate.spec} ({mode})")
         if mode == "whole-model":
             # an adapter checkpoint's weights are stored as its base's are
-            dtype = _storage_dtype(kind, base_path if base_path is not None else cand_dir)
-            result = _whole_model(params, ref_dir, cand_dir, kind, dtype, base_path)
+            cand_dtype = _storage_dtype(kind, base_path if base_path is not None else cand_dir)
+            result = _whole_model(params, ref_dir, cand_dir, kind, _storage_dtype(reference.kind, ref_dir),
+                                  cand_dtype, base_path)
         else:
             result = _layer_wise(params, ref_dir, cand_dir, kind, cfg, progress, base_path)
         progress.finish()

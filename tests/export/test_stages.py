@@ -145,3 +145,39 @@ def test_push_to_a_hub_that_is_down_names_the_endpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(HubUnreachable, match=rf"pushing acme/tiny to the Hub at {down}: ConnectError"):
         push_folder(tmp_path, "acme/tiny", token="hf_test", private=True, message="test", endpoint=down)
+
+
+def test_a_bf16_export_of_fp32_weights_passes_the_gate_and_a_wrong_one_fails(tmp_path):
+    """The pipeline's after-export check: the fp32 checkpoint against its bf16 export. Rounding
+    alone moved logits past the bf16 gate (seed 2: 0.125 relative, MoE routing flipped); both sides
+    rounded alike they differ by 5e-7 and are held to the fp32 gate, which a mutation still fails."""
+    from tasks.convert import ConvertParams, run_convert
+    from tasks.export import ExportParams, run_export
+    from tasks.verify import VerificationFailed, VerifyParams, run_verify
+
+    url = (tmp_path / "store").as_uri()
+    store, settings = ArtifactStore(url), StoreSettings(url=url)
+    hf = commit_directory(store, write_tiny_checkpoint(tmp_path / "hf", dtype="float32", seed=2), name="tiny/fp32")
+    meg = run_convert(ConvertParams(source=hf.spec, dtype="float32", workdir=str(tmp_path / "w"), store=settings),
+                      store).manifest
+    export = run_export(ExportParams(source=meg.spec, weight_format="bfloat16", workdir=str(tmp_path / "e"),
+                                     store=settings), store).manifest
+    report = run_verify(VerifyParams(candidate=meg.spec, reference=export.spec, workdir=str(tmp_path / "v"),
+                                     store=settings), store).manifest
+    print(f"\nbf16 export vs its fp32 checkpoint, weights rounded alike: rel {report.metrics['rel_logit_diff']:.2e}, "
+          f"top-1 {report.metrics['top1_agreement']}")
+    assert report.metrics["weights_rounded_to"] == "bfloat16" and report.metrics["rel_logit_diff"] < 1e-5
+    assert report.metrics["tolerance"]["max_rel_logit_diff"] == 1e-3  # the fp32 gate
+
+    mutated = tmp_path / "mutated"
+    shutil.copytree(store.local_path(export), mutated, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    for f in mutated.glob("model*.safetensors"):
+        tensors = load_file(f)
+        name = "model.layers.2.mlp.experts.down_proj"
+        if name in tensors:
+            tensors[name] = tensors[name].flip(0)  # experts swapped: a mapping error
+            save_file(tensors, f, metadata={"format": "pt"})
+    bad = commit_directory(store, mutated, name="tiny/mutated-export")
+    with pytest.raises(VerificationFailed, match="logit"):
+        run_verify(VerifyParams(candidate=meg.spec, reference=bad.spec, workdir=str(tmp_path / "b"),
+                                store=settings), store)
