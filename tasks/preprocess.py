@@ -77,6 +77,8 @@ class PreprocessParams(BaseModel):
     messages_key: str = Field("messages", description="sft: the key holding the chat messages")
     target_length: int = Field(2048, ge=16, description="sft: packed sample length (tokens)")
     shard_samples: int | None = Field(None, ge=1, description="sft: packed samples per shard; None: one shard")
+    max_record_mb: int = Field(8, ge=1, le=1024, description="a longer JSONL line is bad input (refused, or "
+                               "skipped with bad_input=skip): tokenising one record takes ~180x its size in memory")
     unit_mb: int | None = Field(None, ge=1, le=4096, description="work unit size: plain files are split into byte "
                                 "ranges of about this size (output bytes do not depend on it); None: about "
                                 "8 units per local worker, 4-64 MB each, and 64 MB on Dask")
@@ -146,7 +148,8 @@ class PreprocessParams(BaseModel):
 
     def fingerprint_params(self, input_files: list[dict]) -> dict:
         """What defines the output: options and the input files' identity (not workers, units, dask)."""
-        common = {"mode": self.mode, "bad_input": self.bad_input, "inputs": self.inputs, "files": input_files}
+        common = {"mode": self.mode, "bad_input": self.bad_input, "inputs": self.inputs, "files": input_files,
+                  "max_record_mb": self.max_record_mb}
         if self.mode == "sft":
             return {**common, "messages_key": self.messages_key, "target_length": self.target_length,
                     "shard_samples": self.shard_samples}
@@ -236,7 +239,7 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
         if params.mode == "sft":
             metrics = build_sft_dataset(params.inputs, checkpoint_dir, staging, target_length=params.target_length,
                                         messages_key=params.messages_key, bad_input=params.bad_input,
-                                        shard_samples=params.shard_samples,
+                                        shard_samples=params.shard_samples, max_record_bytes=params.max_record_mb << 20,
                                         storage_options=params.storage_options(), progress=meter)
         else:
             if on_dask:  # every worker reaches the store; this machine only plans and commits
@@ -248,7 +251,8 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
             options = PretrainOptions(json_keys=tuple(params.json_keys), append_eod=params.append_eod,
                                       bad_input=params.bad_input, shard_tokens=params.shard_tokens,
                                       unit_bytes=params.unit_mb << 20 if params.unit_mb else None,
-                                      tokenizer_engine=params.tokenizer_engine)
+                                      tokenizer_engine=params.tokenizer_engine,
+                                      max_record_bytes=params.max_record_mb << 20)
             metrics = build_pretraining_dataset(
                 params.inputs, tokenizer_spec(checkpoint_dir), out, parts, options, workers=params.workers,
                 map_fn=dask_map(params.dask_address) if on_dask else None, progress=meter,

@@ -37,6 +37,7 @@ import numpy as np
 from gptoss_model.data.indexed import index_bytes
 from gptoss_model.data.sources import (
     DEFAULT_UNIT_BYTES,
+    MAX_RECORD_BYTES,
     auto_unit_bytes,
     BadRecords,
     CorpusError,
@@ -63,6 +64,7 @@ class PretrainOptions:
     batch_bytes: int = 4 << 20         # text handed to the tokenizer at once
     tokenizer_engine: str = "tokenizers"  # or "tiktoken" (see tiktoken_engine), same ids
     engine_check_chars: int = 256 << 10   # per unit and key, re-encoded by tokenizers on the tiktoken engine
+    max_record_bytes: int = MAX_RECORD_BYTES  # a longer JSONL line is bad input (memory is ~180x a record)
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ def tokenize_unit(job: UnitJob, progress: Progress | None = None) -> dict:
     eod = job.tokenizer.eod_token_id
     if job.options.append_eod and eod is None:
         raise CorpusError(f"append_eod is on but the tokenizer {job.tokenizer.source} has no end-of-document token")
-    reader = RecordReader(job.unit, job.options.json_keys, job.options.bad_input, job.storage_options)
+    reader = RecordReader(job.unit, job.options.json_keys, job.options.bad_input, job.storage_options,
+                          max_record_bytes=job.options.max_record_bytes)
     keys = job.options.json_keys
     lengths: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     documents = 0

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from gptoss_model.data.packed_sft import PackedSample, write_packed_sft
-from gptoss_model.data.sources import CorpusError, RecordReader, expand_sources, plan_units
+from gptoss_model.data.sources import MAX_RECORD_BYTES, CorpusError, RecordReader, expand_sources, plan_units
 from gptoss_model.errors import PermanentError
 
 
@@ -82,7 +82,7 @@ def pack_best_fit_decreasing(lengths: Sequence[int], target_length: int) -> list
 def build_sft_dataset(sources: Sequence[str], checkpoint_dir: str | Path, out_dir: str | Path, *,
                       target_length: int, messages_key: str = "messages", bad_input: str = "fail",
                       shard_samples: int | None = None, storage_options: dict | None = None,
-                      progress=None) -> dict:
+                      progress=None, max_record_bytes: int = MAX_RECORD_BYTES) -> dict:
     """Tokenise, mask and pack every conversation; write the shards and `sft.json`; return metrics."""
     from gptoss_model.data.packed_sft import write_sft_metadata
     from gptoss_model.data.tokenizer import load_hf_tokenizer
@@ -98,7 +98,8 @@ def build_sft_dataset(sources: Sequence[str], checkpoint_dir: str | Path, out_di
     skipped = {}
     examples = {}
     for unit in plan_units(files, unit_bytes=1 << 62):
-        reader = RecordReader(unit, (messages_key,), bad_input, storage_options, conversations=True)
+        reader = RecordReader(unit, (messages_key,), bad_input, storage_options, conversations=True,
+                              max_record_bytes=max_record_bytes)
         for (messages,) in reader:
             conversation = tokenize_conversation(tokenizer, messages)
             if len(conversation.tokens) > target_length:

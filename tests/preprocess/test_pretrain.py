@@ -154,6 +154,26 @@ def test_bad_record_line_number_inside_a_later_unit(tmp_path, specs):
                                   PretrainOptions(unit_bytes=2000), workers=2)
 
 
+def test_a_record_above_max_record_bytes_is_bad_input_not_a_memory_blowup(tmp_path, specs):
+    """A 50 MB single-line record took ~9 GB RSS to tokenise; above the limit it is refused
+    (file:line named) or skipped and counted, and the rest of the corpus is tokenised."""
+    import resource
+
+    path = tmp_path / "one_huge_line.jsonl"
+    huge = json.dumps({"text": "word " * (10 << 20)}).encode()  # 50 MB on one line
+    path.write_bytes(b'{"text": "a short document"}\n' + huge + b'\n{"text": "another one"}\n')
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadRecordError, match=r"one_huge_line.jsonl:2: record too large: 52,428,\d+ bytes, above "
+                                             r"max_record_bytes=8,388,608"):
+        build_pretraining_dataset([str(path)], specs["u16"], tmp_path / "o", tmp_path / "p")
+    skipped = build_pretraining_dataset([str(path)], specs["u16"], tmp_path / "o2", tmp_path / "p2",
+                                        PretrainOptions(bad_input="skip"))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(f"\n50 MB record: refused, then skipped; peak RSS grew {grown_mb:.0f} MB (was ~9 GB)")
+    assert skipped["documents"] == 2 and skipped["skipped_records"]["counts"] == {"record_too_large": 1}
+    assert grown_mb < 1024
+
+
 def test_corpus_without_tokens_is_an_error_under_any_policy(tmp_path, specs):
     path = tmp_path / "empty_docs.jsonl"
     path.write_text('{"text": ""}\n\n{"text": ""}\n')
