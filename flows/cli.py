@@ -328,24 +328,31 @@ def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Pa
 
 def ensure_demo_source(source: Path) -> None:
     """The demo's random tiny checkpoint, written whole or not at all: into a temp dir
-    beside `source`, renamed into place once complete (a killed demo leaves no half source)."""
+    beside `source`, renamed into place once complete (a killed demo leaves no half source).
+    Demos started together take turns (a lock beside it): one writes, the others reuse it."""
+    import os
     import shutil
     import tempfile
 
+    from gptoss_model.paths import try_lock, work_dir_lock
     from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
 
-    if source.exists():
-        if not _complete_checkpoint(source):
-            raise FileExistsError(f"{source} exists but is not a complete checkpoint (config.json and every "
-                                  "safetensors shard); remove it, or set download.source_url elsewhere")
-        return
     source.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}.partial-", dir=source.parent))
+    lock = try_lock(work_dir_lock(source), blocking=True)
     try:
-        write_tiny_checkpoint(tmp, dtype="bfloat16", seed=0)
-        tmp.rename(source)
+        if source.exists():
+            if not _complete_checkpoint(source):
+                raise FileExistsError(f"{source} exists but is not a complete checkpoint (config.json and every "
+                                      "safetensors shard); remove it, or set download.source_url elsewhere")
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}.partial-", dir=source.parent))
+        try:
+            write_tiny_checkpoint(tmp, dtype="bfloat16", seed=0)
+            tmp.rename(source)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
     console.print(f"wrote a random tiny GPT-OSS checkpoint to {source}")
 
 

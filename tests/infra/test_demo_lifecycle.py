@@ -29,7 +29,8 @@ def test_demo_source_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_checkpoint, "write_tiny_checkpoint", killed_after_config)
     with pytest.raises(KeyboardInterrupt):
         cli.ensure_demo_source(source)
-    assert list(source.parent.iterdir()) == []  # neither a half source nor a temp dir
+    left = [p.name for p in source.parent.iterdir()]
+    assert left == [".tiny-gpt-oss.lock"]  # neither a half source nor a temp dir (the lock file stays)
 
     monkeypatch.setattr(tiny_checkpoint, "write_tiny_checkpoint", real)
     cli.ensure_demo_source(source)
@@ -43,6 +44,30 @@ def test_demo_source_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     (partial / "config.json").write_text("{}")  # what an older, killed demo left
     with pytest.raises(FileExistsError, match=rf"{partial} exists but is not a complete checkpoint"):
         cli.ensure_demo_source(partial)
+
+
+def test_demos_started_together_share_one_source(tmp_path):
+    """Two demos in a fresh directory at once: one writes the source, the other waits and reuses it
+    (both raced to rename their temp dirs into place: 'Directory not empty')."""
+    import threading
+
+    source = tmp_path / "demo" / "tiny-gpt-oss"
+    errors: list[BaseException] = []
+
+    def demo():
+        try:
+            cli.ensure_demo_source(source)
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    runs = [threading.Thread(target=demo) for _ in range(3)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert cli._complete_checkpoint(source)
+    assert not [p for p in source.parent.iterdir() if ".partial-" in p.name]
 
 
 CHILD = """
