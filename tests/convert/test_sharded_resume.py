@@ -1,6 +1,7 @@
 """Sharded conversion: N workers write the same bytes as one; a failed attempt is resumed, not redone."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -129,3 +130,34 @@ def test_conversion_where_the_writer_asks_in_size_order_as_with_cuda(source, ref
     out = tmp_path / "megatron"
     convert.convert_hf_to_megatron(source, out, workers=1)
     assert digest(out) == reference[1]
+
+
+def test_kill_9_of_the_converter_alone_takes_its_workers_with_it(source, tmp_path):
+    """SIGKILL of the converting process (not its group): its spawned workers die of their
+    parent-death signal; none is left 5 s later."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    code = ("import sys; from gptoss_model.convert import convert_hf_to_megatron; "
+            "convert_hf_to_megatron(sys.argv[1], sys.argv[2], workers=2)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(source), str(tmp_path / "m")],
+                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := psutil.Process(child.pid).children(recursive=True)) < 2:  # a worker and its tracker
+            assert child.poll() is None, "the conversion finished before its workers started"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        print(f"\nkilled the converter: {len(workers)} descendants, {len(alive)} alive 5 s later")
+        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)

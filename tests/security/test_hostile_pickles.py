@@ -150,3 +150,48 @@ def test_every_unpickling_call_goes_through_the_safe_loaders():
 
     assert getattr(FileSystemReader.read_metadata, "_gptoss_restricted", False)
     assert DefaultLoadPlanner.load_bytes.__module__ == "gptoss_model.safe_unpickle"
+
+
+@pytest.mark.slow
+def test_a_tampered_checkpoint_in_the_store_is_refused_by_the_export_and_train_stages(converted, tmp_path):
+    """Whoever can write to the store can commit a checkpoint with a planted .metadata (the manifest's
+    sha256 then matches it). The export stage refuses it; the train stage, using it as the base
+    checkpoint, stops with a permanent error (no retry pulling the same bytes again)."""
+    from gptoss_model.errors import PermanentError
+    from gptoss_model.safe_unpickle import UnsafePickleError
+    from tasks.common import StoreSettings
+    from tasks.export import ExportParams, run_export
+    from tasks.store import ArtifactStore, run_stage
+    from tasks.train import TrainingRefused, TrainParams, run_train
+    from tests.artifacts import commit_directory
+    from tests.train.data import write_tiny_pretrain_dataset
+
+    hf, _ = converted
+    marker = tmp_path / "pwned"
+    url = (tmp_path / "store").as_uri()
+    store, settings = ArtifactStore(url), StoreSettings(url=url)
+    source = commit_directory(store, hf, name="tiny/source")
+    base = commit_directory(store, _tampered(converted, tmp_path, ".metadata", _payload(marker)), name="tiny/base",
+                            kind="megatron-checkpoint", stage="convert")
+    with pytest.raises(UnsafePickleError, match=r"\.metadata: refused to unpickle"):
+        run_export(ExportParams(source=base.spec, hf_source=source.spec, workdir=str(tmp_path / "e"),
+                                store=settings), store)
+    assert not marker.exists()
+
+    prefixes = write_tiny_pretrain_dataset(tmp_path / "data")
+
+    def dataset(staging: Path) -> dict:  # as the preprocess stage commits one
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                shutil.copy(prefix + ext, staging / (Path(prefix).name + ext))
+        return {"data_prefixes": [Path(p).name for p in prefixes]}
+
+    data = run_stage(store, stage="preprocess", code_version="test", kind="dataset", name="tiny/docs", params={},
+                     build=dataset).manifest
+    params = TrainParams(recipe="tiny_pretrain", overrides={"train.train_iters": 4, "scheduler.lr_warmup_iters": 1, "train.eval_interval": 0},
+                         base_checkpoint=base.spec, dataset=data.spec, name="hostile", workdir=str(tmp_path / "w"),
+                         store=settings)
+    with pytest.raises(TrainingRefused, match=r"refused to unpickle") as refused:
+        run_train(params, store)
+    assert isinstance(refused.value, PermanentError)
+    assert not marker.exists()
