@@ -31,11 +31,11 @@ URL_WITHOUT_CREDENTIALS_PATTERN = (r"^(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*(?:
                                    r"|(?:[^:]|:[^/]|:/[^/])+(?::/?)?)$")
 
 
-def url_credentials_problem(url: str, field: str) -> str | None:
+def url_credentials_problem(url: str, field: str | None = None) -> str | None:
     """Why `url` may not be stored with a run (it carries a user:password@), naming `field`."""
     scheme, sep, rest = url.partition("://")
     if sep and "@" in re.split(r"[/?#]", rest, maxsplit=1)[0]:
-        return (f"{field}: {scheme}://…@… holds credentials (user:password@), which would be stored in the "
+        return (f"{field + ': ' if field else ''}{scheme}://…@… holds credentials (user:password@), which would be stored in the "
                 "run's parameters and the artifact's manifest; give them through the filesystem's own "
                 "configuration (environment, profile, storage options or a Prefect Secret block) instead")
     return None

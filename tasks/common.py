@@ -18,11 +18,12 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gptoss_model.errors import PermanentError, is_permanent
+from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
 from tasks.store import ArtifactStore, InputRef, Manifest, ProgressSink, StageResult, run_stage
 from tasks.store.settings import settings
 
@@ -33,13 +34,26 @@ _BOTO_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 STAGE_LOGGERS = ("gptoss_model", "tasks")
 
 
+def _refuse_credentials(url):
+    if isinstance(url, str) and (problem := url_credentials_problem(url)):
+        raise ValueError(problem)
+    return url
+
+
+# A URL stored with a run (parameters, manifests) or shown in its logs: never with user:password@.
+# The pattern makes the Prefect server refuse one when the run is created; the validator says why.
+PlainUrl = Annotated[str, BeforeValidator(_refuse_credentials), Field(pattern=URL_WITHOUT_CREDENTIALS_PATTERN)]
+
+
 class StoreSettings(BaseModel):
     """Where artifacts live. Holds no secret: credentials come from the named
     Prefect Secret block or from boto3's usual chain (environment, profile, role)."""
 
-    url: str = Field(default_factory=lambda: settings().store_url,
-                     description="fsspec URL of the store root: file://... (default) or s3://bucket/prefix")
-    s3_endpoint_url: str | None = Field(default_factory=lambda: settings().s3_endpoint_url,
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+
+    url: PlainUrl = Field(default_factory=lambda: settings().store_url,
+                          description="fsspec URL of the store root: file://... (default) or s3://bucket/prefix")
+    s3_endpoint_url: PlainUrl | None = Field(default_factory=lambda: settings().s3_endpoint_url,
                                         description="S3-compatible endpoint (MinIO, Ceph, moto); None for AWS")
     credentials_block: str | None = Field(
         default=None, description="Name of a Prefect Secret block holding JSON "

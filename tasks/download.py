@@ -21,14 +21,14 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
 from gptoss_model.hf_validate import require_checkpoint_files
-from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, is_within, url_credentials_problem
+from gptoss_model.paths import is_within
 from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
-from tasks.common import (SecretBlockError, StageProgress, StoreSettings, default_workdir, load_secret_block,
-                          run_logged_stage, stage_task)
+from tasks.common import (PlainUrl, SecretBlockError, StageProgress, StoreSettings, default_workdir,
+                          load_secret_block, run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, StageResult
 from tasks.store.names import ARTIFACT_NAME_PATTERN
 
@@ -53,7 +53,7 @@ class DownloadParams(BaseModel):
                          description="Hugging Face model repo id (owner/name)")
     revision: str = Field("main", pattern=HF_REVISION_PATTERN,
                           description="branch, tag or commit sha; resolved to a sha first")
-    source_url: str | None = Field(None, pattern=URL_WITHOUT_CREDENTIALS_PATTERN,
+    source_url: PlainUrl | None = Field(None,
                                    description="fsspec URL of a mirror in HF layout to copy instead of the Hub "
                                    "(air-gapped sites, the demo); no user:password@ in it (it would be stored "
                                    "with the run's parameters): use the filesystem's own credentials")
@@ -63,19 +63,12 @@ class DownloadParams(BaseModel):
     hf_token_block: str | None = Field(None, description="Prefect Secret block holding the HF token; "
                                        "default: HF_TOKEN / the saved login")
     hf_token: SecretStr | None = Field(None, description="the token itself (prefer hf_token_block)")
-    endpoint: str | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
+    endpoint: PlainUrl | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
     max_workers: int = Field(4, ge=1, le=32, description="files downloaded in parallel")
     workdir: str | None = Field(None, description="where partial downloads persist between attempts; "
                                 "default: GPTOSS_WORKDIR or the temp dir")
     keep_download: bool = Field(False, description="keep the work copy after the commit")
     store: StoreSettings = Field(default_factory=StoreSettings)
-
-    @field_validator("source_url", mode="before")
-    @classmethod
-    def _no_credentials(cls, url):
-        if isinstance(url, str) and (problem := url_credentials_problem(url, "source_url")):
-            raise ValueError(problem)
-        return url
 
 
 def _token(params: DownloadParams) -> str | None:

@@ -24,11 +24,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf
-from tasks.common import StageProgress, StoreSettings, load_secret_block, run_logged_stage, stage_task
+from tasks.common import PlainUrl, StageProgress, StoreSettings, load_secret_block, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
@@ -46,6 +46,8 @@ class LineageError(PermanentError, LookupError):
 
 
 class ExportParams(BaseModel):
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+
     source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                         description="megatron-checkpoint/NAME[@VERSION] or train-checkpoint/NAME[@VERSION]")
     hf_source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
@@ -63,7 +65,7 @@ class ExportParams(BaseModel):
                                "peft_adapter/ for the base export (DoRA expert adapters exist only merged)")
     push_to_hub: str | None = Field(None, description="Hub repo id to upload the export to (optional)")
     hub_private: bool = Field(True, description="create the Hub repo private")
-    hub_endpoint: str | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
+    hub_endpoint: PlainUrl | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
     hub_token_block: str | None = Field(None, description="Prefect Secret block holding the Hub token; "
                                         "default: HF_TOKEN from the environment")
     workdir: str | None = Field(None, description="where the staging dir goes; default GPTOSS_WORKDIR / temp")

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -36,9 +36,8 @@ from gptoss_model.data.sft import build_sft_dataset
 from gptoss_model.data.sources import expand_sources, input_errors_named, input_filesystem
 from gptoss_model.data.tokenizer import tokenizer_spec
 from gptoss_model.data.workspace import READ_BLOCK, LocalDir
-from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
 from gptoss_model.errors import InvalidParameterError
-from tasks.common import (StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
+from tasks.common import (PlainUrl, StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 from tasks.store.manifest import FileEntry
@@ -57,7 +56,7 @@ ProgressFn = Callable[[int, int, int, int], None]
 class PreprocessParams(BaseModel):
     model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
 
-    inputs: list[Annotated[str, Field(pattern=URL_WITHOUT_CREDENTIALS_PATTERN)]] = Field(
+    inputs: list[PlainUrl] = Field(
         ..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs (s3://...), plain, .gz or "
         ".zst; read in the order given, each glob sorted; no user:password@ (use the filesystem's own credentials)")
     tokenizer: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN, description="hf-checkpoint/NAME[@VERSION|@REF] "
@@ -91,19 +90,11 @@ class PreprocessParams(BaseModel):
     dask_address: str | None = Field(None, description="scheduler address (tcp://host:8786) of a Dask cluster "
                                      "to run the work units on, through prefect-dask; the workers write parts "
                                      "and shards to the store (pretrain)")
-    input_s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// inputs; "
+    input_s3_endpoint_url: PlainUrl | None = Field(None, description="S3-compatible endpoint for s3:// inputs; "
                                               "default: the store's endpoint")
     workdir: str | None = Field(None, description="staging dir parent (kept across attempts, so a rerun "
                                 "resumes)")
     store: StoreSettings = Field(default_factory=StoreSettings)
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _no_credentials(cls, inputs):
-        for i, url in enumerate(inputs if isinstance(inputs, list) else []):
-            if isinstance(url, str) and (problem := url_credentials_problem(url, f"inputs[{i}]")):
-                raise ValueError(problem)
-        return inputs
 
     @field_validator("json_keys")
     @classmethod

@@ -170,9 +170,14 @@ def test_params_are_validated():
     with pytest.raises(ValueError, match="tokenizer_engine"):
         PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a"], tokenizer_engine="sentencepiece")
     for url in ("s3://user:hunter2@bucket/c.jsonl", "https://me:hunter2@host/c.jsonl.gz"):
-        with pytest.raises(ValueError, match=r"inputs\[1\]: .*holds credentials") as refused:
+        with pytest.raises(ValueError, match=r"inputs\.1\n.*holds credentials") as refused:
             PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a.jsonl", url])
         assert "hunter2" not in str(refused.value)  # the error (and so the log) never shows it
+    for where in ({"input_s3_endpoint_url": "http://k:hunter2@minio:9000"},
+                  {"store": {"url": "s3://k:hunter2@bucket/store"}}):
+        with pytest.raises(ValueError, match="holds credentials") as refused:
+            PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["a.jsonl"], **where)
+        assert "hunter2" not in str(refused.value)
     ok = PreprocessParams(tokenizer="hf-checkpoint/x", name="d", inputs=["/data/my corpus/a.jsonl", "s3://b/x@1.jsonl"])
     assert ok.inputs[0] == "/data/my corpus/a.jsonl"
 
