@@ -39,7 +39,7 @@ from gptoss_model.hf_reader import CheckpointError
 from gptoss_model.load_hf import read_for_param, reads_row_windows
 from gptoss_model.processes import die_with_parent
 from gptoss_model.resources import peak_rss_mb
-from gptoss_model.safe_unpickle import restricted_load_file
+from gptoss_model.safe_unpickle import UnsafePickleError, restricted_load_file
 
 MAPPED_BYTES_LIMIT = 64 * 2**20  # safetensors pages a worker keeps mapped (and reads per piece of a big tensor)
 
@@ -216,7 +216,10 @@ def finished_chunks(state_dir: Path, iter_dir: Path) -> dict[int, list]:
     """{chunk index: write results} for chunks a previous attempt completed (file present, .done written)."""
     done = {}
     for marker in sorted(state_dir.glob("*.done")):
-        results = restricted_load_file(marker)  # the work dir may be shared: never run what it holds
+        if marker.stat().st_uid != os.getuid():  # the work dir may be shared: trust only our own markers
+            raise UnsafePickleError(f"{marker}: written by uid {marker.stat().st_uid}, not by this user "
+                                    f"({os.getuid()}); remove {state_dir} to convert from scratch")
+        results = restricted_load_file(marker)  # and never run what one holds
         files = {r.storage_data.relative_path for r in results}
         if all((iter_dir / f).is_file() for f in files):
             done[int(marker.stem)] = results
