@@ -57,10 +57,6 @@ def replica_groups(named_params) -> list[tuple[str, object, list[tuple[str, torc
             ("expert-data-parallel", ps.get_expert_data_parallel_group(), experts)]
 
 
-def _group_ranks(group) -> list[int]:
-    return dist.get_process_group_ranks(group)
-
-
 def _disagreements(what: str, group, params) -> list[str]:
     if group is None or dist.get_world_size(group) == 1 or not params:
         return []
@@ -68,7 +64,7 @@ def _disagreements(what: str, group, params) -> list[str]:
     mine = torch.stack([tensor_digest(p) for _, p in params]).to(device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
-    ranks = _group_ranks(group)
+    ranks = dist.get_process_group_ranks(group)
     found = []
     for i, (name, _) in enumerate(params):
         differing = [ranks[r] for r, theirs in enumerate(gathered) if not torch.equal(theirs[i], mine[i])]

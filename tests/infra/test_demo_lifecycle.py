@@ -2,6 +2,7 @@
 server dies with it (even by kill -9)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -103,3 +104,41 @@ def test_demo_server_dies_with_a_killed_demo(tmp_path):
     for p in alive:
         p.kill()
     assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_kill_9_of_a_pipeline_run_while_it_trains_leaves_no_process(tmp_path):
+    """The whole pipeline (`gptoss demo`: its Prefect server, every stage in one process) killed
+    with SIGKILL while torchrun trains: no process it started is left 5 s later (the server, torchrun,
+    the rank, the rank's guard and checkpoint writer, multiprocessing's helpers)."""
+    import psutil
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["download"]["source_url"] = str(tmp_path / "source")
+    config["preprocess"]["inputs"] = [str(ROOT / "configs" / "demo-corpus.jsonl")]
+    config["train"]["overrides"].update({"train.train_iters": 100_000, "checkpoint.save_interval": 5})
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT), GPTOSS_WORKDIR=str(tmp_path / "work"),
+               OMP_NUM_THREADS="1")
+    demo = subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "--config", str(tmp_path / "demo.yaml"),
+                             "--store", (tmp_path / "store").as_uri()], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=(tmp_path / "demo.log").open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "work").glob("train-*/checkpoints/iter_0000005")):
+            assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "training never saved its first checkpoint"
+            time.sleep(0.2)
+        tree = psutil.Process(demo.pid).children(recursive=True)
+        assert any("torch.distributed.run" in " ".join(p.cmdline()) for p in tree), [p.cmdline()[:4] for p in tree]
+        os.kill(demo.pid, signal.SIGKILL)  # the pipeline's process alone: nothing of it can clean up
+        demo.wait()
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        print(f"\nkilled the pipeline while training: {len(tree)} descendants, {len(alive)} alive 5 s later")
+        assert not alive, [(p.pid, p.cmdline()[:5]) for p in alive]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGKILL)
