@@ -42,7 +42,7 @@ def _refuse_credentials(url):
 
 # A URL stored with a run (parameters, manifests) or shown in its logs: never with user:password@.
 # The pattern makes the Prefect server refuse one when the run is created; the validator says why.
-PlainUrl = Annotated[str, BeforeValidator(_refuse_credentials), Field(pattern=URL_WITHOUT_CREDENTIALS_PATTERN)]
+PlainUrl = Annotated[str, Field(pattern=URL_WITHOUT_CREDENTIALS_PATTERN), BeforeValidator(_refuse_credentials)]
 
 
 class StoreSettings(BaseModel):

@@ -102,3 +102,26 @@ def test_under_torchrun_the_error_is_printed_once(train_env, tmp_path):
     assert out.returncode != 0
     assert text.count("refused before launch") == 1, text[-3000:]
     assert "exitcode  : 2" in text
+
+
+@pytest.mark.slow
+def test_resuming_from_a_tampered_common_pt_stops_with_a_permanent_error(train_env, tmp_path, capsys):
+    """A resume checkpoint whose common.pt holds a payload: refused (weights-only), named, exit 6
+    (permanent: the stage raises TrainingRefused instead of retrying the same bytes)."""
+    import pickle
+
+    from gptoss_model.train import EXIT_PERMANENT
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(tmp_path / "pwned"), "w")
+
+    run = [str(train_env["config"]), f"dir={tmp_path / 'run'}", "train.train_iters=2", "train.eval_interval=0",
+           "scheduler.lr_warmup_iters=1", "checkpoint.save_interval=2"]
+    assert main(run) == 0
+    (tmp_path / "run" / "checkpoints" / "iter_0000002" / "common.pt").write_bytes(pickle.dumps(Payload()))
+    capsys.readouterr()
+    assert main([*run[:2], "train.train_iters=4", *run[3:]]) == EXIT_PERMANENT
+    err = capsys.readouterr().err
+    assert "refused to unpickle a checkpoint file" in err, err[-2000:]
+    assert not (tmp_path / "pwned").exists()
