@@ -143,21 +143,19 @@ def test_kill_9_of_the_converter_alone_takes_its_workers_with_it(source, tmp_pat
 
     import psutil
 
+    from tests.processes import kill_alone_and_count_survivors
+
     code = ("import sys; from gptoss_model.convert import convert_hf_to_megatron; "
             "convert_hf_to_megatron(sys.argv[1], sys.argv[2], workers=2)")
     child = subprocess.Popen([sys.executable, "-c", code, str(source), str(tmp_path / "m")],
                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
-        while len(workers := psutil.Process(child.pid).children(recursive=True)) < 2:  # a worker and its tracker
+        while len(psutil.Process(child.pid).children(recursive=True)) < 2:  # a worker and its tracker
             assert child.poll() is None, "the conversion finished before its workers started"
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        _, alive = psutil.wait_procs(workers, timeout=5)
-        print(f"\nkilled the converter: {len(workers)} descendants, {len(alive)} alive 5 s later")
-        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+        assert not kill_alone_and_count_survivors(child, "the converter")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)

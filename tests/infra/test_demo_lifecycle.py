@@ -115,6 +115,8 @@ def test_kill_9_of_a_pipeline_run_while_it_trains_leaves_no_process(tmp_path):
     import psutil
     import yaml
 
+    from tests.processes import kill_alone_and_count_survivors
+
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config["download"]["source_url"] = str(tmp_path / "source")
     config["preprocess"]["inputs"] = [str(ROOT / "configs" / "demo-corpus.jsonl")]
@@ -134,11 +136,7 @@ def test_kill_9_of_a_pipeline_run_while_it_trains_leaves_no_process(tmp_path):
             time.sleep(0.2)
         tree = psutil.Process(demo.pid).children(recursive=True)
         assert any("torch.distributed.run" in " ".join(p.cmdline()) for p in tree), [p.cmdline()[:4] for p in tree]
-        os.kill(demo.pid, signal.SIGKILL)  # the pipeline's process alone: nothing of it can clean up
-        demo.wait()
-        _, alive = psutil.wait_procs(tree, timeout=5)
-        print(f"\nkilled the pipeline while training: {len(tree)} descendants, {len(alive)} alive 5 s later")
-        assert not alive, [(p.pid, p.cmdline()[:5]) for p in alive]
+        assert not kill_alone_and_count_survivors(demo, "the pipeline while training")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(demo.pid, signal.SIGKILL)

@@ -248,6 +248,8 @@ def test_kill_9_of_the_stage_process_alone_takes_its_workers_with_it(tmp_path):
     worker processes must die of their parent-death signal; none is left 5 s later."""
     import psutil
 
+    from tests.processes import kill_alone_and_count_survivors
+
     store_url = (tmp_path / "store").as_uri()
     tok = commit_tokenizer(ArtifactStore(store_url))
     args = [sys.executable, str(Path(__file__).with_name("stage_child.py")), store_url, tok,
@@ -255,17 +257,12 @@ def test_kill_9_of_the_stage_process_alone_takes_its_workers_with_it(tmp_path):
     child = subprocess.Popen(args, cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while len(descendants := psutil.Process(child.pid).children(recursive=True)) < 2:
+        while len(psutil.Process(child.pid).children(recursive=True)) < 2:
             assert child.poll() is None, "the child finished before its workers started"
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        time.sleep(0.5)
-        descendants = psutil.Process(child.pid).children(recursive=True)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        _, alive = psutil.wait_procs(descendants, timeout=5)
-        print(f"\nkilled the preprocess process: {len(descendants)} descendants, {len(alive)} alive 5 s later")
-        assert not alive, [(p.pid, p.cmdline()[:4]) for p in alive]
+        time.sleep(0.5)  # every worker started
+        assert not kill_alone_and_count_survivors(child, "the preprocess process")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
