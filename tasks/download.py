@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
 from gptoss_model.hf_validate import require_checkpoint_files
@@ -44,25 +44,26 @@ CODE_VERSION = "1"  # bump when what lands in the artifact changes for the same 
 
 
 class DownloadParams(BaseModel):
-    """What to download. Holds no secret in the clear: `hf_token` is a SecretStr
-    and `hf_token_block` only names a Prefect Secret block."""
-    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+    """What to download. Holds no secret: a token is never a parameter (Prefect keeps parameters
+    in clear in its database, the run's Parameters tab and `flow-run inspect`); `hf_token_block`
+    names a Prefect Secret block, or the worker's environment has HF_TOKEN. Unknown keys (a
+    `hf_token` among them) are refused, by the Prefect server when the run is created."""
 
+    model_config = ConfigDict(hide_input_in_errors=True, extra="forbid")
 
     repo_id: str = Field("openai/gpt-oss-20b", pattern=HF_REPO_ID_PATTERN,
                          description="Hugging Face model repo id (owner/name)")
     revision: str = Field("main", pattern=HF_REVISION_PATTERN,
                           description="branch, tag or commit sha; resolved to a sha first")
-    source_url: PlainUrl | None = Field(None,
-                                   description="fsspec URL of a mirror in HF layout to copy instead of the Hub "
-                                   "(air-gapped sites, the demo); no user:password@ in it (it would be stored "
-                                   "with the run's parameters): use the filesystem's own credentials")
+    source_url: PlainUrl | None = Field(None, description="fsspec URL of a mirror in HF layout to copy instead "
+                                        "of the Hub (air-gapped sites, the demo); no user:password@ in it (it "
+                                        "would be stored with the run's parameters): use the filesystem's own "
+                                        "credentials")
     name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="artifact name; default: repo_id")
     allow_patterns: list[str] | None = Field(None, description="only files matching one of these")
     ignore_patterns: list[str] | None = Field(None, description="skip files matching one of these")
     hf_token_block: str | None = Field(None, description="Prefect Secret block holding the HF token; "
                                        "default: HF_TOKEN / the saved login")
-    hf_token: SecretStr | None = Field(None, description="the token itself (prefer hf_token_block)")
     endpoint: PlainUrl | None = Field(None, description="Hub endpoint; default: HF_ENDPOINT or huggingface.co")
     max_workers: int = Field(4, ge=1, le=32, description="files downloaded in parallel")
     workdir: str | None = Field(None, description="where partial downloads persist between attempts; "
@@ -70,10 +71,17 @@ class DownloadParams(BaseModel):
     keep_download: bool = Field(False, description="keep the work copy after the commit")
     store: StoreSettings = Field(default_factory=StoreSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token_values(cls, data):
+        if isinstance(data, dict) and "hf_token" in data:
+            raise ValueError("hf_token: a token is never a parameter (Prefect stores parameters in clear): save it "
+                             "as a Prefect Secret block and pass its name as hf_token_block, or set HF_TOKEN in "
+                             "the worker's environment")
+        return data
+
 
 def _token(params: DownloadParams) -> str | None:
-    if params.hf_token is not None:
-        return params.hf_token.get_secret_value()
     if params.hf_token_block:
         value = load_secret_block(params.hf_token_block, "Hugging Face token")
         if not isinstance(value, str) or not value:

@@ -5,7 +5,6 @@ import json
 import logging
 
 import pytest
-from pydantic import SecretStr
 
 from tasks.common import StoreSettings
 from tasks.download import DownloadParams, run_download
@@ -51,20 +50,24 @@ def test_stage_commits_pinned_version_and_reuses_it(hub, payload, tmp_path):
     assert not moved.cache_hit and moved.manifest.version != m.version
 
 
-def test_stage_resumes_after_a_failed_attempt_and_keeps_token_out(hub, payload, tmp_path, caplog):
+def test_stage_resumes_after_a_failed_attempt_and_keeps_token_out(hub, payload, tmp_path, caplog, monkeypatch):
     secret = "hf_StageSecretToken42"
+    monkeypatch.setenv("HF_TOKEN", secret)  # the worker's environment: a token is never a parameter
     files = {"config.json": b"{}", "w.safetensors": payload(3 * MB, 2)}
     hub.add_repo("org/private", files, token=secret)
     store = ArtifactStore((tmp_path / "store").as_uri())
     caplog.set_level(logging.DEBUG)
     hub.corrupt("org/private", "w.safetensors", offset=10, times=2)  # attempt 1 fails verification
     with pytest.raises(Exception, match="w.safetensors"):
-        run_download(_params(hub, tmp_path, repo_id="org/private", hf_token=SecretStr(secret)), store)
+        run_download(_params(hub, tmp_path, repo_id="org/private"), store)
     hub.drop("org/private", "w.safetensors", after=MB, times=1)
     hub.reset_counters()
-    ok = run_download(_params(hub, tmp_path, repo_id="org/private", hf_token=SecretStr(secret)), store)
+    ok = run_download(_params(hub, tmp_path, repo_id="org/private"), store)
     assert {f.path: f.size for f in ok.manifest.files}["w.safetensors"] == 3 * MB
     assert secret not in json.dumps(ok.manifest.model_dump()) and secret not in caplog.text
+    with pytest.raises(ValueError, match="hf_token: a token is never a parameter.*hf_token_block") as refused:
+        DownloadParams(repo_id="org/private", hf_token=secret)
+    assert secret not in str(refused.value)
 
 
 def test_stage_from_local_mirror(payload, tmp_path):

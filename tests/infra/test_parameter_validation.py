@@ -39,9 +39,11 @@ def test_download_and_convert_parameters_are_validated_at_run_creation(prefect_h
         "credentials": {"source_url": "http://user:password@mirror.internal/gpt-oss"},
         "revision": {"revision": "main; rm -rf"},
         "path with a space": {"source_url": "/mirrors/my model"},
+        "token": {"repo_id": "org/private", "hf_token": "hf_ThisMustNeverBeStored"},
     }))
     assert download["good"].startswith("accepted") and download["path with a space"].startswith("accepted")
-    for case, field in (("space", "repo_id"), ("credentials", "source_url"), ("revision", "revision")):
+    for case, field in (("space", "repo_id"), ("credentials", "source_url"), ("revision", "revision"),
+                        ("token", "hf_token")):
         assert not download[case].startswith("accepted") and field in download[case], (case, download[case])
 
     from flows.preprocess import preprocess_flow
