@@ -24,12 +24,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS
 from gptoss_model.training.watchdog import EXIT_HANG
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
+from gptoss_model.training.recipes import RECIPES
 from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
@@ -48,12 +49,17 @@ class TrainingFailed(RuntimeError):
     """torchrun exited non-zero for a reason a retry may fix (a killed rank, a lost node)."""
 
 
+# A known recipe name or a .yaml/.yml path: the Prefect server refuses anything else at run creation.
+RECIPE_PATTERN = rf"^(?:(?:{'|'.join(RECIPES)})(?:_config)?|.+\.ya?ml)$"
+
+
 class TrainingRefused(PermanentError, RuntimeError):
     """The training entry stopped on an error a retry cannot fix (a tampered checkpoint, bad data)."""
 
 
 class TrainParams(BaseModel):
-    recipe: str = Field(..., description="recipe name (tiny_pretrain, gpt_oss_20b_finetune, ...) or a YAML run config")
+    recipe: str = Field(..., pattern=RECIPE_PATTERN,
+                        description=f"a recipe ({', '.join(RECIPES)}) or the path of a YAML run config")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, e.g. "
                                       "{'train.train_iters': 100, 'optimizer.lr': 1e-4}")
     base_checkpoint: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="megatron-checkpoint/NAME[@VERSION|@REF]: initial weights")
@@ -63,12 +69,21 @@ class TrainParams(BaseModel):
     workdir: str | None = Field(None, description="run directory root (kept across attempts); default GPTOSS_WORKDIR")
     store: StoreSettings = Field(default_factory=StoreSettings)
 
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _known_recipe(cls, recipe):
+        if isinstance(recipe, str) and recipe.removesuffix("_config") not in RECIPES and not re.search(
+                r"\.ya?ml$", recipe):
+            raise ValueError(f"recipe {recipe!r}: not a recipe ({', '.join(RECIPES)}) nor a YAML run config "
+                             "(a path ending in .yaml)")
+        return recipe
+
 
 def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool = True):
     """(RunConfig with local input paths, the input manifests, the run identity).
 
     `materialize=False` skips pulling the inputs (the identity needs only their versions)."""
-    from gptoss_model.training.recipes import RECIPES, recipe
+    from gptoss_model.training.recipes import recipe
     from gptoss_model.train import load_run_config
 
     run = (recipe(params.recipe) if params.recipe.removesuffix("_config") in RECIPES

@@ -257,6 +257,8 @@ def load_yaml(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such run config (a recipe name or the path of a YAML run config)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     try:

@@ -55,6 +55,15 @@ def test_download_and_convert_parameters_are_validated_at_run_creation(prefect_h
     assert preprocess["good"].startswith("accepted")
     assert not preprocess["credentials"].startswith("accepted") and "inputs" in preprocess["credentials"]
 
+    from flows.train import train_flow
+
+    train = asyncio.run(_create_runs(train_flow, {
+        "good": {"recipe": "tiny_pretrain", "name": "run"},
+        "typo": {"recipe": "tiny_pretrian", "name": "run"},
+    }))
+    assert train["good"].startswith("accepted")
+    assert not train["typo"].startswith("accepted") and "recipe" in train["typo"], train["typo"]
+
     convert = asyncio.run(_create_runs(convert_flow, {
         "good": {"source": "hf-checkpoint/openai/gpt-oss-20b@latest"},
         "malformed": {"source": "hf-checkpoint openai/gpt-oss-20b"},

@@ -202,3 +202,18 @@ def test_flops_formula_is_moe_aware():
     assert 6 * active < per_token < 6 * active * 1.3
     total_dense = parameter_counts(m)["total"]
     assert per_token < 6 * total_dense / 4  # far below a dense model's count
+
+
+def test_an_unknown_recipe_is_refused_naming_it_and_a_missing_yaml_names_the_file(tmp_path):
+    from pydantic import ValidationError
+
+    from gptoss_model.train import load_run_config
+    from tasks.train import TrainParams
+
+    with pytest.raises(ValidationError, match=r"recipe 'tiny_pretrian': not a recipe \(gpt_oss_20b_pretrain, .*tiny_pretrain"):
+        TrainParams(recipe="tiny_pretrian", name="run")
+    assert TrainParams(recipe="tiny_pretrain_config", name="run").recipe == "tiny_pretrain_config"
+    missing = tmp_path / "no-such-run.yaml"
+    assert TrainParams(recipe=str(missing), name="run")  # the file is read where the run runs
+    with pytest.raises(ConfigError, match=rf"{missing}: no such run config"):
+        load_run_config(str(missing), [])
