@@ -113,34 +113,45 @@ class PrefectProgress(ProgressSink):
     def __init__(self, min_interval: float = 2.0):
         super().__init__(min_interval=min_interval)
         self._artifact_id = None
+        self._render_lock = threading.Lock()  # threads reporting at once create one artifact, not two
 
     def render(self, force: bool) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        pct = round(100.0 * self.fraction, 1)
-        if self._artifact_id is None:
-            self._artifact_id = create_progress_artifact(pct, description=self.description[:200])
-        else:
-            update_progress_artifact(self._artifact_id, pct, description=self.description[:200])
+        with self._render_lock:
+            pct = round(100.0 * self.fraction, 1)
+            if self._artifact_id is None:
+                self._artifact_id = create_progress_artifact(pct, description=self.description[:200])
+            else:
+                update_progress_artifact(self._artifact_id, pct, description=self.description[:200])
+
+
+# The stage task run's one progress sink: its own progress and its store transfers share one artifact.
+_stage_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar("gptoss_stage_sink", default=None)
 
 
 def progress_sink() -> ProgressSink:
+    """The running stage task's sink (one progress artifact per stage run), else a new one."""
+    current = _stage_sink.get()
+    if current is not None:
+        return current
     return PrefectProgress() if in_prefect_run() else ProgressSink()
 
 
 class StageProgress:
     """The one adapter from a library's `progress(done, total)` callback to a progress sink.
 
-    Library code reports absolute counts, possibly from worker threads; sinks take
-    deltas. Calls run in a copy of the creating thread's context, so a Prefect
-    progress artifact updated from a worker thread still belongs to this task run.
-    `finish()` marks the work complete (100%), whatever the last throttled update was.
+    Library code reports absolute counts, possibly from worker threads, and they go to the
+    sink as absolute counts (a store transfer in between may have used the same sink).
+    Calls run in a copy of the creating thread's context, so a Prefect progress artifact
+    updated from a worker thread still belongs to this task run. `finish()` marks the work
+    complete (100%), whatever the last throttled update was.
     """
 
     def __init__(self, description: str, sink: ProgressSink | None = None):
         self.description = description
         self.sink = sink if sink is not None else progress_sink()
-        self._lock, self._last, self._started = threading.Lock(), 0, False
+        self._total = 0
         self._ctx = contextvars.copy_context()
 
     def _call(self, fn, *args) -> None:
@@ -153,22 +164,14 @@ class StageProgress:
             self.sink = None
 
     def __call__(self, done: int, total: int) -> None:
-        with self._lock:
-            start = not self._started
-            self._started = True
-            delta, self._last = done - self._last, done
-        if start:
-            self._call(lambda: self.sink.start(total, self.description))
-        self._call(lambda: self.sink.advance(delta))
+        self._total = total
+        self._call(lambda: self.sink.set(done, total, self.description))
 
     def finish(self) -> None:
         sink = self.sink
         if sink is None:
             return
-        if not self._started:
-            self._call(lambda: sink.start(0, self.description))
-        elif sink.done < sink.total:
-            self._call(lambda: sink.advance(sink.total - sink.done))
+        self._call(lambda: sink.set(self._total, self._total, self.description))
         self._call(sink.finish)
 
 
@@ -262,8 +265,12 @@ def stage_task(run: Callable[[P], StageResult], *, name: str, describe: Callable
         return describe(task_run.parameters["params"])
 
     def stage(params: P) -> Manifest:
-        with run_logs_forwarded():
-            return run(params).manifest
+        token = _stage_sink.set(progress_sink())
+        try:
+            with run_logs_forwarded():
+                return run(params).manifest
+        finally:
+            _stage_sink.reset(token)
 
     stage.__name__ = stage.__qualname__ = name.replace("-", "_")
     stage.__doc__ = f"Prefect task for {run.__module__}.{run.__name__}: {(run.__doc__ or '').strip()}"

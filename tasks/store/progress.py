@@ -31,6 +31,18 @@ class ProgressSink:
         if due:
             self.render(force=False)
 
+    def set(self, done: int, total: int, description: str) -> None:
+        """Absolute counts (a stage's own progress, between the transfers that use start/advance)."""
+        with self._lock:
+            first = description != self.description
+            self.total, self.done, self.description = total, done, description
+            now = time.monotonic()
+            due = first or now - self._last_render >= self._min_interval
+            if due:
+                self._last_render = now
+        if due:
+            self.render(force=first)
+
     def finish(self) -> None:
         self.render(force=True)
 

@@ -40,6 +40,20 @@ def run_probe(params: ProbeParams):
 
     def build(staging: Path) -> dict:
         progress = StageProgress(f"probe {params.tag}")
+        if params.tag.startswith("threads"):  # copy threads reporting at once, as downloads do
+            import threading
+
+            together = threading.Barrier(8)
+
+            def report(i: int) -> None:
+                together.wait()
+                progress(i + 1, 100)
+
+            workers = [threading.Thread(target=report, args=(i,)) for i in range(8)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
         for done in range(0, 101, 7):  # throttled updates: the last one (98) alone would not reach 100
             progress(done, 100)
         progress.finish()
@@ -76,14 +90,17 @@ def test_permanent_errors_fail_at_once_transient_ones_are_retried(prefect_harnes
     assert state.is_failed() and ATTEMPTS == ["t", "t", "t"]  # 1 + retries=2
 
 
-def test_progress_artifact_logs_and_keyed_artifact(prefect_harness, tmp_path):
+@pytest.mark.parametrize("tag", ["ok", "threads"])
+def test_progress_artifact_logs_and_keyed_artifact(prefect_harness, tmp_path, tag):
+    """One progress artifact per stage run, at 100% when it completes, also when threads report
+    at once (the first reports raced to create it: a second artifact, the first left below 100%)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     flow = _flow()
-    state = flow(ProbeParams(store=(tmp_path / "store").as_uri(), tag="ok"), return_state=True)
+    state = flow(ProbeParams(store=(tmp_path / "store").as_uri(), tag=tag), return_state=True)
     manifest = state.result()
-    assert manifest.metrics["tag"] == "ok"
+    assert manifest.metrics["tag"] == tag
     run_id = state.state_details.flow_run_id
 
     async def fetch():
@@ -105,9 +122,9 @@ def test_progress_artifact_logs_and_keyed_artifact(prefect_harness, tmp_path):
         if any("committed" in m for m in messages) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert any("probe ok built its output" in m for m in messages), messages
-    assert any("committed" in m and "probe-output/probe/ok@" in m for m in messages), messages
+    assert any(f"probe {tag} built its output" in m for m in messages), messages
+    assert any("committed" in m and f"probe-output/probe/{tag}@" in m for m in messages), messages
     progress = [a for a in arts if a.type == "progress"]
-    assert progress and all(float(a.data) == 100.0 for a in progress), [a.data for a in progress]
+    assert len(progress) == 1 and float(progress[0].data) == 100.0, [a.data for a in progress]
     keyed = [a for a in arts if a.type == "markdown"]
-    assert [a.key for a in keyed] == ["probe-output-probe-ok"]
+    assert [a.key for a in keyed] == [f"probe-output-probe-{tag}"]
