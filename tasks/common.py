@@ -212,6 +212,40 @@ def retry_worthwhile(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's
     return not is_permanent(exc)
 
 
+# A stage's lines that also belong on the pipeline run that started it (the run a user watches).
+_KEY_LINE = re.compile(r"committed|cache hit|gate|refused|resum|hung|error|iteration\s+\d*0 \|", re.IGNORECASE)
+
+
+def _root_flow_run_id(ctx) -> str | None:
+    """The outermost flow run, when the stage runs inside another (a pipeline); else None."""
+    if ctx is None:
+        return None
+    try:
+        from prefect.runtime import flow_run
+
+        root = flow_run.get_root_flow_run_id()
+    except Exception:  # noqa: BLE001 - no API to ask: the stage's own logs still hold everything
+        return None
+    return root if root and str(root) != str(ctx.task_run.flow_run_id) else None
+
+
+def _key_lines_to(flow_run_id: str):
+    from prefect.logging.handlers import APILogHandler
+
+    class KeyLinesTo(APILogHandler):
+        """Copies of a stage's key lines (commits, cache hits, gates, errors, every 10th
+        training iteration) on the pipeline's run, so its Logs tab tells the story."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno < logging.WARNING and not _KEY_LINE.search(record.getMessage()):
+                return
+            copy = logging.makeLogRecord(record.__dict__)
+            copy.flow_run_id, copy.task_run_id = flow_run_id, None
+            super().emit(copy)
+
+    return KeyLinesTo()
+
+
 @contextlib.contextmanager
 def run_logs_forwarded():
     """Our library's and tasks' log records also go to the Prefect run's logs (the UI), for the duration."""
@@ -231,18 +265,23 @@ def run_logs_forwarded():
                     setattr(record, key, value)
             super().emit(record)
 
-    handler = RunLogHandler()
+    handlers = [RunLogHandler()]
+    root = _root_flow_run_id(ctx)
+    if root is not None:
+        handlers.append(_key_lines_to(root))
     loggers = [logging.getLogger(n) for n in STAGE_LOGGERS]
     saved = [(lg, lg.level) for lg in loggers]
     for lg in loggers:
-        lg.addHandler(handler)
+        for handler in handlers:
+            lg.addHandler(handler)
         if lg.getEffectiveLevel() > logging.INFO:
             lg.setLevel(logging.INFO)
     try:
         yield
     finally:
         for lg, level in saved:
-            lg.removeHandler(handler)
+            for handler in handlers:
+                lg.removeHandler(handler)
             lg.setLevel(level)
 
 

@@ -59,5 +59,39 @@ def test_every_stage_chains_and_a_rerun_redoes_nothing(prefect_harness, tmp_path
     tables = asyncio.run(lineage_table())
     assert any(produced["train-checkpoint"].version in str(t.data) for t in tables)
 
-    again = gptoss_pipeline(params)
-    assert again == outputs  # every stage a cache hit: the same versions
+    stages = ("download", "convert", "preprocess", "train", "export", "verify")
+    lines = _run_logs(state.state_details.flow_run_id)  # the pipeline's own run, as its Logs tab shows it
+    for stage in stages:
+        assert any(m.startswith(f"{stage}: ") and m.endswith("(committed)") for m in lines), (stage, lines[-40:])
+    assert any("iteration      10 |" in m for m in lines)  # training progress, every 10th iteration
+
+    again = gptoss_pipeline(params, return_state=True)
+    assert again.result() == outputs  # every stage a cache hit: the same versions
+    lines = _run_logs(again.state_details.flow_run_id)
+    for stage in stages:
+        assert any(m.startswith(f"{stage}: ") and "(cache hit" in m for m in lines), (stage, lines)
+
+
+def _run_logs(flow_run_id) -> list[str]:
+    """Every log line of one flow run (all pages), once the handler has sent them."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    async def read() -> list[str]:
+        out: list[str] = []
+        async with get_client() as client:
+            while page := await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                                 offset=len(out), limit=200):
+                out += [entry.message for entry in page]
+        return out
+
+    APILogHandler().flush()
+    deadline = time.monotonic() + 20
+    while True:
+        lines = asyncio.run(read())
+        if any(m.startswith("verify: ") for m in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.5)
