@@ -25,6 +25,14 @@ def test_deployment_entrypoint_and_parameters_validate(deployment):
         CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))  # raises when invalid
 
 
+def test_the_demo_deployment_runs_configs_demo_yaml_in_full():
+    """Submitted unchanged from the UI or `prefect deployment run`, it runs every stage."""
+    demo = next(d for d in DEPLOYMENTS if d["name"] == "demo")
+    config = yaml.safe_load((PREFECT_YAML.parents[1] / "configs" / "demo.yaml").read_text())
+    assert demo["parameters"]["params"] == config
+    assert {"download", "convert", "preprocess", "train", "export"} <= set(config)
+
+
 def test_a_wrong_parameter_is_caught():
     from prefect.exceptions import ParameterTypeError
 
