@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from flows.convert import convert_flow
 from flows.download import download_flow
@@ -23,7 +23,7 @@ from flows.export import export_flow
 from flows.preprocess import preprocess_flow
 from flows.train import train_flow
 from flows.verify import verify_flow
-from tasks.common import publish_lineage
+from tasks.common import StageParams, publish_lineage
 from tasks.convert import ConvertParams
 from tasks.download import DownloadParams
 from tasks.export import ExportParams
@@ -51,16 +51,14 @@ class PipelineExportParams(ExportParams):
     source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
 
 
-class PipelineVerifyParams(BaseModel):
+class PipelineVerifyParams(StageParams):
     after_convert: bool = Field(True, description="verify the conversion when it is too large for convert's "
                                 "own gate (layer-wise above whole_model_max_params)")
     after_export: bool = Field(True, description="verify the export against the checkpoint it was made from")
     whole_model_max_params: int = Field(2_000_000_000, ge=0)
 
 
-class PipelineParams(BaseModel):
-    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
-
+class PipelineParams(StageParams):
     download: DownloadParams = Field(default_factory=DownloadParams)
     convert: PipelineConvertParams = Field(default_factory=PipelineConvertParams)
     preprocess: PipelinePreprocessParams | None = Field(None, description="tokenise a corpus (omit: no dataset)")

@@ -45,11 +45,18 @@ def _refuse_credentials(url):
 PlainUrl = Annotated[str, Field(pattern=URL_WITHOUT_CREDENTIALS_PATTERN), BeforeValidator(_refuse_credentials)]
 
 
-class StoreSettings(BaseModel):
+class StageParams(BaseModel):
+    """Parameters of a stage or pipeline. Unknown keys are refused, by the Prefect server when the
+    run is created (the schema says additionalProperties: false): a misspelt key or a secret
+    pasted as a parameter is never stored in Prefect's database. A refused value is never
+    echoed in the error (it may be a password)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+class StoreSettings(StageParams):
     """Where artifacts live. Holds no secret: credentials come from the named
     Prefect Secret block or from boto3's usual chain (environment, profile, role)."""
-
-    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
 
     url: PlainUrl = Field(default_factory=lambda: settings().store_url,
                           description="fsspec URL of the store root: file://... (default) or s3://bucket/prefix")

@@ -20,11 +20,11 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gptoss_model.convert import convert_hf_to_megatron
 from gptoss_model.verify import ParityError, enforce_parity, parity_check
-from tasks.common import StageProgress, StoreSettings, run_logged_stage, stage_task
+from tasks.common import StageParams, StageProgress, StoreSettings, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
@@ -39,7 +39,7 @@ CODE_VERSION = "3"  # bump when what lands in the artifact changes for the same 
 __all__ = ["ConvertParams", "ParityError", "convert_checkpoint", "run_convert"]
 
 
-class ConvertParams(BaseModel):
+class ConvertParams(StageParams):
     source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                         description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
     name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN,

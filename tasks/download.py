@@ -21,14 +21,14 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
 from gptoss_model.hf_validate import require_checkpoint_files
 from gptoss_model.paths import is_within
 from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
-from tasks.common import (PlainUrl, SecretBlockError, StageProgress, StoreSettings, default_workdir,
-                          load_secret_block, run_logged_stage, stage_task)
+from tasks.common import (PlainUrl, SecretBlockError, StageParams, StageProgress, StoreSettings,
+                          default_workdir, load_secret_block, run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, StageResult
 from tasks.store.names import ARTIFACT_NAME_PATTERN
 
@@ -43,13 +43,11 @@ KIND = "hf-checkpoint"
 CODE_VERSION = "1"  # bump when what lands in the artifact changes for the same inputs
 
 
-class DownloadParams(BaseModel):
+class DownloadParams(StageParams):
     """What to download. Holds no secret: a token is never a parameter (Prefect keeps parameters
     in clear in its database, the run's Parameters tab and `flow-run inspect`); `hf_token_block`
     names a Prefect Secret block, or the worker's environment has HF_TOKEN. Unknown keys (a
     `hf_token` among them) are refused, by the Prefect server when the run is created."""
-
-    model_config = ConfigDict(hide_input_in_errors=True, extra="forbid")
 
     repo_id: str = Field("openai/gpt-oss-20b", pattern=HF_REPO_ID_PATTERN,
                          description="Hugging Face model repo id (owner/name)")

@@ -24,11 +24,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf
-from tasks.common import PlainUrl, StageProgress, StoreSettings, load_secret_block, run_logged_stage, stage_task
+from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, load_secret_block,
+                          run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
@@ -45,8 +46,7 @@ class LineageError(PermanentError, LookupError):
     """The original hf-checkpoint (or an adapter run's base checkpoint) cannot be found from the input's lineage."""
 
 
-class ExportParams(BaseModel):
-    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+class ExportParams(StageParams):
 
     source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                         description="megatron-checkpoint/NAME[@VERSION] or train-checkpoint/NAME[@VERSION]")

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
 from gptoss_model.data.sft import build_sft_dataset
@@ -37,8 +37,8 @@ from gptoss_model.data.sources import expand_sources, input_errors_named, input_
 from gptoss_model.data.tokenizer import tokenizer_spec
 from gptoss_model.data.workspace import READ_BLOCK, LocalDir
 from gptoss_model.errors import InvalidParameterError
-from tasks.common import (PlainUrl, StageProgress, StoreSettings, artifact_key, in_prefect_run, retry_worthwhile,
-                          run_logged_stage, stage_task)
+from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, artifact_key, in_prefect_run,
+                          retry_worthwhile, run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 from tasks.store.manifest import FileEntry
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
@@ -53,8 +53,7 @@ CODE_VERSION = "1"
 ProgressFn = Callable[[int, int, int, int], None]
 
 
-class PreprocessParams(BaseModel):
-    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may hold a password
+class PreprocessParams(StageParams):
 
     inputs: list[PlainUrl] = Field(
         ..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs (s3://...), plain, .gz or "

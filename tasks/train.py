@@ -24,14 +24,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS
 from gptoss_model.training.watchdog import EXIT_HANG
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from gptoss_model.training.recipes import RECIPES
-from tasks.common import StageProgress, StoreSettings, default_workdir, in_prefect_run, run_logged_stage, stage_task
+from tasks.common import (StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run,
+                          run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
@@ -57,7 +58,7 @@ class TrainingRefused(PermanentError, RuntimeError):
     """The training entry stopped on an error a retry cannot fix (a tampered checkpoint, bad data)."""
 
 
-class TrainParams(BaseModel):
+class TrainParams(StageParams):
     recipe: str = Field(..., pattern=RECIPE_PATTERN,
                         description=f"a recipe ({', '.join(RECIPES)}) or the path of a YAML run config")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, e.g. "

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
@@ -29,7 +29,7 @@ from gptoss_model.errors import PermanentError
 from gptoss_model.verify import default_tolerance, fixed_batch, verify_whole_model
 from gptoss_model.verify_layers import HFSide, MegatronSide, verify_layerwise
 from gptoss_model.verify_layers import default_tolerance as default_layer_tolerance
-from tasks.common import StageProgress, StoreSettings, in_prefect_run, run_logged_stage, stage_task
+from tasks.common import StageParams, StageProgress, StoreSettings, in_prefect_run, run_logged_stage, stage_task
 from tasks.export import HF_KIND, find_adapter_base, find_hf_source
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_SPEC_PATTERN
@@ -47,7 +47,7 @@ class VerificationFailed(PermanentError, ValueError):
     """The candidate's numbers are too far from the reference's."""
 
 
-class VerifyParams(BaseModel):
+class VerifyParams(StageParams):
     candidate: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                            description="megatron-checkpoint/..., train-checkpoint/..., hf-export/... or "
                            "hf-checkpoint/... [@VERSION]")

@@ -64,6 +64,19 @@ def test_download_and_convert_parameters_are_validated_at_run_creation(prefect_h
     assert train["good"].startswith("accepted")
     assert not train["typo"].startswith("accepted") and "recipe" in train["typo"], train["typo"]
 
+    from flows.pipeline import gptoss_pipeline
+
+    secret = "AKIAEXAMPLESECRET0000"
+    pipeline = asyncio.run(_create_runs(gptoss_pipeline, {
+        "good": {"download": {"source_url": "/mirrors/tiny"}},
+        "secret in the store": {"download": {"store": {"aws_secret_access_key": secret}}},
+        "token in download": {"download": {"hf_token": secret}},
+        "misspelt key": {"convert": {"dtpye": "float32"}},
+    }))
+    assert pipeline["good"].startswith("accepted"), pipeline["good"]
+    for case in ("secret in the store", "token in download", "misspelt key"):
+        assert not pipeline[case].startswith("accepted"), (case, pipeline[case])  # never stored
+
     convert = asyncio.run(_create_runs(convert_flow, {
         "good": {"source": "hf-checkpoint/openai/gpt-oss-20b@latest"},
         "malformed": {"source": "hf-checkpoint openai/gpt-oss-20b"},
