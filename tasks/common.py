@@ -137,6 +137,18 @@ class PrefectProgress(ProgressSink):
 _stage_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar("gptoss_stage_sink", default=None)
 
 
+@contextlib.contextmanager
+def one_progress_artifact():
+    """For the duration, every progress sink asked for is the same one: a stage task run shows one
+    progress artifact. (A module-level function: a stage task pickled to a Dask worker refers to it
+    by name; a ContextVar itself cannot be pickled.)"""
+    token = _stage_sink.set(progress_sink())
+    try:
+        yield
+    finally:
+        _stage_sink.reset(token)
+
+
 def progress_sink() -> ProgressSink:
     """The running stage task's sink (one progress artifact per stage run), else a new one."""
     current = _stage_sink.get()
@@ -311,12 +323,8 @@ def stage_task(run: Callable[[P], StageResult], *, name: str, describe: Callable
         return describe(task_run.parameters["params"])
 
     def stage(params: P) -> Manifest:
-        token = _stage_sink.set(progress_sink())
-        try:
-            with run_logs_forwarded():
-                return run(params).manifest
-        finally:
-            _stage_sink.reset(token)
+        with one_progress_artifact(), run_logs_forwarded():
+            return run(params).manifest
 
     stage.__name__ = stage.__qualname__ = name.replace("-", "_")
     stage.__doc__ = f"Prefect task for {run.__module__}.{run.__name__}: {(run.__doc__ or '').strip()}"
