@@ -36,21 +36,12 @@ class _TokenizerInfo:
         return {"class": "gptoss_model.training.data", "vocab_size": self.vocab_size, "eod": self.eod}
 
 
-def _check_prefixes(paths: list[str]) -> None:
-    for p in paths:
-        for ext in (".bin", ".idx"):
-            if not Path(p + ext).is_file():
-                raise ConfigError(f"data.data_paths: {p}{ext} does not exist (give the prefix without "
-                                  ".bin/.idx, as the dataset artifact's data_prefixes list it)")
-
-
 def build_pretrain_datasets(run: RunConfig, vocab_size: int, train_samples: int, valid_samples: int):
     """(train, valid) GPTDatasets over the blend of `data.data_paths` (valid may be None)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     d = run.data
-    _check_prefixes(d.data_paths)
     run.data_cache_dir().mkdir(parents=True, exist_ok=True)
     tok = _TokenizerInfo(vocab_size=vocab_size, eod=d.eod_token_id,
                          pad=d.pad_token_id if d.pad_token_id is not None else d.eod_token_id)

@@ -2,7 +2,7 @@
 
 Each check returns (field, why) pairs; `preflight` reports them with the config rules,
 one line per problem. They read headers and small JSON/YAML files only (never a
-pickle): the .idx header of every data prefix, `sft.json`, a checkpoint's tracker,
+pickle): the .idx header of every data prefix (`data.indexed.check_indexed`), `sft.json`, a checkpoint's tracker,
 `metadata.json`, `run_config.yaml` and `conversion_report.json`, an HF `config.json`.
 """
 
@@ -16,56 +16,15 @@ from pathlib import Path
 import yaml
 
 from gptoss_model.config import GptOssModelConfig
+from gptoss_model.data.indexed import check_indexed
 from gptoss_model.training.config import RunConfig
 
-_IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core IndexedDataset's .idx header
-_IDX_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32",
-               8: "uint16"}
-_TOKEN_DTYPES = ("uint16", "int32", "int64", "uint8", "int16")
+_TOKEN_KINDS = "iu"  # token ids are integers (numpy kinds: signed, unsigned)
 
 
-_IDX_HEADER = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
-_ITEM_SIZE = {"uint8": 1, "int8": 1, "int16": 2, "uint16": 2, "int32": 4, "float32": 4, "int64": 8, "float64": 8}
-
-
-def read_idx_header(idx: Path) -> tuple[str, int, int]:
-    """(dtype, sequence count, document count) of a megatron .idx file; ValueError if it is not one."""
-    with open(idx, "rb") as f:
-        head = f.read(_IDX_HEADER)
-    if len(head) < _IDX_HEADER or head[:9] != _IDX_MAGIC:
-        raise ValueError("not a megatron indexed dataset index (bad header)")
-    version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
-    if version != 1 or code not in _IDX_DTYPES:
-        raise ValueError(f"unsupported index version {version} / dtype code {code}")
-    return _IDX_DTYPES[code], sequences, documents
-
-
-def check_indexed_sizes(prefix: str) -> None:
-    """The .idx holds the arrays its header announces and the .bin the tokens they point at
-    (a truncated copy is caught here, not as a buffer error inside a rank); ValueError if not."""
-    idx, binary = Path(prefix + ".idx"), Path(prefix + ".bin")
-    dtype, sequences, documents = read_idx_header(idx)
-    # lengths int32[seq], pointers int64[seq], document indices int64[doc] (+ optional modes int8[seq])
-    arrays = sequences * 4 + sequences * 8 + documents * 8
-    have = idx.stat().st_size - _IDX_HEADER
-    if have not in (arrays, arrays + sequences):
-        raise ValueError(f"{idx.stat().st_size} bytes, but its header announces {sequences} sequences and "
-                         f"{documents} documents ({_IDX_HEADER + arrays} bytes): truncated or not written "
-                         "by IndexedDatasetBuilder")
-    if sequences:
-        with open(idx, "rb") as f:
-            f.seek(_IDX_HEADER + (sequences - 1) * 4)
-            (last_length,) = struct.unpack("<i", f.read(4))
-            f.seek(_IDX_HEADER + sequences * 4 + (sequences - 1) * 8)
-            (last_pointer,) = struct.unpack("<q", f.read(8))
-        want = last_pointer + last_length * _ITEM_SIZE[dtype]
-        if binary.stat().st_size != want:
-            raise ValueError(f"{binary} holds {binary.stat().st_size} bytes, its index points to {want}: "
-                             "truncated or from another dataset")
-
-
-def _indexed_problems(prefix: str, field: str) -> list[tuple[str, str]]:
-    """The .bin/.idx pair of one prefix exists and its index header reads."""
+def _indexed_problems(prefix: str, field: str, *, tokens: bool = False) -> list[tuple[str, str]]:
+    """The .bin/.idx pair of one prefix exists, agrees with its index header and holds documents
+    (and, with `tokens`, integer token ids)."""
     for ext in (".bin", ".idx"):
         if prefix.endswith(ext):
             return [(field, f"{prefix}: give the prefix without {ext} (data_prefixes name "
@@ -74,12 +33,13 @@ def _indexed_problems(prefix: str, field: str) -> list[tuple[str, str]]:
     if missing:
         return [(field, f"{prefix}{'/'.join(missing)} does not exist")]
     try:
-        dtype, sequences, documents = read_idx_header(Path(prefix + ".idx"))
-        check_indexed_sizes(prefix)
+        dtype, sequences, documents = check_indexed(prefix)
     except (OSError, ValueError, struct.error) as e:
         return [(field, f"{prefix}.idx: {e}")]
     if sequences == 0 or documents == 0:
         return [(field, f"{prefix}.idx: holds no documents")]
+    if tokens and dtype.kind not in _TOKEN_KINDS:
+        return [(field, f"{prefix}.idx: token dtype {dtype} is not an integer type")]
     return []
 
 
@@ -106,14 +66,10 @@ def data_problems(run: RunConfig) -> list[tuple[str, str]]:
                 except ValueError as e:
                     problems.append((field, f"{meta}: not valid JSON ({e})"))
             continue
-        found = _indexed_problems(prefix, field)
+        found = _indexed_problems(prefix, field, tokens=True)
         if found and packed:
             found = [(field, f"{prefix}: packed SFT shards (tokens/loss_mask/doc_lengths), not pretraining "
                              "data: set data.kind=sft")]
-        elif not found:
-            dtype, _, _ = read_idx_header(Path(prefix + ".idx"))
-            if dtype not in _TOKEN_DTYPES:
-                found = [(field, f"{prefix}.idx: token dtype {dtype} is not an integer type")]
         problems += found
     return problems
 
