@@ -251,7 +251,9 @@ class Trainer:
             gc.collect()
         last = {}
         try:
-            with _watchdog(tr.hang_timeout) as dog:
+            from gptoss_model.training.watchdog import Watchdog
+
+            with Watchdog(tr.hang_timeout) as dog:
                 while self.iteration < tr.train_iters:
                     dog.phase(self.iteration, "training step")
                     last = self.step()
@@ -277,21 +279,6 @@ class Trainer:
             self.metrics.close()
         return {"iteration": self.iteration, "consumed_samples": self.consumed, "resumed_from": self.resumed_from,
                 "last": last}
-
-
-def _watchdog(timeout_s: float):
-    from contextlib import nullcontext
-
-    from gptoss_model.training.watchdog import Watchdog
-
-    if timeout_s <= 0:
-        return nullcontext(_NoDog())
-    return Watchdog(timeout_s)
-
-
-class _NoDog:
-    def phase(self, iteration: int, what: str) -> None:
-        pass
 
 
 def train(run: RunConfig) -> dict:

@@ -41,18 +41,18 @@ class _Seen:
 
 
 class Watchdog:
-    """`with Watchdog(timeout_s) as dog:` around the training loop; `dog.phase(it, what)` as it goes."""
+    """`with Watchdog(timeout_s) as dog:` around the training loop; `dog.phase(it, what)` as it goes.
+    A timeout of 0 (train.hang_timeout=0) watches nothing."""
 
-    def __init__(self, timeout_s: float, *, period_s: float | None = None, exit=os._exit):
+    def __init__(self, timeout_s: float, *, period_s: float | None = None):
         import torch.distributed as dist
 
         global _runs
         _runs += 1
         self.timeout_s = float(timeout_s)
-        self.period_s = period_s or max(0.2, min(5.0, self.timeout_s / 10))
+        self.period_s = period_s or max(0.2, min(5.0, self.timeout_s / 10 or 5.0))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._store = dist.PrefixStore(f"gptoss-watchdog/{_runs}/", _store())
-        self._exit = exit
         self._state = (0, "start")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gptoss-watchdog", daemon=True)
@@ -65,6 +65,8 @@ class Watchdog:
     def __enter__(self) -> "Watchdog":
         import torch.distributed as dist
 
+        if self.timeout_s <= 0:
+            return self
         self._store.set(f"host/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
         self._publish()
         dist.barrier()  # every rank's keys exist before anyone reads them
@@ -74,7 +76,8 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.period_s * 4)
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.period_s * 4)
 
     # ------------------------------------------------------------ the thread
     def _publish(self) -> None:
@@ -131,7 +134,7 @@ class Watchdog:
                     os.kill(int(self._hosts[r][1]), signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-        self._exit(EXIT_HANG)
+        os._exit(EXIT_HANG)
 
     def _describe(self, rank: int) -> str:
         try:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gptoss_model.training.config import ConfigError, apply_overrides
 from gptoss_model.training.plan import plan
-from gptoss_model.training.preflight import GiB
+from gptoss_model.training.preflight import GiB, estimate_memory, model_config
 from gptoss_model.training.recipes import recipe
 
 PINNED = [  # (recipe, overrides, GPUs, device, total GiB per rank)
@@ -33,7 +33,8 @@ def test_seed_recipes_planned_for_gpus_from_a_cpu_machine(name, overrides, gpus,
     print("\n" + p.table())
     assert round(p.estimate.total / GiB, 2) == total
     assert p.estimate.total < p.device.memory_bytes  # fits the target GPU
-    assert p.estimate.activations < p.estimate.total  # flash attention: no s^2 score matrices
+    without_flash = estimate_memory(p.run, model_config(p.run), gpus, bf16=True, flash_attention=False)
+    assert p.estimate.activations < without_flash.activations  # flash attention: no s^2 score matrices
     assert p.estimate.params == p.estimate.params_per_rank * 2  # bf16 weights on the GPU
 
 
