@@ -176,11 +176,11 @@ def test_kill_hook_leaves_no_torchrun_or_rank_process(store_inputs, tmp_path):
 
 
 def _capture(fn, *args):
+    """fn's result, or the exception it raised (the test inspects either)."""
     try:
-        fn(*args)
+        return fn(*args)
     except Exception as e:  # noqa: BLE001 - the test inspects it
         return e
-    return None
 
 
 @pytest.mark.prefect
@@ -352,7 +352,7 @@ def test_two_runs_of_the_same_training_one_trains_the_other_waits_and_reuses_it(
     logger.setLevel(logging.INFO)
     results: list = []
     try:
-        runs = [threading.Thread(target=lambda: results.append(_capture_result(run_train, params, store)))
+        runs = [threading.Thread(target=lambda: results.append(_capture(run_train, params, store)))
                 for _ in range(2)]
         for t in runs:
             t.start()
@@ -367,9 +367,3 @@ def test_two_runs_of_the_same_training_one_trains_the_other_waits_and_reuses_it(
     assert any("waiting for it to finish" in line for line in lines)
     assert sum("[gptoss train] " in line for line in lines) == 1  # torchrun started once
 
-
-def _capture_result(fn, *args):
-    try:
-        return fn(*args)
-    except Exception as e:  # noqa: BLE001 - the test inspects it
-        return e
