@@ -175,6 +175,25 @@ def test_kill_hook_leaves_no_torchrun_or_rank_process(store_inputs, tmp_path):
     print(f"\nkilled torchrun {root.pid} and {len(tree) - 1} descendants; none survived")
 
 
+@contextlib.contextmanager
+def _stage_log_lines():
+    """The train stage's log lines (INFO and up) while the block runs."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("tasks.train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _capture(fn, *args):
     """fn's result, or the exception it raised (the test inspects either)."""
     try:
@@ -294,7 +313,6 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
     """SIGSTOP one of two ranks after the first committed checkpoint: the watchdog ends the
     attempt within train.hang_timeout + 30 s naming the rank, and the task's retry resumes
     from the newest committed checkpoint to the end."""
-    import logging
     import os
     import signal
 
@@ -317,14 +335,8 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
             psutil.wait_procs([ranks[-1]], timeout=hang_timeout + 60)
             stopped["gone_after"] = time.monotonic() - stopped["at"]
 
-    lines: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger("tasks.train").addHandler(handler)  # the stage's log, as the run shows it
-    try:
+    with _stage_log_lines() as lines:  # the stage's log, as the run shows it
         manifest = _train_with_fast_retry(params, stop_a_rank_after_the_first_commit)
-    finally:
-        logging.getLogger("tasks.train").removeHandler(handler)
     text = "\n".join(lines)
     assert stopped, "no rank was stopped"
     print(f"\nrank pid {stopped['pid']} stopped; the attempt ended {stopped['gone_after']:.1f} s later "
@@ -337,30 +349,18 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
 
 @pytest.mark.slow
 def test_two_runs_of_the_same_training_one_trains_the_other_waits_and_reuses_it(store_inputs, tmp_path):
-    import logging
-
     from tasks.train import run_train
 
     params = _params("twice", store_inputs, tmp_path, **{"train.train_iters": 8})
     store = store_inputs[0]
-    lines: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("tasks.train")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     results: list = []
-    try:
+    with _stage_log_lines() as lines:
         runs = [threading.Thread(target=lambda: results.append(_capture(run_train, params, store)))
                 for _ in range(2)]
         for t in runs:
             t.start()
         for t in runs:
             t.join(timeout=300)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert len(results) == 2 and all(not isinstance(r, Exception) for r in results), results
     assert sorted(r.cache_hit for r in results) == [False, True]  # one trained, one reused its commits
     assert results[0].manifest.version == results[1].manifest.version
