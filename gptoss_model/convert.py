@@ -68,6 +68,7 @@ from gptoss_model.errors import InvalidParameterError, PermanentError
 from gptoss_model.hf_validate import open_validated_checkpoint
 from gptoss_model.parallel import world_of_one
 from gptoss_model.resources import peak_rss_mb, rss_mb
+from gptoss_model.workers import cores, useful_workers
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,6 @@ def _prepare_out_dir(out_dir: Path, plan: CheckpointPlan, resume: bool) -> str:
                           f"this conversion (same input, dtype and code); use an empty directory")
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def useful_workers(requested: int, chunks: int) -> int:
-    """More processes than chunks idle, more than cores only contend (each one imports torch: ~250 MB)."""
-    return max(1, min(requested, chunks, _cores()))
-
-
 @torch.no_grad()
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
                            source_sha: str | None = None, workers: int = 1, resume: bool = True,
@@ -157,7 +149,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype: st
     requested, workers = workers, useful_workers(workers, ckpt.cfg.num_layers + 2)
     if workers < requested:
         log.info("conversion: %d workers asked for, %d used (%d chunks, %d cores available)", requested,
-                 workers, ckpt.cfg.num_layers + 2, _cores())
+                 workers, ckpt.cfg.num_layers + 2, cores())
     pool = start_workers(hf_dir, workers - 1) if workers > 1 else None  # this process is one of them
     try:
         report = _convert(ckpt, hf_dir, out_dir, dtype, source_sha, workers, pool, resume, progress)

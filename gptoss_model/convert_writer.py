@@ -13,8 +13,7 @@ files and writes only the other chunks; a half-written file is never renamed
 into place.
 
 With N workers, this process writes chunks too, alongside N-1 spawned
-processes that import torch and safetensors but not megatron; those die with
-their parent (PR_SET_PDEATHSIG), so killing the converter kills the whole tree.
+processes (`workers`) that import torch and safetensors but not megatron.
 """
 
 from __future__ import annotations
@@ -25,10 +24,6 @@ import pickle
 import queue
 import shutil
 import threading
-from collections import deque
-from dataclasses import dataclass
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -37,15 +32,11 @@ import torch
 from gptoss_model.convert_plan import Chunk, item_key
 from gptoss_model.hf_reader import CheckpointError
 from gptoss_model.load_hf import read_for_param, reads_row_windows
-from gptoss_model.processes import die_with_parent
 from gptoss_model.resources import peak_rss_mb
 from gptoss_model.safe_unpickle import UnsafePickleError, restricted_load_file
+from gptoss_model.workers import WorkerError, WorkerPool, spread, start_pool
 
 MAPPED_BYTES_LIMIT = 64 * 2**20  # safetensors pages a worker keeps mapped (and reads per piece of a big tensor)
-
-
-class WorkerError(RuntimeError):
-    """A conversion worker died or failed."""
 
 
 PREFETCH_ITEMS = 2  # items converted ahead of the one being written
@@ -257,9 +248,7 @@ def canonical_results(chunks: list[Chunk], results: dict[int, list]) -> list[lis
 _WORKER: dict = {}
 
 
-def _worker_init(hf_dir: str, mapped_limit: int, parent_pid: int) -> None:
-    die_with_parent(parent_pid)  # die with the converter
-    torch.set_num_threads(1)  # one process per core does the parallelism
+def _worker_init(hf_dir: str, mapped_limit: int) -> None:
     from gptoss_model.hf_reader import HFCheckpoint
 
     _WORKER["ckpt"] = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
@@ -271,30 +260,9 @@ def _worker_write(chunk: Chunk, iter_dir: str, state_dir: str) -> tuple[list, in
     return results, os.getpid(), peak_rss_mb()
 
 
-def _worker_ready() -> int:
-    return os.getpid()
-
-
-@dataclass
-class WorkerPool:
-    """Spawned conversion processes (the converting process itself is not counted)."""
-
-    executor: ProcessPoolExecutor
-    processes: int
-
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
-
 def start_workers(hf_dir: Path, processes: int, mapped_limit: int = MAPPED_BYTES_LIMIT) -> WorkerPool:
     """Spawn the helper processes now, so their start-up (imports) overlaps the planning here."""
-    import multiprocessing as mp
-
-    executor = ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(str(hf_dir), mapped_limit, os.getpid()))
-    for _ in range(processes):  # one submit spawns one process (while none is idle)
-        executor.submit(_worker_ready)
-    return WorkerPool(executor, processes)
+    return start_pool(processes, _worker_init, (str(hf_dir), mapped_limit))
 
 
 def write_chunks(chunks: list[Chunk], ckpt, iter_dir: Path, state_dir: Path,
@@ -302,63 +270,20 @@ def write_chunks(chunks: list[Chunk], ckpt, iter_dir: Path, state_dir: Path,
                  on_item: Callable[[], None] | None = None) -> dict[int, list]:
     """Write `chunks` (reading `ckpt`): in this process and, given a `pool`, in each of its processes too.
 
-    Chunks are handed out one at a time from one queue, so a fast writer takes more.
-    This process starts at once (the pool's processes are still importing torch) and
-    saves a process's worth of memory. An exception is raised as is (a CheckpointError
-    stays one); a pool process that died (killed, out of memory) raises WorkerError.
-    Chunks finished before a failure stay done for the next attempt.
+    An exception is raised as is (a CheckpointError stays one); a pool process that died
+    raises WorkerError. Chunks finished before a failure stay done for the next attempt.
     """
-    todo, results, lock = deque(chunks), {}, threading.Lock()
+    results: dict[int, list] = {}
 
-    def take() -> Chunk | None:
-        with lock:
-            return todo.popleft() if todo else None
+    def here(chunk: Chunk):
+        return write_chunk(chunk, ckpt, iter_dir, state_dir, on_item if pool is None else None), os.getpid(), \
+            peak_rss_mb()
 
-    def finished(chunk: Chunk, result: list, pid: int, peak_rss_mb: float) -> None:
-        with lock:
-            results[chunk.index] = result
-            on_chunk(chunk, pid, peak_rss_mb)
+    def done(chunk: Chunk, result) -> None:
+        results[chunk.index] = result[0]
+        on_chunk(chunk, result[1], result[2])
 
-    def write_here() -> None:
-        while (chunk := take()) is not None:
-            finished(chunk, write_chunk(chunk, ckpt, iter_dir, state_dir, on_item if pool is None else None),
-                     os.getpid(), peak_rss_mb())
-
-    if pool is None:
-        write_here()
-        return results
-    failure: list[BaseException] = []
-
-    def local_worker() -> None:
-        try:
-            with torch.no_grad():
-                write_here()
-        except BaseException as e:  # re-raised by the caller's thread below
-            failure.append(e)
-
-    local = threading.Thread(target=local_worker, name="convert-chunks", daemon=True)
-    local.start()
-    pending: dict = {}
-    try:
-        while True:
-            while len(pending) < pool.processes and not failure and (chunk := take()) is not None:
-                pending[pool.executor.submit(_worker_write, chunk, str(iter_dir), str(state_dir))] = chunk
-            if not pending:
-                break
-            for fut in wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)[0]:
-                chunk = pending.pop(fut)
-                try:
-                    finished(chunk, *fut.result())
-                except BrokenProcessPool as e:
-                    raise WorkerError(f"a conversion worker died while writing chunk {chunk.index} "
-                                      f"({chunk.label}): {e}; finished chunks are kept and a rerun writes "
-                                      "the others") from e
-    except BaseException:
-        with lock:
-            todo.clear()  # the local writer stops after its current chunk
-        raise
-    finally:
-        local.join()
-    if failure:
-        raise failure[0]
+    spread(chunks, here=here, pool=pool, on_done=done,
+           submit=lambda chunk: pool.submit(_worker_write, chunk, str(iter_dir), str(state_dir)),
+           describe=lambda chunk: f"writing conversion chunk {chunk.index} ({chunk.label})")
     return results

@@ -276,7 +276,9 @@ def test_bad_files_are_named_and_nothing_is_written(sources, tmp_path):
 def test_worker_count_is_capped_by_chunks_and_cores():
     import os
 
+    from gptoss_model.workers import useful_workers
+
     cores = len(os.sched_getaffinity(0))
-    assert convert.useful_workers(11, chunks=6) == min(6, cores)
-    assert convert.useful_workers(1, chunks=6) == 1
-    assert convert.useful_workers(256, chunks=1000) == cores
+    assert useful_workers(11, items=6) == min(6, cores)
+    assert useful_workers(1, items=6) == 1
+    assert useful_workers(256, items=1000) == cores
