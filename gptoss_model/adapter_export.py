@@ -91,11 +91,23 @@ class AdaptedReader:
                                      "no adapter tensors")
         self.iter_dir, self.stored = adapters.iter_dir, base.stored
 
-    def __enter__(self) -> "AdaptedReader":  # both readers are entered already (they hold nothing)
+    def __enter__(self) -> "AdaptedReader":  # both readers are entered already
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self.close()
+
+    def close(self) -> None:
+        self.base.close()
+        self.adapters.close()
+
+    @property
+    def evict_after_read(self) -> bool:
+        return self.base.evict_after_read
+
+    @evict_after_read.setter
+    def evict_after_read(self, value: bool) -> None:
+        self.base.evict_after_read = self.adapters.evict_after_read = value
 
     def groups(self) -> list[str]:
         return self.base.groups()

@@ -23,6 +23,7 @@ with either spec read the same.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 from gptoss_model.checkpoint_layout import TRACKER_FILE, build_model, checkpoint_iter_dir
 from gptoss_model.config import GptOssModelConfig
+from gptoss_model.dcp_records import RecordSpan, read_into, record_span
 from gptoss_model.errors import PermanentError
 from gptoss_model.parallel import world_of_one
 
@@ -133,17 +135,20 @@ class MegatronCheckpointReader:
     def __init__(self, path: str | Path, cfg: GptOssModelConfig, *, peft=None, adapters_only: bool = False):
         """`peft` (a training PeftConfig): the model carries these LoRA/DoRA adapters, so their tensors
         (`X.adapter.*`) are readable too; `adapters_only`: read (and require) only those."""
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.iter_dir = resolve_iter_dir(path)
         self.cfg, self.peft, self.adapters_only = cfg, peft, adapters_only
-        self._storage = FileSystemReader(str(self.iter_dir))
-        self._metadata = self._storage.read_metadata()
-        self._storage.set_up_storage_reader(self._metadata, True)
+        # Drop the pages of what was read from the page cache (export reads every byte once).
+        self.evict_after_read = False
+        self._fds: dict[str, int] = {}
+        self._spans: dict[tuple[str, tuple[int, ...]], RecordSpan] = {}
+        self._open_storage()
         self._tensor_md = {k: v for k, v in self._metadata.state_dict_metadata.items()
                            if isinstance(v, TensorStorageMetadata)}
         self.stored = {k: (tuple(v.size), v.properties.dtype) for k, v in self._tensor_md.items()}
+        self._chunk_sizes = {(k, tuple(c.offsets)): tuple(c.sizes) for k, v in self._tensor_md.items()
+                             for c in v.chunks}
         self.regions: dict[str, Region] = {}
 
     def __enter__(self) -> "MegatronCheckpointReader":
@@ -163,7 +168,7 @@ class MegatronCheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self.close()
 
     def groups(self) -> list[str]:
         return ["embedding", *(f"layer {i}" for i in range(self.cfg.num_layers)), "output"]
@@ -188,6 +193,69 @@ class MegatronCheckpointReader:
     def stored_dtype(self, name: str) -> torch.dtype:
         return self.stored[self.regions[name].key][1]
 
+    def __getstate__(self) -> dict:
+        # What a worker process needs to read (open files are reopened there, lazily).
+        state = dict(self.__dict__)
+        state.pop("_storage")
+        state.pop("_metadata")
+        state["_fds"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open_storage()
+
+    def _open_storage(self) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self._storage = FileSystemReader(str(self.iter_dir))
+        self._metadata = self._storage.read_metadata()
+        self._storage.set_up_storage_reader(self._metadata, True)
+
+    def close(self) -> None:
+        """Close the data files opened by `read` (reopened on the next read)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def _fd(self, relative_path: str) -> int:
+        fd = self._fds.get(relative_path)
+        if fd is None:
+            fd = self._fds[relative_path] = os.open(self.iter_dir / relative_path, os.O_RDONLY)
+        return fd
+
+    def _read_direct(self, item, target: torch.Tensor) -> bool:
+        """Read one item's stored chunk straight from the file into `target` (see dcp_records)."""
+        info = self._storage.storage_data[item.storage_index]
+        if info.transform_descriptors:
+            return False
+        key = (item.storage_index.fqn, tuple(item.storage_index.offset))
+        chunk_sizes = self._chunk_sizes[key]
+        dtype = self._tensor_md[key[0]].properties.dtype
+        nbytes = dtype.itemsize
+        for d in chunk_sizes:
+            nbytes *= d
+        fd = self._fd(info.relative_path)
+        span = self._spans.get(key)
+        if span is None:
+            span = record_span(fd, info.offset, info.length, nbytes)
+            if span is None:
+                return False
+            self._spans[key] = span
+        whole = all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == chunk_sizes
+        if whole and target.is_contiguous():
+            read_into(fd, span, memoryview(target.view(torch.uint8).reshape(-1).numpy()) if nbytes else
+                      memoryview(b""))
+        else:
+            stored = torch.empty(chunk_sizes, dtype=dtype)
+            read_into(fd, span, memoryview(stored.view(torch.uint8).reshape(-1).numpy()))
+            for dim, (off, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                stored = stored.narrow(dim, off, length)
+            target.copy_(stored)
+        if self.evict_after_read and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, span.offset, span.nbytes, os.POSIX_FADV_DONTNEED)
+        return True
+
     @torch.no_grad()
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """{world-1 megatron name: tensor in its stored dtype}, read (resharded) from the checkpoint."""
@@ -202,7 +270,10 @@ class MegatronCheckpointReader:
             buffers[(r.key, r.offsets)] = out[name].view(r.sizes)
             chunk = ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=torch.Size(r.sizes))
             items += create_read_items_for_chunk_list(r.key, self._tensor_md[r.key], [chunk])
-        self._storage.read_data(LoadPlan(items), _RegionLoadPlanner(buffers)).wait()
+        planner = _RegionLoadPlanner(buffers)
+        rest = [item for item in items if not self._read_direct(item, planner.resolve_tensor(item))]
+        if rest:  # items stored some other way: torch's reader (torch.load of each item)
+            self._storage.read_data(LoadPlan(rest), planner).wait()
         return out
 
     def read_group(self, group: str) -> dict[str, torch.Tensor]:
