@@ -153,6 +153,43 @@ def test_quantize_matches_scalar_reference():
         assert codes[i].tolist() == ref_codes, i
 
 
+def _groups_under_every_scale() -> torch.Tensor:
+    """bf16 groups [N, 32]: for every exponent of the group max (0..254, subnormal maxima included),
+    every finite bf16 value at most that max, both signs, 31 per group beside the max."""
+    rows = []
+    for exponent in range(255):
+        anchor = (exponent << 7) | 0x7F
+        values = torch.arange(anchor + 1, dtype=torch.int32)
+        values = torch.cat([values, values | 0x8000])  # and the negatives (-0 included)
+        values = torch.cat([values, values[: (-len(values)) % 31]]).view(-1, 31)
+        rows.append(torch.cat([torch.full((len(values), 1), anchor, dtype=torch.int32), values], dim=1))
+    return torch.cat(rows).to(torch.int16).view(torch.bfloat16)
+
+
+def test_bf16_fast_path_equals_the_float_path_for_every_value_and_scale():
+    """The bf16 table path against the float path (the implementation before it) on every
+    (scale, value) pair there is: zeros of both signs, subnormals, the largest finite values."""
+    x = _groups_under_every_scale()
+    assert x.shape[0] > 250_000
+    fast = mx.quantize(x)
+    slow = mx.quantize(x.to(torch.float32))  # same values, float path
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    assert set(fast[1].unique().tolist()) == set(range(253))  # every scale byte was exercised
+    # a strided (transposed) bf16 view and chunk boundaries inside a tensor give the same bytes
+    wide = x[:4096].reshape(64, 64 * 32)
+    by_view = mx.quantize(wide.t().contiguous().t())
+    assert torch.equal(by_view[0], mx.quantize(wide)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_input_is_refused(dtype):
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        x = torch.zeros(3, 64, dtype=dtype)
+        x[2, 40] = bad
+        with pytest.raises(ValueError, match="inf or NaN"):
+            mx.quantize(x)
+
+
 def test_quantize_errors():
     with pytest.raises(ValueError):
         mx.quantize(torch.zeros(4, 48))
