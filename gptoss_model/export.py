@@ -20,12 +20,17 @@ reference repository:
 
 Weight formats: `bfloat16` (default), `float32`, `mxfp4`.
 
-Streaming: the checkpoint is read one tensor at a time (one expert of a
-stacked expert tensor; `megatron_reader`), mapped with `name_map`, and
-appended to the current safetensors shard (`safetensors_writer`), so peak
-memory is about the largest single tensor (the embedding) whatever the
-number of layers or experts, and the checkpoint may have been saved at any
-TP/PP/EP layout. A failure leaves no shard under its final name and no index.
+Streaming, in `workers` processes: the groups (embedding, each layer, head;
+`export_groups`) are spread over this process and `workers - 1` spawned ones.
+Each reads one tensor at a time (one expert of a stacked expert tensor,
+straight from the checkpoint's bytes; `megatron_reader`), maps it with
+`name_map`, and writes it at its offset in the shard files
+(`safetensors_writer`), whose pages are then fsynced and evicted. Peak memory
+per process is about the largest single tensor (the embedding) whatever the
+number of layers or experts; the checkpoint may have been saved at any
+TP/PP/EP layout. The bytes do not depend on the worker count. A failure leaves
+no shard under its final name and no index; a rerun into the same directory
+writes only the groups not yet marked done in `.export/`.
 
 No Prefect here: tasks/export.py wraps this in a stage; `AutoBridge.export_ckpt`
 calls it directly.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -42,14 +48,14 @@ from typing import Callable
 
 import torch
 
-from gptoss_model import mxfp4
 from gptoss_model.adapter_export import PEFT_DIR, AdaptedReader, open_adapted, read_peft_config, write_peft_adapter
-from gptoss_model import name_map as nm
 from gptoss_model.config import GptOssModelConfig
-from gptoss_model.resources import peak_rss_mb
-from gptoss_model.errors import PermanentError
+from gptoss_model.export_groups import (ExportError, ExportJob, export_fingerprint, finished_groups, group_names,
+                                        hf_tensor_specs, imported, run_group, run_group_in_worker, shard_plan)
 from gptoss_model.megatron_reader import MegatronCheckpointReader
-from gptoss_model.safetensors_writer import ShardedSafetensorsWriter, ShardPlan, TensorSpec
+from gptoss_model.resources import peak_rss_mb
+from gptoss_model.safetensors_writer import ShardFiles
+from gptoss_model.workers import spread, start_pool, useful_workers
 
 log = logging.getLogger(__name__)
 
@@ -65,101 +71,8 @@ MXFP4_QUANTIZATION_CONFIG = {
                                "lm_head"],
     "quant_method": "mxfp4",
 }
-# Temporaries per quantize step: 4 MiB (mxfp4's default) measured 4x slower than 128 MiB on this
-# 2-core machine (per-step overhead); 128 MiB is small beside the layer held anyway.
-QUANTIZE_CHUNK_BYTES = 128 << 20
-
-
-class ExportError(PermanentError, ValueError):
-    """The export cannot be made (bad format, non-empty output dir, config that does not fit)."""
-
-
-def _tensor_dtype(weight_format: str) -> torch.dtype:
-    return torch.float32 if weight_format == "float32" else torch.bfloat16
-
-
-# ----------------------------------------------------------------- the plan
-def _layer_groups(cfg: GptOssModelConfig, group: str) -> list[nm.Match]:
-    """The name_map groups (rule, layer) of one structural group, in the order they are written."""
-    if group == "embedding":
-        return [m for m in nm.iter_groups(cfg) if m.rule.hf[0] == "model.embed_tokens.weight"]
-    if group == "output":
-        return [m for m in nm.iter_groups(cfg) if m.layer is None and m.rule.hf[0] != "model.embed_tokens.weight"]
-    layer = int(group.split()[1])
-    return [nm.Match(rule, layer) for rule in nm.RULES if "{layer}" in rule.hf[0]]
-
-
-def hf_tensor_specs(cfg: GptOssModelConfig, weight_format: str, group: str) -> list[TensorSpec]:
-    """What one structural group becomes in the HF checkpoint: names, shapes and dtypes, in file order."""
-    dtype = _tensor_dtype(weight_format)
-    specs = []
-    for match in _layer_groups(cfg, group):
-        for name, shape in zip(match.hf_names(), match.hf_shapes(cfg)):
-            if weight_format == "mxfp4" and nm.is_mxfp4_stored(match.rule):
-                if shape[1] % mxfp4.GROUP:  # HF [E, in, out]
-                    raise ExportError(f"{name}: in_features {shape[1]} is not a multiple of {mxfp4.GROUP}; it "
-                                      "cannot be stored as MXFP4 (export as bfloat16 instead)")
-                blocks, scales = mxfp4.mxfp4_pair_names(name)
-                blocks_shape, scales_shape = nm.mxfp4_stored_shapes(shape)
-                specs.append(TensorSpec(blocks, blocks_shape, torch.uint8))
-                specs.append(TensorSpec(scales, scales_shape, torch.uint8))
-            else:
-                specs.append(TensorSpec(name, tuple(shape), dtype))
-    return specs
-
-
-def group_names(cfg: GptOssModelConfig) -> list[str]:
-    return ["embedding", *(f"layer {i}" for i in range(cfg.num_layers)), "output"]
-
-
-def shard_plan(cfg: GptOssModelConfig, weight_format: str, max_shard_bytes: int) -> ShardPlan:
-    specs = [s for g in group_names(cfg) for s in hf_tensor_specs(cfg, weight_format, g)]
-    return ShardPlan.make(specs, max_shard_bytes)
-
-
-# ------------------------------------------------------------- conversion
-def _mxfp4_expert(match: nm.Match, megatron_expert: torch.Tensor, cfg: GptOssModelConfig):
-    """One expert's megatron weight -> MXFP4 (blocks, scales) of its stored [out, in] rows.
-
-    The stored rows are the transpose of the HF bf16 matrix (fc1's gate and up interleaved;
-    fc2 as is), quantized from a strided view: no transposed copy.
-    """
-    (hf,) = match.rule.mapping.to_hf(megatron_expert, cfg)
-    return mxfp4.quantize(hf.transpose(0, 1), max_chunk_bytes=QUANTIZE_CHUNK_BYTES)
-
-
-def write_group(reader: MegatronCheckpointReader, writer: ShardedSafetensorsWriter, cfg: GptOssModelConfig,
-                weight_format: str, group: str, on_tensor: Callable[[], None]) -> None:
-    """Read one structural group from the checkpoint and append its HF tensors, in `hf_tensor_specs` order.
-
-    Stacked expert tensors are produced one expert at a time (read, map, append), so memory is one
-    expert's tensor, not a layer's experts (6 GB of bf16 per layer for gpt-oss-120b).
-    """
-    dtype = _tensor_dtype(weight_format)
-    for match in _layer_groups(cfg, group):
-        mapping, hf_name = match.rule.mapping, match.hf_names()[0]
-        if not mapping.per_expert:
-            name = match.megatron_name("local")
-            for out_name, value in nm.megatron_to_hf(reader.read([name]), cfg):
-                writer.write(out_name, value.to(dtype).contiguous())
-                on_tensor()
-            continue
-        experts = [match.megatron_name("local", e) for e in range(cfg.num_experts)]
-        if weight_format == "mxfp4" and nm.is_mxfp4_stored(match.rule):
-            blocks_name, scales_name = mxfp4.mxfp4_pair_names(hf_name)
-            scales = []  # 1/16 of the blocks' size: held until the blocks are written
-            for name in experts:
-                blocks, expert_scales = _mxfp4_expert(match, reader.read([name])[name], cfg)
-                writer.write_rows(blocks_name, blocks.unsqueeze(0), 1)
-                scales.append(expert_scales)
-            on_tensor()
-            writer.write(scales_name, torch.stack(scales))
-            on_tensor()
-            continue
-        for name in experts:
-            (value,) = mapping.to_hf(reader.read([name])[name], cfg)
-            writer.write_rows(hf_name, value.to(dtype).unsqueeze(0).contiguous(), 1)
-        on_tensor()
+STATE_DIR = ".export"  # progress of an unfinished export: the plan's fingerprint, a marker per finished group
+PLAN_FILE = "plan.json"
 
 
 # ------------------------------------------------------------ side files
@@ -199,17 +112,40 @@ def _resolve_config(config) -> tuple[GptOssModelConfig, Path | None]:
 
 
 
+def unfinished_export(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds an export attempt that a rerun continues (see `export_megatron_to_hf`)."""
+    return (Path(out_dir) / STATE_DIR / PLAN_FILE).is_file()
+
+
+def _prepare_out_dir(out_dir: Path, state_dir: Path, fingerprint: str) -> bool:
+    """True to resume an earlier attempt of this very export in `out_dir`; refuses anything else there."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return False
+    plan_file = state_dir / PLAN_FILE
+    if plan_file.is_file():
+        try:
+            if json.loads(plan_file.read_text()).get("fingerprint") == fingerprint:
+                return True
+        except ValueError:
+            pass
+    raise ExportError(f"output directory {out_dir} is not empty (and holds no unfinished attempt of this "
+                      "export); export into an empty or new directory")
+
+
 @torch.no_grad()
 def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
                           config: GptOssModelConfig | str | Path, tokenizer_dir: str | Path | None = None,
                           weight_format: str = "bfloat16", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                           base_megatron_path: str | Path | None = None, peft_adapter: bool = False,
-                          progress: Callable[[int, int], None] | None = None) -> dict:
+                          workers: int = 1, progress: Callable[[int, int], None] | None = None) -> dict:
     """Export the megatron checkpoint at `megatron_path` (a checkpoint dir or one iteration dir) to `out_dir`.
 
     `config`: the model config, or the original HF checkpoint dir (then also the default
-    `tokenizer_dir`). `out_dir` must be absent or empty. `progress(done, total)` counts HF
-    tensors. Returns the export report (for the manifest).
+    `tokenizer_dir`). `out_dir` must be absent, empty, or an unfinished attempt of the same
+    export (whose finished groups are kept). `workers` processes write disjoint groups (the
+    embedding, each layer, the head): this one plus `workers - 1` spawned ones; the bytes do
+    not depend on it. `progress(done, total)` counts HF tensors (per group with workers).
+    Returns the export report (for the manifest).
 
     A checkpoint with LoRA/DoRA adapters (a training run's, see `adapter_export`) is exported
     with the adapters merged into the weights (in fp32, before the cast). An adapter-only
@@ -219,11 +155,11 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
     """
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if workers < 1:
+        raise ExportError(f"workers must be >= 1, got {workers}")
     cfg, config_dir = _resolve_config(config)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else config_dir
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ExportError(f"output directory {out_dir} is not empty; export into an empty or new directory")
     started = time.time()
     plan = shard_plan(cfg, weight_format, max_shard_bytes)  # before reading: bad formats fail here
     total = sum(len(s) for s in plan.shards)
@@ -231,44 +167,80 @@ def export_megatron_to_hf(megatron_path: str | Path, out_dir: str | Path, *,
     if peft is None and (base_megatron_path is not None or peft_adapter):
         raise ExportError(f"{megatron_path} holds no LoRA/DoRA adapters; base_megatron_path and peft_adapter "
                           "apply to adapter checkpoints only")
-    # The readers hold no resources (their `__exit__` does nothing): plain objects here.
-    if peft is None:
-        reader = MegatronCheckpointReader(megatron_path, cfg).__enter__()
-    else:
-        reader = AdaptedReader(*open_adapted(megatron_path, base_megatron_path, cfg, peft), peft)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stored_dtypes = sorted({str(d).removeprefix("torch.") for _, d in reader.stored.values()})
-    if progress is not None:
-        progress(0, total)
-    counter = [0]
-
-    def on_tensor() -> None:
-        counter[0] += 1
+    groups = group_names(cfg)
+    requested, workers = workers, useful_workers(workers, len(groups))
+    # spawned now, importing this module (torch, DCP: ~2 s) while this process sets up the reader
+    pool = start_pool(workers - 1, imported) if workers > 1 else None
+    try:
+        if peft is None:
+            reader = MegatronCheckpointReader(megatron_path, cfg).__enter__()
+        else:
+            reader = AdaptedReader(*open_adapted(megatron_path, base_megatron_path, cfg, peft), peft)
+        files = ShardFiles(out_dir, plan)
+        fingerprint = export_fingerprint(reader, cfg, files)
+        state_dir = out_dir / STATE_DIR
+        resumed = _prepare_out_dir(out_dir, state_dir, fingerprint)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / PLAN_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+        done = finished_groups(state_dir, fingerprint) if resumed else set()
+        files.create(keep_existing=resumed)
+        job = ExportJob(reader, files, cfg, weight_format, state_dir, fingerprint)
+        tensors_of = {g: len(hf_tensor_specs(cfg, weight_format, g)) for g in groups}
+        counter = [sum(tensors_of[g] for g in done)]
+        by_pid: dict[int, int] = {}
         if progress is not None:
             progress(counter[0], total)
 
-    with ShardedSafetensorsWriter(out_dir, plan) as writer:
-        for group in reader.groups():
-            write_group(reader, writer, cfg, weight_format, group, on_tensor)
+        def on_tensor() -> None:
+            counter[0] += 1
+            progress(counter[0], total)
+
+        def on_group(group: str, result: tuple[int, float]) -> None:
+            by_pid[result[0]] = by_pid.get(result[0], 0) + 1
+            if pool is not None and progress is not None:
+                counter[0] += tensors_of[group]
+                progress(counter[0], total)
+
+        reader.evict_after_read = True
+        threads = torch.get_num_threads()
+        if pool is not None:
+            torch.set_num_threads(1)  # one process per core is the parallelism, as in the workers
+        try:
+            spread([g for g in groups if g not in done], pool=pool, on_done=on_group,
+                   here=lambda g: run_group(job, g, on_tensor if progress is not None and pool is None else None),
+                   submit=lambda g: pool.submit(run_group_in_worker, job, g),
+                   describe=lambda g: f"exporting {g}")
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    files.finish()
     iter_dir = reader.iter_dir
     adapters = None
     if peft is not None:
         adapters = {"method": peft.method, "dim": peft.dim, "alpha": peft.alpha, "merged": True,
                     "modules": len(reader.adapted), "base_checkpoint": str(reader.base.iter_dir)}
         if peft_adapter:
+            shutil.rmtree(out_dir / PEFT_DIR, ignore_errors=True)  # an interrupted attempt's
             adapters["peft_dir"] = write_peft_adapter(reader, cfg, out_dir / PEFT_DIR)
     copied = write_side_files(out_dir, cfg, weight_format, tokenizer_dir)
+    reader.close()
+    shutil.rmtree(state_dir)
+    stored_dtypes = sorted({str(d).removeprefix("torch.") for _, d in reader.stored.values()})
+    here = by_pid.pop(os.getpid(), 0)
     report = {
         "format": "huggingface safetensors", "weight_format": weight_format, "tensors": total,
         "bytes": plan.total_size, "shards": len(plan.shards), "max_shard_bytes": max_shard_bytes,
         "source_checkpoint": iter_dir.name, "source_dtypes": stored_dtypes, "side_files": copied,
         "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
+        "workers": workers, "workers_requested": requested, "groups_resumed": len(done),
+        "groups_written": {"this_process": here, "spawned_workers": sum(by_pid.values())},
         "seconds": round(time.time() - started, 3), "peak_rss_mb": peak_rss_mb(),
     }
     if adapters is not None:
         report["adapters"] = adapters
     report["mb_per_s"] = round(plan.total_size / 1e6 / max(report["seconds"], 1e-9), 1)
-    log.info("exported %s -> %s: %d tensors in %d shards, %.1f MB, %.1fs", iter_dir, out_dir, total,
-             len(plan.shards), plan.total_size / 1e6, report["seconds"])
+    log.info("exported %s -> %s: %d tensors in %d shards, %.1f MB, %.1fs, %d workers", iter_dir, out_dir, total,
+             len(plan.shards), plan.total_size / 1e6, report["seconds"], workers)
     return report
-

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf
+from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf, unfinished_export
 from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, load_secret_block,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
@@ -58,6 +59,8 @@ class ExportParams(StageParams):
     weight_format: Literal["bfloat16", "float32", "mxfp4"] = Field(
         "bfloat16", description="bfloat16/float32 everywhere, or mxfp4 experts (re-quantized) with bf16 elsewhere")
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, gt=0, description="largest safetensors shard")
+    workers: int = Field(1, ge=1, le=256, description="processes exporting disjoint groups (embedding, each "
+                         "layer, head); the bytes do not depend on it. At most the host's cores are used")
     base_source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN,
                                     description="megatron-checkpoint/NAME[@VERSION] an adapter-only (LoRA/DoRA) "
                                     "source is merged into; default: the one its run was trained from (lineage)")
@@ -179,18 +182,24 @@ def run_export(params: ExportParams, store: ArtifactStore | None = None) -> Stag
         raise ExportError(f"peft_adapter: {source.spec} holds no LoRA/DoRA adapters")
 
     def build(staging: Path) -> dict:
+        # The staging dir persists across attempts (resumable stage): groups an earlier, crashed attempt
+        # finished are kept. Anything else there (an attempt that finished but never committed) is redone.
+        if not unfinished_export(staging):
+            shutil.rmtree(staging)
         progress = StageProgress(f"export {source.spec} ({params.weight_format})")
         report = export_megatron_to_hf(store.local_path(source), staging, config=store.local_path(hf),
                                        weight_format=params.weight_format, max_shard_bytes=params.max_shard_bytes,
                                        base_megatron_path=store.local_path(base) if base else None,
-                                       peft_adapter=params.peft_adapter, progress=progress)
+                                       peft_adapter=params.peft_adapter, workers=params.workers,
+                                       progress=progress)
         progress.finish()
         return {**report, "source": source.spec, "hf_source": hf.spec,
                 **({"base_source": base.spec} if base else {})}
 
     result = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
                               name=params.name or source.name, params=params.fingerprint_params(),
-                              build=build, inputs=[source, hf, *([base] if base else [])], workdir=params.workdir)
+                              build=build, inputs=[source, hf, *([base] if base else [])], workdir=params.workdir,
+                              resumable=True)
     if params.push_to_hub:
         url = push_folder(store.local_path(result.manifest), params.push_to_hub, hub_token(params),
                           params.hub_private, f"gptoss-pipeline export {result.spec}", params.hub_endpoint)

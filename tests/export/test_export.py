@@ -133,22 +133,22 @@ def test_shards_respect_the_size_limit(converted, tmp_path):
 
 def test_streams_one_tensor_at_a_time(converted, tmp_path, monkeypatch):
     """Each read is one megatron tensor (one expert), and a layer is written before the next is read."""
-    from gptoss_model.safetensors_writer import ShardedSafetensorsWriter
+    from gptoss_model.safetensors_writer import ShardWriter
 
     hf, meg = converted["bf16"]
     events = []
-    real_read, real_write = MegatronCheckpointReader.read, ShardedSafetensorsWriter.write_rows
+    real_read, real_write = MegatronCheckpointReader.read, ShardWriter.write_rows
 
     def read(self, names):
         events.append(("read", names))
         return real_read(self, names)
 
-    def write_rows(self, name, part, rows):
+    def write_rows(self, name, part, first_row=0):
         events.append(("write", name))
-        return real_write(self, name, part, rows)
+        return real_write(self, name, part, first_row)
 
     monkeypatch.setattr(MegatronCheckpointReader, "read", read)
-    monkeypatch.setattr(ShardedSafetensorsWriter, "write_rows", write_rows)
+    monkeypatch.setattr(ShardWriter, "write_rows", write_rows)
     export_megatron_to_hf(meg, tmp_path / "out", config=hf)
     reads = [names for kind, names in events if kind == "read"]
     assert all(len(names) == 1 for names in reads)
@@ -195,3 +195,69 @@ def test_exports_from_distributed_saves_are_bitwise_equal(converted, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == files
         for name in files:
             assert (out / name).read_bytes() == (reference / name).read_bytes(), f"{layout}: {name} differs"
+
+
+def _file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("weight_format", ["bfloat16", "mxfp4"])
+def test_worker_count_does_not_change_the_bytes(converted, tmp_path, weight_format):
+    hf, meg = converted["mxfp4"]
+    one = export_megatron_to_hf(meg, tmp_path / "one", config=hf, weight_format=weight_format,
+                                max_shard_bytes=120_000, workers=1)
+    two = export_megatron_to_hf(meg, tmp_path / "two", config=hf, weight_format=weight_format,
+                                max_shard_bytes=120_000, workers=2)
+    assert one["workers"] == 1 and two["workers"] == 2 and one["shards"] > 2
+    assert two["groups_written"]["spawned_workers"] >= 1  # the second process really wrote some
+    assert _file_bytes(tmp_path / "two") == _file_bytes(tmp_path / "one")
+
+
+KILLED_EXPORT = '''
+import pathlib, sys, time
+from gptoss_model.export import export_megatron_to_hf
+
+def stall_after_first_group(done, total):
+    if done:  # a group is durable and marked: tell the test, then wait to be killed
+        pathlib.Path(sys.argv[3]).write_text(str(done))
+        time.sleep(600)
+
+if __name__ == "__main__":
+    export_megatron_to_hf(sys.argv[1], sys.argv[2], config=sys.argv[4], weight_format="mxfp4",
+                          max_shard_bytes=120_000, workers=2, progress=stall_after_first_group)
+'''
+
+
+def test_export_killed_mid_way_resumes_to_the_same_bytes(converted, tmp_path):
+    """kill -9 with groups done and others half written: no worker survives, the shards stay
+    .partial with no index, and a rerun into the same directory writes only the rest, bytewise
+    what an uninterrupted export writes."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.processes import kill_alone_and_count_survivors
+
+    hf, meg = converted["mxfp4"]
+    out, flag, script = tmp_path / "out", tmp_path / "first-group-done", tmp_path / "killed_export.py"
+    script.write_text(KILLED_EXPORT)
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script), str(meg), str(out), str(flag), str(hf)], cwd=root,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    deadline = time.time() + 120
+    while not flag.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), f"the export never finished a group (exit {proc.poll()})"
+    time.sleep(0.3)  # let the spawned worker be mid-group
+    assert kill_alone_and_count_survivors(proc, "an export with 2 workers") == []
+    assert not (out / "model.safetensors.index.json").exists()
+    assert list(out.glob("*.safetensors.partial")) and not list(out.glob("*.safetensors"))
+    resumed = export_megatron_to_hf(meg, out, config=hf, weight_format="mxfp4", max_shard_bytes=120_000,
+                                    workers=2)
+    assert resumed["groups_resumed"] >= 1
+    reference = export_megatron_to_hf(meg, tmp_path / "reference", config=hf, weight_format="mxfp4",
+                                      max_shard_bytes=120_000)
+    assert reference["groups_resumed"] == 0
+    assert _file_bytes(out) == _file_bytes(tmp_path / "reference")
+    with pytest.raises(ExportError, match="not empty"):  # a finished export is not resumed over
+        export_megatron_to_hf(meg, out, config=hf, weight_format="bfloat16", max_shard_bytes=120_000)
