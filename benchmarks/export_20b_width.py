@@ -35,6 +35,26 @@ from benchmarks.convert_20b_width import SAMPLE_S, check_disk, dir_bytes, tree_m
 
 GiB = 2**30
 EVICT_EVERY = 1600 * 10**6
+# sha256 over every file of the export (tree_sha256) as the single-process exporter of 2026-12-04 wrote
+# it, for (layers, vocab, experts, format): an export that differs from it exits non-zero.
+REFERENCE_SHA256 = {
+    (4, sg.VOCAB_20B, 32, "bfloat16"): "036f265209c005068a3561379cdd875e98a9beba185d7cd5a10f8e8ca2edb094",
+    (4, sg.VOCAB_20B, 32, "mxfp4"): "5a03352a0b3c30387a61655f29d2c67b2ce15814c64d19f6d3b1b56ad6c5e2cb",
+}
+TARGETS = {"bfloat16": 1.5, "mxfp4": 2.0}  # export wall / plain write + evict of the same bytes
+
+
+def tree_sha256(root: Path) -> str:
+    """One digest over every file's relative path and bytes: two exports are byte-identical iff equal."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def run_job(spec: dict, workdir: Path) -> dict:
@@ -86,7 +106,7 @@ def job_main(spec: dict) -> None:
         from gptoss_model.export import export_megatron_to_hf
 
         out = export_megatron_to_hf(spec["megatron"], spec["out"], config=spec["src"],
-                                    weight_format=spec["format"])
+                                    weight_format=spec["format"], workers=spec["workers"])
     elif spec["kind"] == "plain":
         _plain_write(Path(spec["out"]), spec["bytes"])
     elif spec["kind"] == "verify":
@@ -112,6 +132,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=sg.VOCAB_20B)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("GPTOSS_WORKDIR", "/tmp")) / "export-bench")
+    ap.add_argument("--workers", type=int, default=2, help="export processes")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--skip-export", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -130,20 +151,30 @@ def main() -> None:
     if not (meg / "latest_checkpointed_iteration.txt").is_file():
         subprocess.run(["rm", "-rf", str(meg)], check=True)
         run_job({"name": "convert", "kind": "convert", "src": str(src), "out": str(meg)}, wd)
-    rows = []
+    rows, checks = [], []  # (what, held, fatal)
     for fmt in () if args.skip_export else ("bfloat16", "mxfp4"):
         out = wd / f"export-{tag}-{fmt}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         r = run_job({"name": f"export-{fmt}", "kind": "export", "src": str(src), "megatron": str(meg),
-                     "out": str(out), "format": fmt}, wd)
+                     "out": str(out), "format": fmt, "workers": args.workers}, wd)
         nbytes = dir_bytes(out)
         rows.append({"job": f"export {fmt}", "wall_s": r["wall_s"], "mb": nbytes / 1e6,
-                     "peak_rss_gib": r["peak_rss"] / GiB})
+                     "peak_rss_gib": r["peak_rss"] / GiB, "sha256": tree_sha256(out)})
+        print(f"export {fmt}: {r['wall_s']:.1f} s, {args.workers} workers, sha256 {rows[-1]['sha256']}",
+              flush=True)
         plain = wd / f"plain-{fmt}.bin"
         p = run_job({"name": f"plain-{fmt}", "kind": "plain", "out": str(plain), "bytes": nbytes}, wd)
         plain.unlink()
         rows.append({"job": f"plain write + evict ({fmt} bytes)", "wall_s": p["wall_s"], "mb": nbytes / 1e6,
                      "peak_rss_gib": p["peak_rss"] / GiB})
+        ratio = r["wall_s"] / p["wall_s"]
+        expected = REFERENCE_SHA256.get((n, args.vocab, args.experts, fmt))
+        checks.append((f"export {fmt}: {ratio:.2f}x the plain write (target <= {TARGETS[fmt]}x)",
+                       ratio <= TARGETS[fmt], False))
+        checks.append((f"export {fmt} bytes: sha256 {rows[-2]['sha256'][:16]}... "
+                       + ("(no reference for this shape)" if expected is None else
+                          f"{'equal to' if rows[-2]['sha256'] == expected else 'DIFFERENT from'} the reference"),
+                       expected is None or rows[-2]["sha256"] == expected, True))
         subprocess.run(["rm", "-rf", str(out)], check=True)
     verify = None
     if not args.skip_verify:
@@ -160,7 +191,12 @@ def main() -> None:
     if verify is not None:
         print(f"\nverify passed: {verify['passed']} (first failure: {verify['first_failure']})\n{verify['table']}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "verify": verify}, indent=1, default=str))
+        args.json.write_text(json.dumps({"rows": rows, "verify": verify, "checks": checks}, indent=1, default=str))
+    print()
+    for what, held, _ in checks:
+        print(f"{'ok  ' if held else 'MISS'} {what}")
+    if any(fatal and not held for _, held, fatal in checks):
+        sys.exit("FAILED: an export's bytes differ from the reference")
 
 
 if __name__ == "__main__":

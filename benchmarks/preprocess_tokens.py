@@ -226,6 +226,9 @@ def main() -> None:
             print(f"\nours ({engine} engine, best row) vs Megatron-LM: {mlm / min(w for w, _ in mine):.2f}x faster "
                   f"(wall), {mlm_cpu / min(c for _, c in mine):.2f}x less CPU", end="")
         print(f"\nevery output of ours byte-identical to Megatron-LM's: {same}")
+        if not same:
+            sys.exit("FAILED: an output of ours differs from Megatron-LM's (the speed figures above compare "
+                     "different work)")
 
 
 if __name__ == "__main__":
