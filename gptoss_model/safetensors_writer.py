@@ -142,8 +142,12 @@ class ShardFiles:
 
         `keep_existing`: a partial file of the right header and size stays as it is (a resumed export)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if keep_existing:  # an earlier `finish` may have begun: the directory is not complete again until it ends
+            (self.out_dir / INDEX_FILE).unlink(missing_ok=True)
         for i, header in enumerate(self.headers):
-            path = self.partial(i)
+            path, final = self.partial(i), self.out_dir / self.files[i]
+            if keep_existing and not path.exists() and final.is_file() and final.stat().st_size == self.sizes[i]:
+                os.replace(final, path)  # renamed by that `finish`: its bytes are done, keep them
             if keep_existing and path.is_file() and path.stat().st_size == self.sizes[i]:
                 with open(path, "rb") as f:
                     if f.read(len(header)) == header:

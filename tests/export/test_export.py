@@ -157,9 +157,17 @@ def test_streams_one_tensor_at_a_time(converted, tmp_path, monkeypatch):
     first_layer1_read = next(i for i, (k, v) in enumerate(events) if k == "read" and ".layers.1." in v[0])
     last_layer0_write = max(i for i, (k, v) in enumerate(events) if k == "write" and ".layers.0." in v)
     assert last_layer0_write < first_layer1_read
-    # reads and writes alternate within a stacked expert tensor: never all experts at once
-    down = [i for i, (k, v) in enumerate(events) if k == "write" and v == "model.layers.0.mlp.experts.down_proj"]
-    assert len(down) == experts and down[-1] - down[0] == 2 * (experts - 1)
+    # within a stacked expert tensor, reads run at most one expert ahead of the writes (the next
+    # expert is read in the background while one is written): never all experts at once
+    ahead = peak = writes = 0
+    for kind, v in events:
+        if kind == "read" and v[0].startswith("decoder.layers.0.mlp.experts.local_experts.") and \
+                v[0].endswith("linear_fc2.weight"):
+            ahead += 1
+        elif kind == "write" and v == "model.layers.0.mlp.experts.down_proj":
+            ahead, writes = ahead - 1, writes + 1
+        peak = max(peak, ahead)
+    assert writes == experts > 2 and ahead == 0 and peak <= 2
 
 
 def test_bad_inputs_fail_clearly(converted, tmp_path):
@@ -251,7 +259,11 @@ def test_export_killed_mid_way_resumes_to_the_same_bytes(converted, tmp_path):
     time.sleep(0.3)  # let the spawned worker be mid-group
     assert kill_alone_and_count_survivors(proc, "an export with 2 workers") == []
     assert not (out / "model.safetensors.index.json").exists()
-    assert list(out.glob("*.safetensors.partial")) and not list(out.glob("*.safetensors"))
+    partial = sorted(out.glob("*.safetensors.partial"))
+    assert partial and not list(out.glob("*.safetensors"))
+    # as if a finish had begun: one shard renamed into place and an index written
+    partial[0].rename(partial[0].with_suffix(""))
+    (out / "model.safetensors.index.json").write_text("{}")
     resumed = export_megatron_to_hf(meg, out, config=hf, weight_format="mxfp4", max_shard_bytes=120_000,
                                     workers=2)
     assert resumed["groups_resumed"] >= 1
