@@ -121,7 +121,8 @@ def job_main(spec: dict) -> None:
             report = verify_layerwise(reference, candidate, ids, tolerance=default_tolerance("float32"))
         layer_s = [r for r in report.rows if r["block"].startswith("layer")]
         out = {"passed": report.passed, "first_failure": report.first_failure, "table": report.table(),
-               "layers": len({r["block"] for r in layer_s})}
+               "layers": len({r["block"] for r in layer_s}), "block_seconds": report.block_seconds,
+               "peak_rss_mb": report.peak_rss_mb}
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     Path(spec["result"]).write_text(json.dumps(out, default=str))
 
@@ -190,6 +191,12 @@ def main() -> None:
         print(f"| {r['job']}{extra} | {r['wall_s']:.1f} | {r['mb']:.0f} | {mbs} | {r['peak_rss_gib']:.2f} |")
     if verify is not None:
         print(f"\nverify passed: {verify['passed']} (first failure: {verify['first_failure']})\n{verify['table']}")
+        layer_s = [s for b, s in verify["block_seconds"].items() if b.startswith("layer")]
+        print(f"verify seconds per block: {verify['block_seconds']}")
+        checks.append((f"verify: {max(layer_s):.1f} s for the slowest layer (target <= 20 s)", max(layer_s) <= 20,
+                       False))
+        checks.append((f"verify: peak RSS {verify['peak_rss'] / GiB:.2f} GiB (target < 6 GiB)",
+                       verify["peak_rss"] < 6 * GiB, False))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "verify": verify, "checks": checks}, indent=1, default=str))
     print()

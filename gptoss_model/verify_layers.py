@@ -72,6 +72,7 @@ class LayerReport:
     first_failure: dict | None = None
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    block_seconds: dict[str, float] = field(default_factory=dict)  # both sides' load and forward, per block
 
     @property
     def passed(self) -> bool:
@@ -89,7 +90,7 @@ class LayerReport:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "first_failure": self.first_failure, "rows": self.rows,
-                "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb}
+                "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb, "block_seconds": self.block_seconds}
 
 
 # --------------------------------------------------------------- the sides
@@ -347,7 +348,9 @@ def verify_layerwise(reference: HFSide, candidate, ids: torch.Tensor, *,
     candidate.prepare(ids, x)
     if progress is not None:
         progress(1, total)
+    report.block_seconds["embedding"] = round(time.time() - started, 3)
     for i in range(cfg.num_layers):
+        layer_started = time.time()
         ref = reference.layer(i, x)
         cand = candidate.layer(i, y if chained else x, forced_experts=ref["experts"] if force_routing else None)
         extra = {"routing_flips": _routing_flips(ref, cand),
@@ -360,12 +363,15 @@ def verify_layerwise(reference: HFSide, candidate, ids: torch.Tensor, *,
         x = ref["output"]  # the next layer of both sides starts from the reference's stream
         y = cand["output"] if chained else x
         del ref, cand
+        report.block_seconds[block] = round(time.time() - layer_started, 3)
         if progress is not None:
             progress(i + 2, total)
         if not ok and stop_at_first_failure:
             break
     else:
+        head_started = time.time()
         record("head", "logits", candidate.head(y), reference.head(x))
+        report.block_seconds["head"] = round(time.time() - head_started, 3)
         if progress is not None:
             progress(total, total)
     report.seconds = round(time.time() - started, 3)
