@@ -11,4 +11,4 @@ demo: venv
 	$(PY) -m flows.cli demo
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)

@@ -67,9 +67,39 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def prefect_database(request) -> str | None:
+    """The server's database: its embedded SQLite, or a throwaway PostgreSQL cluster (the team set-up
+    of docs/operate.md) given as PREFECT_API_DATABASE_CONNECTION_URL; None for SQLite."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from tests.infra.postgres import postgres_binaries, throwaway_postgres
+
+    if postgres_binaries() is None:
+        pytest.skip("PostgreSQL-backed Prefect server not tested: no PostgreSQL binaries (initdb) here")
+    with throwaway_postgres() as url:
+        yield url
+
+
+def _flow_runs_in(url: str) -> int:
+    import asyncio
+
+    import asyncpg
+
+    async def count() -> int:
+        connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            return await connection.fetchval("SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoint, s3_bucket):
+def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoint, s3_bucket, prefect_database):
     from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
     from tasks.store import ArtifactStore
     from tests.hub_server import HubServer
@@ -83,6 +113,9 @@ def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoin
     for var in ("PREFECT_API_URL", "GPTOSS_STORE", "GPTOSS_S3_ENDPOINT_URL", "GPTOSS_WORKDIR", "HF_TOKEN"):
         env.pop(var, None)
     env["GPTOSS_WORKDIR"] = str(tmp_path / "work")
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    if prefect_database is not None:  # what docs/operate.md has the server's terminal export
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database
     background: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -123,3 +156,6 @@ def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoin
     megatron = store.resolve("megatron-checkpoint", "openai/gpt-oss-20b")
     assert [i.version for i in megatron.inputs] == [checkpoint.version]
     assert "Completed" in done.stdout + done.stderr
+    if prefect_database is not None:  # the runs live in PostgreSQL, and no SQLite file was made
+        assert _flow_runs_in(prefect_database) >= 3  # the watched pipeline run and its two stage subflows
+        assert not list((tmp_path / "prefect-home").glob("*.db"))
