@@ -8,12 +8,15 @@ Whatever TP/PP/EP the checkpoint was saved with, its tensors carry global
 keys and offsets; megatron's `dist_checkpointing.load` reshards them into
 one world-1 view. A world-1 model built on the *meta* device (no memory)
 says, through its sharded state dict, which box of which stored tensor each
-parameter is (its layer and expert offsets on the prepended axes); torch's
-DCP reader then reads just the saved chunks overlapping the boxes asked for,
-into buffers of the stored dtype (from the DCP metadata: bf16 stays bf16,
-fp32 norms stay fp32, values come back bitwise). No process group is needed
-to read, and memory held is what was asked for: one group (the largest is a
-layer's experts, or the embedding), independent of the number of layers.
+parameter is (its layer and expert offsets on the prepended axes); then just
+the saved chunks overlapping the boxes asked for are read, into buffers of the
+stored dtype (from the DCP metadata: bf16 stays bf16, fp32 norms stay fp32,
+values come back bitwise). A chunk's bytes are read straight from its
+`torch.save` record into the buffer (`dcp_records`); one stored any other way
+goes through torch's DCP reader. No process group is needed to read, and
+memory held is what was asked for: one group (the largest is a layer's
+experts, or the embedding), independent of the number of layers. A reader
+pickles without its open files, for worker processes.
 
 The checkpoint's sharded keys do not depend on the layer spec (megatron maps
 the local spec's norms to the Transformer Engine names), so checkpoints saved
