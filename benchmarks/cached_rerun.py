@@ -30,17 +30,14 @@ def main() -> None:
     os.environ.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                       GPTOSS_STORE=(work / "store").as_uri(), GPTOSS_WORKDIR=str(work / "work"))
     os.chdir(ROOT)  # the demo config's paths are relative to the checkout
-    from flows.cli import ensure_demo_source
+    from flows.cli import demo_params
     from flows.local_server import local_prefect_server
 
     (work / "prefect").mkdir()
     with local_prefect_server(work / "prefect" / "server.log"):
-        from flows.pipeline import PipelineParams, gptoss_pipeline
+        from flows.pipeline import gptoss_pipeline
 
-        params = PipelineParams.from_yaml(ROOT / "configs" / "demo.yaml")
-        source = params.download.source_url
-        if source and "://" not in source:
-            ensure_demo_source(Path(source))
+        params = demo_params(Path("configs/demo.yaml"))
         started = time.perf_counter()
         gptoss_pipeline(params)
         print(f"first run (fills the store): {time.perf_counter() - started:.1f} s", flush=True)

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +61,12 @@ def main() -> None:
                       DO_NOT_TRACK="1", GPTOSS_STORE=(work / "store").as_uri(), GPTOSS_WORKDIR=str(work / "work"))
     os.environ.pop("PREFECT_API_URL", None)
     os.chdir(ROOT)
-    from flows.cli import ensure_demo_source
+    from flows.cli import demo_params
     from flows.local_server import local_prefect_server
 
     (work / "prefect").mkdir()
-    ensure_demo_source(ROOT / ".gptoss" / "demo" / "tiny-gpt-oss")
     with local_prefect_server(work / "prefect" / "server.log"):
+        demo_params(Path("configs/demo.yaml"))  # the demo deployment's source, written as `make demo` does
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                "PREFECT_WORKER_QUERY_SECONDS": str(args.poll)}
         _prefect("work-pool", "create", "gptoss-cpu", "--type", "process", env=env)

@@ -314,16 +314,24 @@ def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Pa
         os.environ["GPTOSS_STORE"] = store
     with local_prefect_server(home / "demo-server.log") as api_url:
         console.print(f"Prefect server for this demo: {api_url.removesuffix('/api')} (stops with the demo)")
-        from flows.pipeline import PipelineParams, gptoss_pipeline
+        from flows.pipeline import gptoss_pipeline
 
-        params = PipelineParams.from_yaml(config)
-        source = params.download.source_url
-        if source and "://" not in source:
-            ensure_demo_source(Path(source))
-        outputs = gptoss_pipeline(params)
+        outputs = gptoss_pipeline(demo_params(config))
     for kind, spec in outputs.items():
         console.print(f"[green]{kind}[/green]: {spec}")
     ls(kind=None, store=store, s3_endpoint_url=None)
+
+
+def demo_params(config: Path):
+    """The pipeline parameters of a demo config, its local source checkpoint written first if missing
+    (paths in the config are relative to the checkout, where the demo runs)."""
+    from flows.pipeline import PipelineParams
+
+    params = PipelineParams.from_yaml(config)
+    source = params.download.source_url
+    if source and "://" not in source:
+        ensure_demo_source(Path(source))
+    return params
 
 
 def ensure_demo_source(source: Path) -> None:

@@ -31,7 +31,8 @@ from gptoss_model.megatron_reader import MegatronCheckpointReader
 from gptoss_model.resources import peak_rss_mb
 from gptoss_model.safetensors_writer import ShardFiles, ShardPlan, ShardWriter, TensorSpec
 
-# Temporaries per quantize step: 4 MiB (mxfp4's default) measured 4x slower than 128 MiB on this
+# Temporaries per quantize step of the float path (fp32 checkpoints; bf16 ones take mxfp4's table
+# path, whose steps are fixed): 4 MiB (mxfp4's default) measured 4x slower than 128 MiB on this
 # 2-core machine (per-step overhead); 128 MiB is small beside the layer held anyway.
 QUANTIZE_CHUNK_BYTES = 128 << 20
 EXPORT_LAYOUT_VERSION = 1  # part of the resume fingerprint: bump when the bytes for the same input change
@@ -191,8 +192,7 @@ def imported() -> None:
 
 
 def run_group_in_worker(job: ExportJob, group: str) -> tuple[int, float]:
-    job.reader.evict_after_read = True
-    with torch.no_grad():
+    with torch.no_grad():  # the reader arrives with its settings (evict_after_read) as the exporter set them
         return run_group(job, group)
 
 

@@ -240,6 +240,7 @@ def test_export_killed_mid_way_resumes_to_the_same_bytes(converted, tmp_path):
     """kill -9 with groups done and others half written: no worker survives, the shards stay
     .partial with no index, and a rerun into the same directory writes only the rest, bytewise
     what an uninterrupted export writes."""
+    import os
     import subprocess
     import sys
     import time
@@ -251,7 +252,7 @@ def test_export_killed_mid_way_resumes_to_the_same_bytes(converted, tmp_path):
     script.write_text(KILLED_EXPORT)
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, str(script), str(meg), str(out), str(flag), str(hf)], cwd=root,
-                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                            env={**os.environ, "PYTHONPATH": str(root)})
     deadline = time.time() + 120
     while not flag.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
