@@ -4,7 +4,7 @@ Generates (once per layer count, cached under --workdir) a synthetic MXFP4 GPT-O
 checkpoint with openai/gpt-oss-20b's exact config -- hidden 2880, 32 experts top-4,
 intermediate 2880, 64 q / 8 kv heads of 64, vocab 201,088, sliding 128 alternating with
 full attention, yarn x32 -- but only N layers (benchmarks/synthetic_gptoss.py), checks
-that gptoss_model.hf_validate.open_validated_checkpoint accepts it, then runs each job in a FRESH
+that gptoss_model.checkpoint.hf_validate.open_validated_checkpoint accepts it, then runs each job in a FRESH
 subprocess while summing the RSS of its whole process tree (psutil, every 20 ms):
   ours Nw       convert_hf_to_megatron(src, out, dtype="bfloat16", workers=N)
   transformers  GptOssForCausalLM.from_pretrained(quantization_config=Mxfp4Config(dequantize=True),
@@ -140,7 +140,7 @@ def job_main(spec: dict) -> None:
     if kind == "ours":
         # Imported before the clock, like transformers below: the job times the conversion, not imports.
         import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
-        from gptoss_model.convert import convert_hf_to_megatron
+        from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
 
         kwargs = {"workers": spec["workers"]} if spec["pass_workers"] else {}
         t = time.perf_counter()
@@ -188,15 +188,15 @@ def job_main(spec: dict) -> None:
 def converter_takes_workers() -> bool:
     import inspect
 
-    from gptoss_model.convert import convert_hf_to_megatron
+    from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
 
     return "workers" in inspect.signature(convert_hf_to_megatron).parameters
 
 
 def bench_layers(n: int, args, workdir: Path, pass_workers: bool) -> list[dict]:
     import synthetic_gptoss as sg
-    from gptoss_model.hf_validate import open_validated_checkpoint
-    from gptoss_model.tiny_checkpoint import num_params
+    from gptoss_model.checkpoint.hf_validate import open_validated_checkpoint
+    from gptoss_model.checkpoint.tiny import num_params
 
     tag = f"L{n}-v{args.vocab}-e{args.experts}"
     src = workdir / f"ckpt-{tag}"

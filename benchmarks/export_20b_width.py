@@ -92,26 +92,26 @@ def _plain_write(path: Path, nbytes: int) -> None:
 def job_main(spec: dict) -> None:
     import torch
 
-    import gptoss_model.convert  # noqa: F401  (imports of megatron-core & co. are not the job)
-    import gptoss_model.export  # noqa: F401
-    import gptoss_model.verify_layers  # noqa: F401
+    import gptoss_model.convert.hf_to_megatron  # noqa: F401  (imports of megatron-core & co. are not the job)
+    import gptoss_model.export.megatron_to_hf  # noqa: F401
+    import gptoss_model.verify.layers  # noqa: F401
 
     t0 = time.perf_counter()
     out: dict = {}
     if spec["kind"] == "convert":
-        from gptoss_model.convert import convert_hf_to_megatron
+        from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
 
         convert_hf_to_megatron(spec["src"], spec["out"], dtype="bfloat16")
     elif spec["kind"] == "export":
-        from gptoss_model.export import export_megatron_to_hf
+        from gptoss_model.export.megatron_to_hf import export_megatron_to_hf
 
         out = export_megatron_to_hf(spec["megatron"], spec["out"], config=spec["src"],
                                     weight_format=spec["format"], workers=spec["workers"])
     elif spec["kind"] == "plain":
         _plain_write(Path(spec["out"]), spec["bytes"])
     elif spec["kind"] == "verify":
-        from gptoss_model.verify import fixed_batch
-        from gptoss_model.verify_layers import HFSide, MegatronSide, default_tolerance, verify_layerwise
+        from gptoss_model.verify.parity import fixed_batch
+        from gptoss_model.verify.layers import HFSide, MegatronSide, default_tolerance, verify_layerwise
 
         reference = HFSide(spec["src"])
         ids = fixed_batch(reference.cfg.vocab_size, 1, 2 * reference.cfg.sliding_window + 8)

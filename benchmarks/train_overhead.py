@@ -34,9 +34,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from gptoss_model import parallel
+    from gptoss_model.model import parallel
     from gptoss_model.recipes import tiny_pretrain_config
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
     from gptoss_model.training.loop import Trainer, _forward_step
     from tests.train.data import write_tiny_pretrain_dataset
 

@@ -67,7 +67,7 @@ def main() -> None:
     rows.append(("read cold (sha256 of every file)", cold_s, mb))
     convert_s = None
     if not args.no_convert:
-        from gptoss_model.convert import convert_hf_to_megatron
+        from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
 
         _, convert_s = timed(lambda: convert_hf_to_megatron(root, work / "megatron", dtype="bfloat16", workers=1))
         rows.append(("convert 1 worker (same input)", convert_s, mb))

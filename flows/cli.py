@@ -342,8 +342,8 @@ def ensure_demo_source(source: Path) -> None:
     import shutil
     import tempfile
 
-    from gptoss_model.paths import try_lock, work_dir_lock
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from gptoss_model.system.paths import try_lock, work_dir_lock
+    from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 
     source.parent.mkdir(parents=True, exist_ok=True)
     lock = try_lock(work_dir_lock(source), blocking=True)

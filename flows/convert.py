@@ -1,6 +1,6 @@
 """Flow: convert an `hf-checkpoint` artifact into a `megatron-checkpoint` (torch_dist), parity-gated.
 
-flows/convert.py -> tasks/convert.py -> gptoss_model/convert.py
+flows/convert.py -> tasks/convert.py -> gptoss_model/convert/hf_to_megatron.py
 
 Deployable on a CPU work pool on its own, or called by the pipeline flow.
 Run locally:  python -m flows.convert hf-checkpoint/openai/gpt-oss-20b [bfloat16|float32] [WORKERS]

@@ -1,6 +1,6 @@
 """Flow: download a Hugging Face checkpoint into the store as `hf-checkpoint`.
 
-flows/download.py -> tasks/download.py -> gptoss_model/hub_download.py
+flows/download.py -> tasks/download.py -> gptoss_model/hub/download.py
 
 Deployable on a CPU work pool on its own, or called by the pipeline flow.
 Run locally:  python -m flows.download openai/gpt-oss-20b [revision]

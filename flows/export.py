@@ -1,6 +1,6 @@
 """Flow: export a `megatron-checkpoint` / `train-checkpoint` as a self-contained `hf-export` (bf16, fp32, MXFP4).
 
-flows/export.py -> tasks/export.py -> gptoss_model/export.py
+flows/export.py -> tasks/export.py -> gptoss_model/export/megatron_to_hf.py
 Run locally:  python -m flows.export megatron-checkpoint/NAME[@VERSION] [bfloat16|float32|mxfp4]
 """
 from __future__ import annotations

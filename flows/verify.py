@@ -1,6 +1,6 @@
 """Flow: verify a megatron / train checkpoint or an HF export against its original `hf-checkpoint`.
 
-flows/verify.py -> tasks/verify.py -> gptoss_model/verify.py, gptoss_model/verify_layers.py
+flows/verify.py -> tasks/verify.py -> gptoss_model/verify/parity.py, gptoss_model/verify/layers.py
 Run locally:  python -m flows.verify megatron-checkpoint/NAME[@VERSION] [auto|whole-model|layer-wise]
 """
 from __future__ import annotations

@@ -11,10 +11,10 @@ import importlib
 _LAZY = {
     "AutoBridge": "gptoss_model.bridge",
     "GptOssModelProvider": "gptoss_model.bridge",
-    "GptOssModelConfig": "gptoss_model.config",
-    "ParallelLayout": "gptoss_model.parallel",
-    "load_hf_weights": "gptoss_model.load_hf",
-    "HFCheckpoint": "gptoss_model.hf_reader",
+    "GptOssModelConfig": "gptoss_model.model.config",
+    "ParallelLayout": "gptoss_model.model.parallel",
+    "load_hf_weights": "gptoss_model.checkpoint.load_hf",
+    "HFCheckpoint": "gptoss_model.checkpoint.hf_reader",
 }
 
 __all__ = sorted(_LAZY)

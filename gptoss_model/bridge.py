@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.parallel import ParallelLayout, unwrap_model
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.model.parallel import ParallelLayout, unwrap_model
 
 # What a model needs from a Hub repo. fnmatch's `*` also matches "/", so original/ (consolidated
 # weights, another 13-65 GB of safetensors) and metal/ are excluded by name.
@@ -43,7 +43,7 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike, revision: str | None = N
         return path
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; expected a checkpoint directory or a Hub repo id")
-    from gptoss_model.hub_download import cached_snapshot
+    from gptoss_model.hub.download import cached_snapshot
 
     with _ProgressBar(f"download {path_or_repo}") as progress:
         return cached_snapshot(str(path_or_repo), revision, allow_patterns=HUB_ALLOW_PATTERNS,
@@ -98,9 +98,9 @@ class AutoBridge:
         A LoRA/DoRA training checkpoint is exported merged into its base weights; an adapter-only
         one needs `base_megatron_path` (the checkpoint the run started from). `peft_adapter`: also
         write the adapters as a PEFT directory `peft_adapter/` for the base export (DoRA: attention only).
-        Same code as the export stage (`gptoss_model.export`). Returns the export report.
+        Same code as the export stage (`gptoss_model.export.megatron_to_hf`). Returns the export report.
         """
-        from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, export_megatron_to_hf
+        from gptoss_model.export.megatron_to_hf import DEFAULT_MAX_SHARD_BYTES, export_megatron_to_hf
 
         bar = None
         if show_progress:
@@ -156,7 +156,7 @@ class GptOssModelProvider:
         )
 
     def build_options(self, perform_initialization: bool):
-        from gptoss_model.build import BuildOptions
+        from gptoss_model.model.build import BuildOptions
 
         return BuildOptions(params_dtype=self.params_dtype, use_te=self.use_te,
                             perform_initialization=perform_initialization,
@@ -164,7 +164,7 @@ class GptOssModelProvider:
 
     def finalize(self) -> None:
         """Validate the layout against the model (and the world, if already started)."""
-        from gptoss_model.build import check_layout
+        from gptoss_model.model.build import check_layout
 
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
         check_layout(self.config, self.layout, world)
@@ -172,7 +172,7 @@ class GptOssModelProvider:
 
     def initialize_model_parallel(self, seed: int | None = None) -> None:
         """Start torch.distributed (from torchrun's env) and megatron's groups for this layout."""
-        from gptoss_model import parallel
+        from gptoss_model.model import parallel
 
         parallel.initialize(self.layout, seed=self.seed if seed is None else seed)
 
@@ -180,7 +180,7 @@ class GptOssModelProvider:
     def provide(self, pre_process: bool | None = None, post_process: bool | None = None,
                 vp_stage: int | None = None):
         """One model chunk for this rank (parallel state must exist), not loaded, not wrapped."""
-        from gptoss_model.build import build_gpt_model
+        from gptoss_model.model.build import build_gpt_model
 
         return build_gpt_model(self.config, self.layout,
                                self.build_options(perform_initialization=self.checkpoint_dir is None),
@@ -195,7 +195,7 @@ class GptOssModelProvider:
         """
         from megatron.core import parallel_state
 
-        from gptoss_model.load_hf import load_hf_weights
+        from gptoss_model.checkpoint.load_hf import load_hf_weights
 
         if not self._finalized:
             self.finalize()

@@ -43,7 +43,7 @@ def die_with_torchrun() -> None:
     leaves its ranks training (and writing checkpoints) as orphans. (torchrun may be a
     container's PID 1, so an orphan is told by its parent changing, not by PPID 1.)"""
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        from gptoss_model.processes import die_with_parent
+        from gptoss_model.system.processes import die_with_parent
 
         die_with_parent()
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except PermanentError as e:
         return _refuse(e, EXIT_PERMANENT)
     finally:
-        from gptoss_model import parallel
+        from gptoss_model.model import parallel
 
         parallel.destroy()
     return 0

@@ -23,7 +23,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gptoss_model.errors import PermanentError, is_permanent
-from gptoss_model.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
+from gptoss_model.system.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
 from tasks.store import ArtifactStore, InputRef, Manifest, ProgressSink, StageResult, run_stage
 from tasks.store.settings import settings
 

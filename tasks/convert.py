@@ -1,6 +1,6 @@
 """Convert stage: `hf-checkpoint` -> `megatron-checkpoint` (megatron-core torch_dist), with a parity gate.
 
-flows/convert.py -> here -> gptoss_model/convert.py
+flows/convert.py -> here -> gptoss_model/convert/hf_to_megatron.py
 
 The input is pulled with `store.local_path` (the version dir itself on a
 file:// store; a verified download cache elsewhere), converted tensor by
@@ -22,8 +22,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from gptoss_model.convert import convert_hf_to_megatron
-from gptoss_model.verify import ParityError, enforce_parity, parity_check
+from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
+from gptoss_model.verify.parity import ParityError, enforce_parity, parity_check
 from tasks.common import StageParams, StageProgress, StoreSettings, run_logged_stage, stage_task
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
@@ -50,7 +50,7 @@ class ConvertParams(StageParams):
     parity_max_params: int = Field(2_000_000_000, ge=0, description="largest model the gate runs on here")
     parity_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| / max |reference logit| vs "
                                     "transformers with the same (dtype-rounded) weights; cosine and top-1 "
-                                    "agreement are gated too (gptoss_model.verify)")
+                                    "agreement are gated too (gptoss_model.verify.parity)")
     workers: int = Field(1, ge=1, le=256, description="processes converting disjoint chunks (embedding, "
                          "each layer, the head); the output is byte-identical for any count")
     workdir: str | None = Field(None, description="where the staging dir goes (kept across attempts, so a "

@@ -1,6 +1,6 @@
 """Download stage: a Hugging Face repo (or a mirror in HF layout) -> `hf-checkpoint`.
 
-flows/download.py -> here -> gptoss_model/hub_download.py
+flows/download.py -> here -> gptoss_model/hub/download.py
 
 The artifact version is a fingerprint of the resolved commit sha (never the
 branch name, which moves) and the file patterns, so "main" today and the same
@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from gptoss_model.hub_download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
-from gptoss_model.hf_validate import require_checkpoint_files
-from gptoss_model.paths import is_within
-from gptoss_model.verified_transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
+from gptoss_model.hub.download import HubResponseError, download_snapshot, hub_endpoint, resolve_revision
+from gptoss_model.checkpoint.hf_validate import require_checkpoint_files
+from gptoss_model.system.paths import is_within
+from gptoss_model.hub.transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
 from tasks.common import (PlainUrl, SecretBlockError, StageParams, StageProgress, StoreSettings,
                           default_workdir, load_secret_block, run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, StageResult

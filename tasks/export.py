@@ -1,6 +1,6 @@
 """Export stage: `megatron-checkpoint` / `train-checkpoint` (+ the original `hf-checkpoint`) -> `hf-export`.
 
-flows/export.py -> here -> gptoss_model/export.py
+flows/export.py -> here -> gptoss_model/export/megatron_to_hf.py
 
 The megatron checkpoint (any TP/PP/EP it was saved with) is read one layer at
 a time and written as a self-contained Hugging Face directory: config.json
@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import Field
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.export import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf, unfinished_export
+from gptoss_model.export.megatron_to_hf import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf, unfinished_export
 from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, load_secret_block,
                           run_logged_stage, stage_task)
 from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
@@ -121,7 +121,7 @@ def holds_adapters(store: ArtifactStore, source: Manifest) -> bool:
     recorded = (source.parameters or {}).get("config", {})
     if isinstance(recorded, dict) and isinstance(recorded.get("peft"), dict):
         return bool(recorded["peft"].get("method"))
-    from gptoss_model.adapter_export import read_peft_config
+    from gptoss_model.export.adapters import read_peft_config
 
     return read_peft_config(store.local_path(source)) is not None
 
@@ -149,7 +149,7 @@ def push_folder(folder: Path, repo_id: str, token: str | None, private: bool, me
     """Create the repo if needed and upload the directory as one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
-    from gptoss_model.hub_download import hub_endpoint
+    from gptoss_model.hub.download import hub_endpoint
 
     url = hub_endpoint(endpoint)
     api = HfApi(endpoint=url, token=token)

@@ -140,7 +140,7 @@ def _committed(store: ArtifactStore, name: str, identity: str) -> list:
 
 def _pull_newest(store: ArtifactStore, name: str, identity: str, save_dir: Path) -> int | None:
     """Put the newest committed checkpoint of this run into save_dir (a retry elsewhere)."""
-    from gptoss_model.checkpoint_layout import TRACKER_FILE
+    from gptoss_model.checkpoint.layout import TRACKER_FILE
     from gptoss_model.training.checkpoint import CheckpointError, latest_iteration
 
     tracker = save_dir / TRACKER_FILE
@@ -184,7 +184,7 @@ def _trained_already(store: ArtifactStore, name: str, identity: str, train_iters
 def _run_dir_held(home: Path):
     """One run at a time in a run dir: a second run of the same identity waits, then reuses what
     the first committed. The lock (`.train-ID.lock`) also tells `gptoss artifacts gc` the dir is live."""
-    from gptoss_model.paths import try_lock, work_dir_lock
+    from gptoss_model.system.paths import try_lock, work_dir_lock
 
     home.mkdir(parents=True, exist_ok=True)
     lock = work_dir_lock(home)
@@ -199,7 +199,7 @@ def _run_dir_held(home: Path):
 
 
 def _train(params: TrainParams, store: ArtifactStore) -> StageResult:
-    from gptoss_model.checkpoint_layout import TRACKER_FILE, iter_dir_name
+    from gptoss_model.checkpoint.layout import TRACKER_FILE, iter_dir_name
     from gptoss_model.training import launch
     from gptoss_model.training.loop import NonFiniteLossError
     from gptoss_model.training.metrics import read_metrics

@@ -1,6 +1,6 @@
 """Verify stage: a checkpoint (megatron, train or HF export) against its original `hf-checkpoint` -> `verify-report`.
 
-flows/verify.py -> here -> gptoss_model/verify.py (whole model) / gptoss_model/verify_layers.py (layer-wise)
+flows/verify.py -> here -> gptoss_model/verify/parity.py (whole model) / gptoss_model/verify/layers.py (layer-wise)
 
 Whole-model mode when the model is small enough to hold twice here
 (`whole_model_max_params`): logits on a fixed batch longer than twice the
@@ -23,12 +23,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from gptoss_model import name_map as nm
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
-from gptoss_model.verify import default_tolerance, fixed_batch, verify_whole_model
-from gptoss_model.verify_layers import HFSide, MegatronSide, verify_layerwise
-from gptoss_model.verify_layers import default_tolerance as default_layer_tolerance
+from gptoss_model.verify.parity import default_tolerance, fixed_batch, verify_whole_model
+from gptoss_model.verify.layers import HFSide, MegatronSide, verify_layerwise
+from gptoss_model.verify.layers import default_tolerance as default_layer_tolerance
 from tasks.common import StageParams, StageProgress, StoreSettings, in_prefect_run, run_logged_stage, stage_task
 from tasks.export import HF_KIND, find_adapter_base, find_hf_source
 from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec

@@ -1,6 +1,6 @@
 """A small in-process Hugging Face Hub for tests (no internet here).
 
-It speaks the routes huggingface_hub and `gptoss_model.hub_download` call
+It speaks the routes huggingface_hub and `gptoss_model.hub.download` call
 (see /work/shared/notes/prefect-s3-hub-on-this-machine.md, Hub section):
 
   GET  /api/models/{repo}[/revision/{rev}]      JSON with `sha`, `siblings`

@@ -317,7 +317,7 @@ def local_map(workers: int) -> MapFn:
 
 
 def _init_worker(workers: int, parent_pid: int) -> None:
-    from gptoss_model.processes import die_with_parent
+    from gptoss_model.system.processes import die_with_parent
 
     die_with_parent(parent_pid)  # a killed preprocess run takes its workers with it
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))

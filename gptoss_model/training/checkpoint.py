@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gptoss_model.checkpoint_layout import CHECKPOINT_VERSION, TRACKER_FILE, iter_dir_name
+from gptoss_model.checkpoint.layout import CHECKPOINT_VERSION, TRACKER_FILE, iter_dir_name
 from gptoss_model.errors import PermanentError
-from gptoss_model.safe_unpickle import refusals_named
+from gptoss_model.system.safe_unpickle import refusals_named
 from gptoss_model.training import peft as peft_mod
 from gptoss_model.training.config import RunConfig, save_yaml, to_dict
 
@@ -93,7 +93,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _model_state(chunks, run: RunConfig) -> dict:
-    from gptoss_model.parallel import unwrap_model
+    from gptoss_model.model.parallel import unwrap_model
 
     # The GPTModel's own keys (no DDP "module." prefix): what convert writes and Megatron-LM reads.
     state = unwrap_model(chunks[0]).sharded_state_dict()
@@ -176,7 +176,7 @@ def load_checkpoint(run: RunConfig, chunks, optimizer, scheduler) -> tuple[int, 
         state.pop("rng_state", None)  # per-rank streams only mean something on the same world
     with torch.no_grad(), refusals_named():
         loaded = dist_checkpointing.load(state, str(source))
-    from gptoss_model.parallel import unwrap_model
+    from gptoss_model.model.parallel import unwrap_model
 
     unwrap_model(chunks[0]).load_state_dict(loaded["model"], strict=not run.peft.method)
     if "optimizer" in loaded:

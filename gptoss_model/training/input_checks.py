@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.data.indexed import check_indexed
 from gptoss_model.training.config import RunConfig
 
@@ -84,7 +84,7 @@ def _yaml_section(path: Path, section: str) -> dict | None:
 
 def megatron_checkpoint_problems(root: Path, field: str) -> tuple[list[tuple[str, str]], Path | None]:
     """A complete Megatron-LM checkpoint: tracker -> iteration dir with metadata.json."""
-    from gptoss_model.checkpoint_layout import CheckpointLayoutError, checkpoint_iter_dir
+    from gptoss_model.checkpoint.layout import CheckpointLayoutError, checkpoint_iter_dir
 
     try:
         it_dir = checkpoint_iter_dir(root)
@@ -96,7 +96,7 @@ def megatron_checkpoint_problems(root: Path, field: str) -> tuple[list[tuple[str
 
 
 def pretrained_problems(run: RunConfig, m: GptOssModelConfig) -> list[tuple[str, str]]:
-    from gptoss_model.checkpoint_layout import TRACKER_FILE
+    from gptoss_model.checkpoint.layout import TRACKER_FILE
 
     source = run.checkpoint.pretrained_checkpoint
     if not source:
@@ -144,7 +144,7 @@ def _architecture_problems(field: str, where: Path, theirs: GptOssModelConfig,
 
 def resume_problems(run: RunConfig) -> list[tuple[str, str]]:
     """The checkpoint a restart resumes from (checkpoint.load, default the save dir)."""
-    from gptoss_model.checkpoint_layout import TRACKER_FILE
+    from gptoss_model.checkpoint.layout import TRACKER_FILE
 
     root = run.load_dir()
     field = "checkpoint.load" if run.checkpoint.load else "checkpoint.save"

@@ -23,8 +23,8 @@ from typing import Callable
 
 
 def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
-    # torchrun dies with whoever launched it, even a SIGKILLed flow process (gptoss_model.processes).
-    return [sys.executable, "-m", "gptoss_model.processes", str(os.getpid()),
+    # torchrun dies with whoever launched it, even a SIGKILLed flow process (gptoss_model.system.processes).
+    return [sys.executable, "-m", "gptoss_model.system.processes", str(os.getpid()),
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
             "--tee", "3", "-m", "gptoss_model.train", str(config_yaml),

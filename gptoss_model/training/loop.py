@@ -90,7 +90,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.utils import get_model_config
 
-        from gptoss_model import parallel
+        from gptoss_model.model import parallel
         from gptoss_model.training import data as data_mod
         from gptoss_model.training.metrics import MetricsWriter, flops_per_token
         from gptoss_model.training.model import build_chunks, layout_of, params_dtype

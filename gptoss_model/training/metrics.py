@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.model.config import GptOssModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.parallel import ParallelLayout, unwrap_model
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.model.parallel import ParallelLayout, unwrap_model
 from gptoss_model.training.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_chunks(run: RunConfig, m: GptOssModelConfig) -> list:
     """Build, load initial weights, add adapters (base frozen), wrap in megatron DDP."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from gptoss_model.build import BuildOptions, build_gpt_model
+    from gptoss_model.model.build import BuildOptions, build_gpt_model
     from gptoss_model.training import peft as peft_mod
 
     dtype = params_dtype(run)
@@ -73,8 +73,8 @@ def build_chunks(run: RunConfig, m: GptOssModelConfig) -> list:
 
 
 def load_initial_weights(model, source: str | Path, m: GptOssModelConfig) -> None:
-    from gptoss_model.checkpoint_layout import TRACKER_FILE, load_megatron_checkpoint
-    from gptoss_model.load_hf import load_hf_weights
+    from gptoss_model.checkpoint.layout import TRACKER_FILE, load_megatron_checkpoint
+    from gptoss_model.checkpoint.load_hf import load_hf_weights
 
     source = Path(source)
     if (source / TRACKER_FILE).is_file():

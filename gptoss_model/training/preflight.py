@@ -2,7 +2,7 @@
 
 `preflight(run, world_size)` checks everything that can be known without
 starting processes: the parallel layout against the model (shared with
-`gptoss_model.build.layout_problems`, so the builder and this check never
+`gptoss_model.model.build.layout_problems`, so the builder and this check never
 disagree), batch sizes against data parallelism, sequence length against the
 model's positions, schedule and optimizer ranges, PEFT settings, precision
 against the hardware, and a per-rank memory estimate (parameters, gradients,
@@ -17,7 +17,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 
-from gptoss_model.config import GptOssModelConfig, preset
+from gptoss_model.model.config import GptOssModelConfig, preset
 from gptoss_model.training.gpus import GpuSpec
 from gptoss_model.training.config import ConfigError, RunConfig
 
@@ -142,7 +142,7 @@ def estimate_memory(run: RunConfig, m: GptOssModelConfig, world_size: int, *, bf
     # 1F1B keeps up to PP micro-batches in flight on the first stage.
     s, b = run.data.seq_length, tr.micro_batch_size
     if flash_attention is None:
-        from gptoss_model.build import te_available
+        from gptoss_model.model.build import te_available
 
         flash_attention = te_available()
     scores = 0 if flash_attention else 5 * m.num_attention_heads * s * s * b
@@ -181,8 +181,8 @@ def preflight(run: RunConfig, world_size: int, *, local_world_size: int | None =
     `check_inputs` also opens what the run will read and probes where it writes
     (input_checks); planning a run for another machine leaves it off and names the target
     `device` (a GPU: bf16 unless float32 is asked for, flash attention, its memory)."""
-    from gptoss_model.build import layout_problems
-    from gptoss_model.parallel import ParallelLayout
+    from gptoss_model.model.build import layout_problems
+    from gptoss_model.model.parallel import ParallelLayout
 
     problems: list[str] = []
 

@@ -77,7 +77,7 @@ def _disagreements(what: str, group, params) -> list[str]:
 def check_replicas(chunks, grad_norm: float, iteration: int) -> None:
     """Raise ReplicaDivergenceError on every rank if any replicated parameter or the grad
     norm differs across ranks (collective: every rank of the world must call it)."""
-    from gptoss_model.parallel import unwrap_model
+    from gptoss_model.model.parallel import unwrap_model
 
     named = [(n, p) for c in chunks for n, p in unwrap_model(c).named_parameters()]
     problems = []

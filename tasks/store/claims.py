@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gptoss_model.paths import try_lock, work_dir_lock
+from gptoss_model.system.paths import try_lock, work_dir_lock
 
 from .backends import LocalBackend, PreconditionFailed, S3Backend
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss_model.paths import try_lock
+from gptoss_model.system.paths import try_lock
 
 from .backends import S3Backend
 from .claims import CLAIM_FILE, work_dir_lock

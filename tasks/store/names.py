@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.paths import relative_path_problem
+from gptoss_model.system.paths import relative_path_problem
 
 KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -28,9 +28,9 @@ LAYOUTS = {"ep2": (1, 1, 2, False), "tp2_sp": (2, 1, 1, True), "pp2": (1, 2, 1, 
 
 def main(jobs_json: str, out: str) -> None:
     from gptoss_model import AutoBridge
-    from gptoss_model.checkpoint_layout import load_megatron_checkpoint
-    from gptoss_model.verify import fixed_batch
-    from gptoss_model.reference import load_reference_model
+    from gptoss_model.checkpoint.layout import load_megatron_checkpoint
+    from gptoss_model.verify.parity import fixed_batch
+    from gptoss_model.model.reference import load_reference_model
     from tests.model import _parity as P
     from tests.model.dist_worker import _logits_via_schedule, _max_all
 
@@ -64,7 +64,7 @@ def main(jobs_json: str, out: str) -> None:
                 print(key, results[key], flush=True)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
-    from gptoss_model import parallel
+    from gptoss_model.model import parallel
 
     parallel.destroy()
 

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from gptoss_model import convert, convert_writer, verify
-from gptoss_model.config import NotGptOssConfigError
-from gptoss_model.load_hf import CheckpointError
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.convert import hf_to_megatron as convert, convert_writer, verify
+from gptoss_model.model.config import NotGptOssConfigError
+from gptoss_model.checkpoint.load_hf import CheckpointError
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 from tests.artifacts import commit_directory
 
 LOGIT_TOL = 1e-4  # fp32 compute, same weights as the reference
@@ -38,7 +38,7 @@ def test_convert_load_and_logits_match_transformers(sources, tmp_path, source, d
     assert {"metadata.json", "common.pt", ".metadata"} <= {p.name for p in it.iterdir()}
     assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     cfg = json.loads((sources[source] / "config.json").read_text())
-    from gptoss_model.tiny_checkpoint import num_params
+    from gptoss_model.checkpoint.tiny import num_params
 
     assert report["params"] == num_params(cfg)
     assert report["dtype"] == dtype and report["source_sha"] == "abc123"
@@ -58,7 +58,7 @@ def test_convert_load_and_logits_match_transformers(sources, tmp_path, source, d
 
 def test_streaming_reads_one_tensor_at_a_time(sources, tmp_path, monkeypatch):
     """Every item is read from safetensors on demand, while DCP writes: never the whole model."""
-    from gptoss_model import load_hf
+    from gptoss_model.checkpoint import load_hf
 
     seen, live = [], []
     real = load_hf.HFCheckpoint.read
@@ -219,8 +219,8 @@ def test_flow_converts_then_fails_fast_on_non_gpt_oss(prefect_harness, sources, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mxfp4_experts_dequantize_straight_into_megatron_layout(sources, dtype):
     """The row-selection fast path equals dequantize -> HF layout -> name_map transform, bit for bit."""
-    from gptoss_model import name_map as nm
-    from gptoss_model.load_hf import HFCheckpoint, read_for_param
+    from gptoss_model.checkpoint import name_map as nm
+    from gptoss_model.checkpoint.load_hf import HFCheckpoint, read_for_param
 
     ckpt = HFCheckpoint(sources["mxfp4"])
     checked = 0
@@ -276,7 +276,7 @@ def test_bad_files_are_named_and_nothing_is_written(sources, tmp_path):
 def test_worker_count_is_capped_by_chunks_and_cores():
     import os
 
-    from gptoss_model.workers import useful_workers
+    from gptoss_model.system.workers import useful_workers
 
     cores = len(os.sched_getaffinity(0))
     assert useful_workers(11, items=6) == min(6, cores)

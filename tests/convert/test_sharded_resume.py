@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from gptoss_model import convert, convert_writer, verify
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.convert import hf_to_megatron as convert, convert_writer, verify
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 
 
 def digest(root):
@@ -93,10 +93,10 @@ def test_plan_order_is_the_order_torchs_writer_asks_for_with_or_without_cuda(sou
     from torch.distributed.checkpoint.filesystem import _item_size
     from torch.distributed.checkpoint.planner import WriteItemType
 
-    from gptoss_model.checkpoint_layout import build_model, megatron_state_dict
-    from gptoss_model.config import GptOssModelConfig
-    from gptoss_model.convert_plan import plan_checkpoint
-    from gptoss_model.parallel import world_of_one
+    from gptoss_model.checkpoint.layout import build_model, megatron_state_dict
+    from gptoss_model.model.config import GptOssModelConfig
+    from gptoss_model.convert.plan import plan_checkpoint
+    from gptoss_model.model.parallel import world_of_one
 
     cfg = GptOssModelConfig.from_hf_config(source)
     with world_of_one("the plan test"):
@@ -145,7 +145,7 @@ def test_kill_9_of_the_converter_alone_takes_its_workers_with_it(source, tmp_pat
 
     from tests.processes import kill_alone_and_count_survivors
 
-    code = ("import sys; from gptoss_model.convert import convert_hf_to_megatron; "
+    code = ("import sys; from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron; "
             "convert_hf_to_megatron(sys.argv[1], sys.argv[2], workers=2)")
     child = subprocess.Popen([sys.executable, "-c", code, str(source), str(tmp_path / "m")],
                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 from tasks.store import ArtifactStore
 from tests.e2e import stage_child
 from tests.hub_server import HubServer
@@ -135,7 +135,7 @@ def _kill9_when(proc: subprocess.Popen, ready, what: str, log: Path) -> list:
 
 
 def test_kill9_during_download_then_conversion_rerun_is_bitwise_identical(hub, tmp_path):
-    from gptoss_model.verified_transfer import PARTIAL_DIR
+    from gptoss_model.hub.transfer import PARTIAL_DIR
 
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)

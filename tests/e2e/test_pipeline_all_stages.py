@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 from tasks.store import ArtifactStore
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]

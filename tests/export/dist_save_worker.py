@@ -27,7 +27,7 @@ def main(megatron_dir: str, hf_dir: str, out_root: str, out: str) -> None:
     from megatron.core import dist_checkpointing
 
     from gptoss_model import AutoBridge, parallel
-    from gptoss_model.checkpoint_layout import load_megatron_checkpoint, megatron_state_dict
+    from gptoss_model.checkpoint.layout import load_megatron_checkpoint, megatron_state_dict
 
     saved = {}
     for name, (tp, pp, ep, sp) in LAYOUTS.items():

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_model import convert
+from gptoss_model.convert import hf_to_megatron as convert
 from gptoss_model.bridge import AutoBridge
-from gptoss_model.adapter_export import PEFT_DIR, AdapterExportError, load_adapted_megatron
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.export import ExportError, export_megatron_to_hf
-from gptoss_model.parallel import world_of_one
-from gptoss_model.reference import load_reference_model
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
-from gptoss_model.verify import fixed_batch, logit_measures, megatron_logits
+from gptoss_model.export.adapters import PEFT_DIR, AdapterExportError, load_adapted_megatron
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.export.megatron_to_hf import ExportError, export_megatron_to_hf
+from gptoss_model.model.parallel import world_of_one
+from gptoss_model.model.reference import load_reference_model
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
+from gptoss_model.verify.parity import fixed_batch, logit_measures, megatron_logits
 from tests.artifacts import commit_directory
 
 REPO = Path(__file__).resolve().parents[2]

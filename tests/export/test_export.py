@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptoss_model import convert
+from gptoss_model.convert import hf_to_megatron as convert
 from gptoss_model.bridge import AutoBridge
-from gptoss_model.export import ExportError, export_megatron_to_hf
-from gptoss_model.megatron_reader import MegatronCheckpointError, MegatronCheckpointReader
-from gptoss_model.reference import load_reference_model
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
-from gptoss_model.verify import fixed_batch
+from gptoss_model.export.megatron_to_hf import ExportError, export_megatron_to_hf
+from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointError, MegatronCheckpointReader
+from gptoss_model.model.reference import load_reference_model
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
+from gptoss_model.verify.parity import fixed_batch
 from tests.torchrun import run_torchrun
 
 WORKER = Path(__file__).with_name("dist_save_worker.py")
@@ -133,7 +133,7 @@ def test_shards_respect_the_size_limit(converted, tmp_path):
 
 def test_streams_one_tensor_at_a_time(converted, tmp_path, monkeypatch):
     """Each read is one megatron tensor (one expert), and a layer is written before the next is read."""
-    from gptoss_model.safetensors_writer import ShardWriter
+    from gptoss_model.checkpoint.safetensors_writer import ShardWriter
 
     hf, meg = converted["bf16"]
     events = []
@@ -223,7 +223,7 @@ def test_worker_count_does_not_change_the_bytes(converted, tmp_path, weight_form
 
 KILLED_EXPORT = '''
 import pathlib, sys, time
-from gptoss_model.export import export_megatron_to_hf
+from gptoss_model.export.megatron_to_hf import export_megatron_to_hf
 
 def stall_after_first_group(done, total):
     if done:  # a group is durable and marked: tell the test, then wait to be killed

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 from tasks.common import StoreSettings
 from tasks.store import ArtifactStore
 from tests.artifacts import commit_directory

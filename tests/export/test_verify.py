@@ -7,12 +7,12 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from gptoss_model import convert
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
-from gptoss_model.verify import default_tolerance, enforce_parity, parity_check, verify_whole_model
-from gptoss_model.verify_layers import HFSide, MegatronSide, default_tolerance as layer_tolerance
-from gptoss_model.verify_layers import verify_layerwise
-from gptoss_model.verify import fixed_batch
+from gptoss_model.convert import hf_to_megatron as convert
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
+from gptoss_model.verify.parity import default_tolerance, enforce_parity, parity_check, verify_whole_model
+from gptoss_model.verify.layers import HFSide, MegatronSide, default_tolerance as layer_tolerance
+from gptoss_model.verify.layers import verify_layerwise
+from gptoss_model.verify.parity import fixed_batch
 
 MEDIUM = {
     # The sizes whose fp32 noise an absolute 1e-4 rejected (2.5e-4 and 6.4e-4 absolute). The 768

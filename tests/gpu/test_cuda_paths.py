@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
     from tests.train.data import write_tiny_pretrain_dataset
 
     root = tmp_path_factory.mktemp("gpu")
@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(tiny):
     """The conversion on a CUDA machine (where torch's writer orders tensors by size)."""
-    from gptoss_model.convert import convert_hf_to_megatron
+    from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
 
     out = tiny["root"] / "megatron"
     convert_hf_to_megatron(tiny["hf"], out, dtype="float32")
@@ -40,7 +40,7 @@ def converted(tiny):
 
 
 def test_conversion_parity_gate_runs_on_a_cuda_machine(tiny, converted):
-    from gptoss_model.verify import default_tolerance, enforce_parity, parity_check
+    from gptoss_model.verify.parity import default_tolerance, enforce_parity, parity_check
 
     gate = parity_check(converted, tiny["hf"], dtype="float32")
     print(f"\nparity on {torch.cuda.get_device_name(0)}: {gate}")
@@ -48,9 +48,9 @@ def test_conversion_parity_gate_runs_on_a_cuda_machine(tiny, converted):
 
 
 def test_layer_wise_verification_on_a_cuda_machine(tiny, converted):
-    from gptoss_model.config import GptOssModelConfig
-    from gptoss_model.verify import fixed_batch
-    from gptoss_model.verify_layers import HFSide, MegatronSide, default_tolerance, verify_layerwise
+    from gptoss_model.model.config import GptOssModelConfig
+    from gptoss_model.verify.parity import fixed_batch
+    from gptoss_model.verify.layers import HFSide, MegatronSide, default_tolerance, verify_layerwise
 
     cfg = GptOssModelConfig.from_hf_config(tiny["hf"])
     ids = fixed_batch(cfg.vocab_size, 2, 2 * cfg.sliding_window + 8)
@@ -64,12 +64,12 @@ def test_layer_wise_verification_on_a_cuda_machine(tiny, converted):
 
 
 def test_training_with_nccl_in_bf16_then_export_passes_the_gate(tiny):
-    from gptoss_model.export import export_megatron_to_hf
+    from gptoss_model.export.megatron_to_hf import export_megatron_to_hf
     from gptoss_model.recipes import tiny_pretrain_config
     from gptoss_model.training.config import save_yaml
     from gptoss_model.training.launch import torchrun_command
     from gptoss_model.training.metrics import read_metrics
-    from gptoss_model.verify import default_tolerance, verify_whole_model
+    from gptoss_model.verify.parity import default_tolerance, verify_whole_model
 
     run_dir = tiny["root"] / "run"
     run = tiny_pretrain_config(data_paths=tiny["prefixes"], dir=str(run_dir), hf_path=str(tiny["hf"]),

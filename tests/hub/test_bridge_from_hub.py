@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gptoss_model import AutoBridge
-from gptoss_model.hub_download import HubDownloadError, snapshot_cache_dir
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
-from gptoss_model.verified_transfer import PARTIAL_DIR
+from gptoss_model.hub.download import HubDownloadError, snapshot_cache_dir
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
+from gptoss_model.hub.transfer import PARTIAL_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO = "openai/tiny-gpt-oss"

@@ -155,7 +155,7 @@ def test_local_mirror_cache_hit_copies_nothing(payload, tmp_path, monkeypatch):
 
 def test_hostile_commit_sha_is_refused_before_anything_is_written(hub, payload, tmp_path, monkeypatch):
     """An endpoint answering a 'sha' with path separators never names a directory."""
-    import gptoss_model.hub_download as hd
+    import gptoss_model.hub.download as hd
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -177,7 +177,7 @@ def test_hostile_commit_sha_is_refused_before_anything_is_written(hub, payload, 
 
 
 def test_download_refuses_a_set_without_config_or_weights(hub, payload, tmp_path):
-    from gptoss_model.load_hf import CheckpointError
+    from gptoss_model.checkpoint.load_hf import CheckpointError
 
     hub.add_repo("org/docs-only", {"README.md": b"hello", "config.json": b"{}"})
     with pytest.raises(CheckpointError, match="no \\*.safetensors weights"):

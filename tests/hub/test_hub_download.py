@@ -1,4 +1,4 @@
-"""gptoss_model.hub_download against the local Hub in tests/hub_server.py."""
+"""gptoss_model.hub.download against the local Hub in tests/hub_server.py."""
 
 import hashlib
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_model.hub_download import HubAuthError, HubNotFoundError, download_snapshot, resolve_revision
-from gptoss_model.verified_transfer import (PARTIAL_DIR, ChecksumMismatchError, MirrorNotFoundError,
+from gptoss_model.hub.download import HubAuthError, HubNotFoundError, download_snapshot, resolve_revision
+from gptoss_model.hub.transfer import (PARTIAL_DIR, ChecksumMismatchError, MirrorNotFoundError,
                                             copy_local_snapshot)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -212,7 +212,7 @@ def test_server_ignoring_range_restarts_cleanly(hub, payload, tmp_path):
 
 _CHILD = """
 import sys
-from gptoss_model.hub_download import download_snapshot
+from gptoss_model.hub.download import download_snapshot
 download_snapshot("org/big", "main", sys.argv[2], endpoint=sys.argv[1])
 """
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_source_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from gptoss_model import tiny_checkpoint
+    from gptoss_model.checkpoint import tiny as tiny_checkpoint
 
     source = tmp_path / "demo" / "tiny-gpt-oss"
     real = tiny_checkpoint.write_tiny_checkpoint

@@ -100,7 +100,7 @@ def _flow_runs_in(url: str) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoint, s3_bucket, prefect_database):
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
     from tasks.store import ArtifactStore
     from tests.hub_server import HubServer
 

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from gptoss_model.load_hf import iter_param_values
+from gptoss_model.checkpoint.load_hf import iter_param_values
 
 
 class InMemoryCheckpoint:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_model.reference import load_reference_model
-from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+from gptoss_model.model.reference import load_reference_model
+from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 
 # Parity bounds of the issue: fp32 logits (absolute) and gradients (relative).
 LOGIT_TOL = 1e-4
@@ -40,7 +40,7 @@ def reference(tiny_ckpt):
 @pytest.fixture(scope="module")
 def world1():
     """torch.distributed (gloo) + megatron parallel state for one process, torn down after the module."""
-    from gptoss_model import parallel
+    from gptoss_model.model import parallel
 
     parallel.initialize(parallel.ParallelLayout())
     yield
@@ -49,8 +49,8 @@ def world1():
 
 def build_loaded(ckpt, **opts):
     """A world-1 megatron GPTModel with the checkpoint's weights (local spec on CPU)."""
-    from gptoss_model import build, load_hf, parallel
-    from gptoss_model.config import GptOssModelConfig
+    from gptoss_model.model import build, load_hf, parallel
+    from gptoss_model.model.config import GptOssModelConfig
 
     cfg = GptOssModelConfig.from_hf_config(ckpt)
     layout = parallel.ParallelLayout()

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from gptoss_model import AutoBridge, build  # noqa: E402
-from gptoss_model.reference import load_reference_model  # noqa: E402
+from gptoss_model.model.reference import load_reference_model  # noqa: E402
 from tests.model import _parity as P  # noqa: E402
 
 # name: (TP, PP, EP, SP, dispatcher, apply the expert-grad fix)
@@ -120,7 +120,7 @@ def seed_snippet(ckpt, batch, ref):
 
 
 def main(ckpt: str, out: str, only: str | None = None):
-    from gptoss_model.config import GptOssModelConfig
+    from gptoss_model.model.config import GptOssModelConfig
 
     cfg = GptOssModelConfig.from_hf_config(ckpt)
     ref_model = load_reference_model(ckpt)
@@ -136,7 +136,7 @@ def main(ckpt: str, out: str, only: str | None = None):
     results["seed_snippet"] = seed_snippet(ckpt, batch, ref)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results, indent=1))
-    from gptoss_model import parallel
+    from gptoss_model.model import parallel
 
     parallel.destroy()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptoss_model import AutoBridge, bridge
-from gptoss_model.config import tiny
+from gptoss_model.model.config import tiny
 
 from . import _parity as P
 from .conftest import LOGIT_TOL

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gptoss_model.config import (
+from gptoss_model.model.config import (
     FULL,
     SLIDING,
     GptOssModelConfig,
@@ -106,11 +106,11 @@ def test_unmodelled_keys_survive_for_export():
 
 def test_import_is_light_and_never_prefect():
     code = (
-        "import sys, gptoss_model, gptoss_model.config\n"
+        "import sys, gptoss_model, gptoss_model.model.config\n"
         "assert 'megatron' not in sys.modules, 'import gptoss_model pulled in megatron'\n"
         "from gptoss_model import AutoBridge\n"
-        "import gptoss_model.build, gptoss_model.load_hf, gptoss_model.name_map, gptoss_model.cpu_patches\n"
-        "import gptoss_model.parallel, gptoss_model.bridge\n"
+        "import gptoss_model.model.build, gptoss_model.checkpoint.load_hf, gptoss_model.checkpoint.name_map, gptoss_model.model.cpu_patches\n"
+        "import gptoss_model.model.parallel, gptoss_model.bridge\n"
         "assert not any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules), 'prefect imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

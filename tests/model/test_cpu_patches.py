@@ -7,14 +7,14 @@ import megatron.core
 import pytest
 import torch
 
-from gptoss_model import cpu_patches
+from gptoss_model.model import cpu_patches
 
 from . import _parity as P
 
 
 def test_written_for_the_installed_megatron_core():
     assert megatron.core.__version__ == cpu_patches.MCORE_VERSION, (
-        "megatron-core changed: re-check every patch in gptoss_model/cpu_patches.py, then bump MCORE_VERSION")
+        "megatron-core changed: re-check every patch in gptoss_model/model/cpu_patches.py, then bump MCORE_VERSION")
 
 
 def test_every_patch_still_targets_the_code_it_fixes():

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gptoss_model import AutoBridge
-from gptoss_model.build import LayoutError, check_layout
-from gptoss_model.config import NotGptOssConfigError, tiny
-from gptoss_model.load_hf import CheckpointError, HFCheckpoint
-from gptoss_model.parallel import ParallelLayout
+from gptoss_model.model.build import LayoutError, check_layout
+from gptoss_model.model.config import NotGptOssConfigError, tiny
+from gptoss_model.checkpoint.load_hf import CheckpointError, HFCheckpoint
+from gptoss_model.model.parallel import ParallelLayout
 
 from .test_config import LLAMA_CONFIG
 

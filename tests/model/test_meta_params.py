@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_model import build
-from gptoss_model.config import gpt_oss_20b, gpt_oss_120b
-from gptoss_model.parallel import ParallelLayout
+from gptoss_model.model import build
+from gptoss_model.model.config import gpt_oss_20b, gpt_oss_120b
+from gptoss_model.model.parallel import ParallelLayout
 
 pytestmark = pytest.mark.usefixtures("world1")
 

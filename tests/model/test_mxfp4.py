@@ -1,4 +1,4 @@
-"""gptoss_model.mxfp4 against transformers' own dequantizer and a scalar reference."""
+"""gptoss_model.checkpoint.mxfp4 against transformers' own dequantizer and a scalar reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from gptoss_model import mxfp4 as mx
+from gptoss_model.checkpoint import mxfp4 as mx
 
 tf_mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gptoss_model import name_map as nm
-from gptoss_model.config import gpt_oss_20b, gpt_oss_120b, tiny
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import gpt_oss_20b, gpt_oss_120b, tiny
 
 
 def _random_hf(cfg, seed=0):

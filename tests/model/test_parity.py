@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_model import build
-from gptoss_model import name_map as nm
-from gptoss_model.load_hf import CheckpointError
-from gptoss_model.reference import load_reference_model
+from gptoss_model.model import build
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.checkpoint.load_hf import CheckpointError
+from gptoss_model.model.reference import load_reference_model
 
 from . import _parity as P
 from .conftest import GRAD_TOL, LOGIT_TOL, build_loaded
@@ -38,7 +38,7 @@ def test_logits_match_reference(tiny_ckpt, reference, seq):
 
 
 def test_logits_match_reference_mxfp4(tiny_mxfp4_ckpt):
-    # Reference dequantized by transformers' own MXFP4 code, ours by gptoss_model.mxfp4.
+    # Reference dequantized by transformers' own MXFP4 code, ours by gptoss_model.checkpoint.mxfp4.
     ref = load_reference_model(tiny_mxfp4_ckpt)
     diff = _logit_diff(tiny_mxfp4_ckpt, ref, 72)
     print(f"\nMXFP4 seq=72: max abs logit diff {diff:.3g}")

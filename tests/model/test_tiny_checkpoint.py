@@ -1,4 +1,4 @@
-"""gptoss_model.tiny_checkpoint: the directories load in transformers and are reproducible."""
+"""gptoss_model.checkpoint.tiny: the directories load in transformers and are reproducible."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptoss_model import mxfp4 as mx
-from gptoss_model.reference import load_reference_model
-from gptoss_model.tiny_checkpoint import (
+from gptoss_model.checkpoint import mxfp4 as mx
+from gptoss_model.model.reference import load_reference_model
+from gptoss_model.checkpoint.tiny import (
     SPECIAL_TOKENS,
     TINY_HF_CONFIG,
     TINY_MXFP4_INTERMEDIATE_SIZE,

@@ -13,7 +13,7 @@ from gptoss_model.data.sources import BadRecordError
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from gptoss_model.tiny_checkpoint import build_tokenizer, _write_tokenizer
+    from gptoss_model.checkpoint.tiny import build_tokenizer, _write_tokenizer
 
     out = tmp_path_factory.mktemp("ckpt")
     _write_tokenizer(out, build_tokenizer(), 1024)

@@ -82,7 +82,7 @@ def test_stage_on_file_store_cache_hit_and_cli(tmp_path):
 
 def test_sft_mode_through_the_stage(tmp_path):
     from gptoss_model.data.packed_sft import PackedSFTDataset
-    from gptoss_model.tiny_checkpoint import _write_tokenizer, build_tokenizer
+    from gptoss_model.checkpoint.tiny import _write_tokenizer, build_tokenizer
 
     chat_tokenizer = tmp_path / "chat_tok"
     chat_tokenizer.mkdir()

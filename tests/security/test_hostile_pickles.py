@@ -38,8 +38,8 @@ def _payload(marker: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from gptoss_model.convert import convert_hf_to_megatron
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
+    from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("hostile")
     hf = write_tiny_checkpoint(root / "hf", dtype="float32", seed=3)
@@ -56,9 +56,9 @@ def _tampered(converted, tmp_path, name: str, data: bytes) -> Path:
 
 
 def test_a_planted_metadata_pickle_never_runs_in_the_export_reader(converted, tmp_path):
-    from gptoss_model.config import GptOssModelConfig
-    from gptoss_model.megatron_reader import MegatronCheckpointReader
-    from gptoss_model.safe_unpickle import UnsafePickleError
+    from gptoss_model.model.config import GptOssModelConfig
+    from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointReader
+    from gptoss_model.system.safe_unpickle import UnsafePickleError
 
     hf, _ = converted
     marker = tmp_path / "pwned"
@@ -71,10 +71,10 @@ def test_a_planted_metadata_pickle_never_runs_in_the_export_reader(converted, tm
 
 def test_a_planted_metadata_pickle_never_runs_in_a_megatron_load(converted, tmp_path):
     """What verify (after convert) and training's checkpoint.pretrained_checkpoint load through."""
-    from gptoss_model.checkpoint_layout import build_model, load_megatron_checkpoint
-    from gptoss_model.config import GptOssModelConfig
-    from gptoss_model.parallel import world_of_one
-    from gptoss_model.safe_unpickle import UnsafePickleError
+    from gptoss_model.checkpoint.layout import build_model, load_megatron_checkpoint
+    from gptoss_model.model.config import GptOssModelConfig
+    from gptoss_model.model.parallel import world_of_one
+    from gptoss_model.system.safe_unpickle import UnsafePickleError
 
     hf, _ = converted
     marker = tmp_path / "pwned"
@@ -91,7 +91,7 @@ def test_checkpoint_byte_items_and_common_state_load_weights_only(tmp_path):
     through megatron's torch.load, which torch 2.13 makes weights-only by default."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
-    from gptoss_model.safe_unpickle import UnsafePickleError, install, refusals_named, safe_torch_load
+    from gptoss_model.system.safe_unpickle import UnsafePickleError, install, refusals_named, safe_torch_load
 
     install()
     marker = tmp_path / "pwned"
@@ -117,8 +117,8 @@ def test_checkpoint_byte_items_and_common_state_load_weights_only(tmp_path):
 
 
 def test_a_planted_convert_resume_marker_never_runs(converted, tmp_path):
-    from gptoss_model.convert_writer import finished_chunks
-    from gptoss_model.safe_unpickle import UnsafePickleError
+    from gptoss_model.convert.writer import finished_chunks
+    from gptoss_model.system.safe_unpickle import UnsafePickleError
 
     state, marker = tmp_path / ".convert", tmp_path / "pwned"
     state.mkdir()
@@ -134,8 +134,8 @@ def test_a_planted_convert_resume_marker_never_runs(converted, tmp_path):
 
 UNPICKLING = re.compile(r"\bpickle\.loads?\(|\btorch\.load\(|\bFileSystemReader\(|\bUnpickler\(")
 SAFE_SITES = {  # file: why its unpickling is safe
-    "gptoss_model/safe_unpickle.py": "the safe loaders themselves",
-    "gptoss_model/megatron_reader.py": "FileSystemReader, whose read_metadata install() restricted",
+    "gptoss_model/system/safe_unpickle.py": "the safe loaders themselves",
+    "gptoss_model/checkpoint/megatron_reader.py": "FileSystemReader, whose read_metadata install() restricted",
 }
 
 
@@ -149,12 +149,12 @@ def test_every_unpickling_call_goes_through_the_safe_loaders():
                     found.setdefault(str(path.relative_to(REPO)), []).append(f"{n}: {line.strip()}")
     unexpected = {f: lines for f, lines in found.items() if f not in SAFE_SITES}
     assert not unexpected, f"unpickling outside the safe loaders: {unexpected}"
-    from gptoss_model import checkpoint_layout  # noqa: F401 - installs on import
+    from gptoss_model.checkpoint import layout as checkpoint_layout  # noqa: F401 - installs on import
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     assert getattr(FileSystemReader.read_metadata, "_gptoss_restricted", False)
-    assert DefaultLoadPlanner.load_bytes.__module__ == "gptoss_model.safe_unpickle"
+    assert DefaultLoadPlanner.load_bytes.__module__ == "gptoss_model.system.safe_unpickle"
 
 
 @pytest.mark.slow
@@ -163,7 +163,7 @@ def test_a_tampered_checkpoint_in_the_store_is_refused_by_the_export_and_train_s
     sha256 then matches it). The export stage refuses it; the train stage, using it as the base
     checkpoint, stops with a permanent error (no retry pulling the same bytes again)."""
     from gptoss_model.errors import PermanentError
-    from gptoss_model.safe_unpickle import UnsafePickleError
+    from gptoss_model.system.safe_unpickle import UnsafePickleError
     from tasks.common import StoreSettings
     from tasks.export import ExportParams, run_export
     from tasks.store import ArtifactStore, run_stage

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from gptoss_model.paths import try_lock
+from gptoss_model.system.paths import try_lock
 from tasks.store import ArtifactStore, run_stage
 from tasks.store.claims import work_dir_lock
 from tasks.store.housekeeping import incomplete_versions
@@ -121,7 +121,7 @@ def test_kill_9_mid_s3_upload_leaves_nothing_after_gc(s3_bucket, tmp_path, monke
 
 def test_download_transfers_hold_the_lock_gc_checks(tmp_path):
     """A download work dir being written is held under the same lock name gc tries."""
-    from gptoss_model.verified_transfer import _exclusive
+    from gptoss_model.hub.transfer import _exclusive
 
     work = tmp_path / "hf-downloads" / "org--m--abc"
     work.mkdir(parents=True)

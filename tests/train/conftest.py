@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def train_env(tmp_path_factory):
     from gptoss_model.recipes import tiny_pretrain_config
-    from gptoss_model.tiny_checkpoint import write_tiny_checkpoint
+    from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
     from gptoss_model.training.config import save_yaml
     from tests.train.data import write_tiny_pretrain_dataset, write_tiny_sft_dataset
 

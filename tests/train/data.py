@@ -46,7 +46,7 @@ def write_pretrain_shard(prefix: Path, tokenizer, eod_id: int, docs: list[str]) 
 
 def write_tiny_pretrain_dataset(root: Path, shards: int = 2) -> list[str]:
     """Shards `shard_0000k_text_document` under root; returns the prefixes (absolute)."""
-    from gptoss_model.tiny_checkpoint import build_tokenizer
+    from gptoss_model.checkpoint.tiny import build_tokenizer
 
     tok = build_tokenizer()
     eod = tok.token_to_id("<|endoftext|>")
@@ -65,7 +65,7 @@ def write_tiny_sft_dataset(root: Path, target_length: int = 64) -> list[str]:
     "user" paragraph start (mask 0) and its continuation as the "assistant" (mask 1),
     greedily packed to `target_length` through the preprocess stage's writer."""
     from gptoss_model.data.packed_sft import PackedSample, write_packed_sft, write_sft_metadata
-    from gptoss_model.tiny_checkpoint import build_tokenizer
+    from gptoss_model.checkpoint.tiny import build_tokenizer
 
     tok = build_tokenizer()
     eod = tok.token_to_id("<|endoftext|>")

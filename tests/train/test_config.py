@@ -167,8 +167,8 @@ def test_preflight_refuses_bad_configs_naming_the_field(overrides, world, field)
 def test_preflight_accepts_the_recipes_and_prints_a_memory_estimate(monkeypatch, capsys):
     import gptoss_model.training.preflight as pf
 
-    assert parameter_counts(__import__("gptoss_model.config", fromlist=["x"]).gpt_oss_20b())["total"] == 20_914_757_184
-    assert parameter_counts(__import__("gptoss_model.config", fromlist=["x"]).gpt_oss_120b())["total"] == 116_829_156_672
+    assert parameter_counts(__import__("gptoss_model.model.config", fromlist=["x"]).gpt_oss_20b())["total"] == 20_914_757_184
+    assert parameter_counts(__import__("gptoss_model.model.config", fromlist=["x"]).gpt_oss_120b())["total"] == 116_829_156_672
     preflight(_tiny(), 1, check_inputs=False)
     monkeypatch.setattr(pf, "_cuda", lambda: True)  # judge the GPU recipes as on GPUs
     for fn, world in ((gpt_oss_20b_pretrain_config, 16), (gpt_oss_120b_pretrain_config, 64)):
@@ -192,7 +192,7 @@ def test_preflight_accepts_the_recipes_and_prints_a_memory_estimate(monkeypatch,
 
 
 def test_flops_formula_is_moe_aware():
-    from gptoss_model.config import gpt_oss_20b
+    from gptoss_model.model.config import gpt_oss_20b
     from gptoss_model.training.metrics import flops_per_token
 
     m = gpt_oss_20b()

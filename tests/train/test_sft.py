@@ -36,10 +36,10 @@ def test_sft_splits_read_the_artifact(train_env):
 
 @pytest.fixture(scope="module")
 def world1_model(train_env):
-    from gptoss_model import parallel
-    from gptoss_model.build import BuildOptions, build_gpt_model
-    from gptoss_model.config import GptOssModelConfig
-    from gptoss_model.load_hf import load_hf_weights
+    from gptoss_model.model import parallel
+    from gptoss_model.model.build import BuildOptions, build_gpt_model
+    from gptoss_model.model.config import GptOssModelConfig
+    from gptoss_model.checkpoint.load_hf import load_hf_weights
 
     parallel.initialize(parallel.ParallelLayout())
     cfg = GptOssModelConfig.from_hf_config(train_env["ckpt"])
@@ -88,9 +88,9 @@ def test_without_the_window_mask_patch_documents_leak(world1_model, monkeypatch)
 def test_merged_weight_computes_what_the_adapted_linear_computes(world1_model, train_env, method):
     """Export's merge (peft.merged_weight) against the adapted megatron linears themselves:
     attention (row-parallel proj, column-parallel qkv) and an expert's fc1/fc2."""
-    from gptoss_model import parallel
-    from gptoss_model.build import build_gpt_model
-    from gptoss_model.config import GptOssModelConfig
+    from gptoss_model.model import parallel
+    from gptoss_model.model.build import build_gpt_model
+    from gptoss_model.model.config import GptOssModelConfig
     from gptoss_model.training.config import PeftConfig
     from gptoss_model.training.peft import apply_adapters, merged_weight
 

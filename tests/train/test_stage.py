@@ -22,7 +22,7 @@ OVERRIDES = {"train.train_iters": 16, "checkpoint.save_interval": 4, "train.eval
 
 @pytest.fixture(scope="module")
 def store_inputs(train_env, tmp_path_factory):
-    from gptoss_model.convert import convert_hf_to_megatron
+    from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
     from tasks.store import ArtifactStore, run_stage
 
     store = ArtifactStore((tmp_path_factory.mktemp("store") / "s").as_uri())
@@ -109,7 +109,7 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
     assert versions[0].parameters["config"]["train"]["train_iters"] == 16
 
     # A damaged local tracker (a disk error, a bad copy): the stage resumes from the store instead.
-    from gptoss_model.checkpoint_layout import TRACKER_FILE
+    from gptoss_model.checkpoint.layout import TRACKER_FILE
     from tasks.train import _pull_newest
 
     _, _, straight_id = resolve_run(straight, store)

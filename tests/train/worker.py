@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist  # noqa: E402
 
-from gptoss_model import parallel  # noqa: E402
+from gptoss_model.model import parallel  # noqa: E402
 from gptoss_model.train import load_run_config  # noqa: E402
 import torch  # noqa: E402
 
-from gptoss_model.parallel import unwrap_model  # noqa: E402
+from gptoss_model.model.parallel import unwrap_model  # noqa: E402
 from gptoss_model.training.loop import Trainer  # noqa: E402
 from gptoss_model.training.replicas import ReplicaDivergenceError  # noqa: E402
 from gptoss_model.training.metrics import read_metrics  # noqa: E402

@@ -267,7 +267,7 @@ def _rewrite_source(owner, attr: str, replacements: list[tuple[str, str]]) -> No
             raise RuntimeError(f"cpu_patches: {owner.__name__}.{attr} no longer contains {old!r}")
         src = src.replace(old, new)
     ns: dict = {}
-    exec(compile(src, f"<gptoss_model.cpu_patches: {owner.__qualname__}.{attr}>", "exec"),
+    exec(compile(src, f"<gptoss_model.model.cpu_patches: {owner.__qualname__}.{attr}>", "exec"),
          vars(sys.modules[owner.__module__]), ns)
     new = ns[attr]
     new = new if isinstance(new, staticmethod) or not isinstance(raw, staticmethod) else staticmethod(new)

@@ -59,16 +59,16 @@ from typing import Callable
 
 import torch
 
-from gptoss_model import name_map as nm
-from gptoss_model.checkpoint_layout import DTYPES, TRACKER_FILE, build_model, iter_dir_name, megatron_state_dict
-from gptoss_model.convert_plan import Chunk, CheckpointPlan, input_fingerprint, plan_checkpoint
-from gptoss_model.convert_writer import (MAPPED_BYTES_LIMIT, canonical_results, deterministic_writer,
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.checkpoint.layout import DTYPES, TRACKER_FILE, build_model, iter_dir_name, megatron_state_dict
+from gptoss_model.convert.plan import Chunk, CheckpointPlan, input_fingerprint, plan_checkpoint
+from gptoss_model.convert.writer import (MAPPED_BYTES_LIMIT, canonical_results, deterministic_writer,
                                           finished_chunks, start_workers, write_chunks)
 from gptoss_model.errors import InvalidParameterError, PermanentError
-from gptoss_model.hf_validate import open_validated_checkpoint
-from gptoss_model.parallel import world_of_one
-from gptoss_model.resources import peak_rss_mb, rss_mb
-from gptoss_model.workers import cores, useful_workers
+from gptoss_model.checkpoint.hf_validate import open_validated_checkpoint
+from gptoss_model.model.parallel import world_of_one
+from gptoss_model.system.resources import peak_rss_mb, rss_mb
+from gptoss_model.system.workers import cores, useful_workers
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,7 @@ def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None 
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    from gptoss_model import cpu_patches
+    from gptoss_model.model import cpu_patches
 
     cpu_patches.apply()
     init_distributed(backend, timeout_minutes)

@@ -3,11 +3,11 @@
 The kernel sends PR_SET_PDEATHSIG's signal to a process when the thread that created it
 exits, SIGKILL of the parent included, where no cleanup code of the parent can run.
 Every process this project starts asks for it: spawned worker pools (conversion,
-preprocess), torchrun (through `python -m gptoss_model.processes PARENT_PID cmd ...`,
+preprocess), torchrun (through `python -m gptoss_model.system.processes PARENT_PID cmd ...`,
 since the setting survives exec) and each training rank. A forked child does not
 inherit it, hence the training ranks' process-group guard (training.launch).
 
-    python -m gptoss_model.processes 4242 torchrun --nproc-per-node 2 ...
+    python -m gptoss_model.system.processes 4242 torchrun --nproc-per-node 2 ...
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptoss_model.config import GptOssModelConfig, NotGptOssConfigError, read_json_object
-from gptoss_model.hf_reader import CheckpointError, HFCheckpoint
+from gptoss_model.model.config import GptOssModelConfig, NotGptOssConfigError, read_json_object
+from gptoss_model.checkpoint.hf_reader import CheckpointError, HFCheckpoint
 
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors dtype codes a GPT-OSS tensor may be stored in: floats for weights, uint8 for MXFP4

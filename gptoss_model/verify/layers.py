@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.convert_writer import MAPPED_BYTES_LIMIT
-from gptoss_model.resources import peak_rss_mb
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.convert.writer import MAPPED_BYTES_LIMIT
+from gptoss_model.system.resources import peak_rss_mb
 
 
 # ------------------------------------------------------------------ measures
@@ -105,7 +105,7 @@ class HFSide:
                  compute_dtype: torch.dtype = torch.float32):
         from transformers import GptOssConfig
 
-        from gptoss_model.load_hf import HFCheckpoint
+        from gptoss_model.checkpoint.load_hf import HFCheckpoint
 
         self.hf_dir = Path(hf_dir)
         self.cfg = GptOssModelConfig.from_hf_config(self.hf_dir)
@@ -190,13 +190,13 @@ class MegatronSide:
                  compute_dtype: torch.dtype = torch.float32, base_megatron_path: str | Path | None = None):
         """`base_megatron_path`: `megatron_path` is an adapter-only LoRA/DoRA checkpoint; its adapters
         are merged (fp32) into this base's weights as they are read."""
-        from gptoss_model.checkpoint_layout import compute_device
-        from gptoss_model.megatron_reader import MegatronCheckpointReader
+        from gptoss_model.checkpoint.layout import compute_device
+        from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointReader
 
         self.cfg = cfg
         self.compute_dtype = compute_dtype
         if base_megatron_path is not None:
-            from gptoss_model.adapter_export import AdapterExportError, AdaptedReader, open_adapted, read_peft_config
+            from gptoss_model.export.adapters import AdapterExportError, AdaptedReader, open_adapted, read_peft_config
 
             peft = read_peft_config(megatron_path)
             if peft is None:
@@ -209,8 +209,8 @@ class MegatronSide:
         self._world = None
 
     def __enter__(self) -> "MegatronSide":
-        from gptoss_model.checkpoint_layout import build_model
-        from gptoss_model.parallel import world_of_one
+        from gptoss_model.checkpoint.layout import build_model
+        from gptoss_model.model.parallel import world_of_one
 
         self.reader.__enter__()
         self._world = world_of_one("layer-wise verification")

@@ -23,13 +23,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from gptoss_model import mxfp4
-from gptoss_model import name_map as nm
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.checkpoint import mxfp4
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
-from gptoss_model.megatron_reader import MegatronCheckpointReader
-from gptoss_model.resources import peak_rss_mb
-from gptoss_model.safetensors_writer import ShardFiles, ShardPlan, ShardWriter, TensorSpec
+from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointReader
+from gptoss_model.system.resources import peak_rss_mb
+from gptoss_model.checkpoint.safetensors_writer import ShardFiles, ShardPlan, ShardWriter, TensorSpec
 
 # Temporaries per quantize step of the float path (fp32 checkpoints; bf16 ones take mxfp4's table
 # path, whose steps are fixed): 4 MiB (mxfp4's default) measured 4x slower than 128 MiB on this

@@ -29,12 +29,12 @@ from typing import Callable
 
 import torch
 
-from gptoss_model.convert_plan import Chunk, item_key
-from gptoss_model.hf_reader import CheckpointError
-from gptoss_model.load_hf import read_for_param, reads_row_windows
-from gptoss_model.resources import peak_rss_mb
-from gptoss_model.safe_unpickle import UnsafePickleError, restricted_load_file
-from gptoss_model.workers import WorkerError, WorkerPool, spread, start_pool
+from gptoss_model.convert.plan import Chunk, item_key
+from gptoss_model.checkpoint.hf_reader import CheckpointError
+from gptoss_model.checkpoint.load_hf import read_for_param, reads_row_windows
+from gptoss_model.system.resources import peak_rss_mb
+from gptoss_model.system.safe_unpickle import UnsafePickleError, restricted_load_file
+from gptoss_model.system.workers import WorkerError, WorkerPool, spread, start_pool
 
 MAPPED_BYTES_LIMIT = 64 * 2**20  # safetensors pages a worker keeps mapped (and reads per piece of a big tensor)
 
@@ -249,7 +249,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(hf_dir: str, mapped_limit: int) -> None:
-    from gptoss_model.hf_reader import HFCheckpoint
+    from gptoss_model.checkpoint.hf_reader import HFCheckpoint
 
     _WORKER["ckpt"] = HFCheckpoint(hf_dir, max_mapped_bytes=mapped_limit)
 

@@ -5,7 +5,7 @@ tensor and back, and says how tensor parallelism splits it and (for MXFP4
 expert weights) which stored rows make the megatron tensor. The plain
 functions are the transforms themselves; each works on any contiguous slice
 of query groups or on one expert, so a loader can transform just what a rank
-owns. Why each transform exists: `gptoss_model.name_map`'s docstring.
+owns. Why each transform exists: `gptoss_model.checkpoint.name_map`'s docstring.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.model.config import GptOssModelConfig
 
 
 # ---------------------------------------------------------------- transforms

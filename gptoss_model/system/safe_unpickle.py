@@ -16,7 +16,7 @@ items inside `.distcp` files (the RNG state, `_extra_state`) by torch's DefaultL
 with weights_only=False. `install()` routes `FileSystemReader.read_metadata` through the
 restricted unpickler and `DefaultLoadPlanner.load_bytes` through `safe_torch_load`
 (weights-only, numpy arrays admitted), for every reader in the process (megatron-core's
-dist_checkpointing and our own). `gptoss_model.checkpoint_layout` calls it when imported,
+dist_checkpointing and our own). `gptoss_model.checkpoint.layout` calls it when imported,
 which every checkpoint path does.
 """
 

@@ -9,7 +9,7 @@ on the fly, or as just the stored rows a megatron tensor needs.
 
 Mapped memory is budgeted (`max_mapped_bytes`), so a full pass over a 120B
 checkpoint keeps at most that much of it resident. Model-parallel slicing
-and renaming live in `gptoss_model.load_hf`.
+and renaming live in `gptoss_model.checkpoint.load_hf`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gptoss_model import mxfp4 as mx
-from gptoss_model import name_map as nm
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.checkpoint import mxfp4 as mx
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 
 

@@ -36,9 +36,9 @@ from typing import Iterator, Mapping
 
 import torch
 
-from gptoss_model import mxfp4 as mx
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.param_mapping import (  # noqa: F401  (the transforms are part of this module's API)
+from gptoss_model.checkpoint import mxfp4 as mx
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.checkpoint.mappings import (  # noqa: F401  (the transforms are part of this module's API)
     DirectMapping, GateUpMapping, ParamMapping, QKVMapping, TransposeMapping, down_to_fc2, fc1_bias_to_gate_up,
     fc1_to_gate_up, fc2_to_down, gate_up_bias_to_fc1, gate_up_to_fc1, qkv_from_megatron, qkv_to_megatron)
 

@@ -1,7 +1,7 @@
 """GPT-OSS model configuration: one dataclass, named presets, and the Hugging Face reader.
 
 The dataclass speaks the Hugging Face vocabulary (the checkpoint is the source
-of truth); `gptoss_model.build` translates it to megatron-core's
+of truth); `gptoss_model.model.build` translates it to megatron-core's
 TransformerConfig. No torch or megatron import here, so reading a config is
 cheap and safe in any process (Prefect workers included).
 """

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
-from gptoss_model.processes import die_with_parent
+from gptoss_model.system.processes import die_with_parent
 
 T = TypeVar("T")
 

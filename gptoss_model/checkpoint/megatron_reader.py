@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.checkpoint_layout import TRACKER_FILE, build_model, checkpoint_iter_dir
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.dcp_records import RecordSpan, read_into, record_span
+from gptoss_model.checkpoint.layout import TRACKER_FILE, build_model, checkpoint_iter_dir
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.checkpoint.dcp_records import RecordSpan, read_into, record_span
 from gptoss_model.errors import PermanentError
-from gptoss_model.parallel import world_of_one
+from gptoss_model.model.parallel import world_of_one
 
 
 class MegatronCheckpointError(PermanentError, ValueError):

@@ -5,7 +5,7 @@ Each rank reads only the slices it owns: its TP rows/columns (as each
 parameters' PP-local layer and EP-local expert indices are made global to
 find their rule. Host memory stays at one tensor slice above the model
 itself. Reading and validating the safetensors files is
-`gptoss_model.hf_reader`'s job.
+`gptoss_model.checkpoint.hf_reader`'s job.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Iterable
 
 import torch
 
-from gptoss_model import name_map as nm
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.hf_reader import CheckpointError, HFCheckpoint, format_shape
-from gptoss_model.parallel import unwrap_model
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.checkpoint.hf_reader import CheckpointError, HFCheckpoint, format_shape
+from gptoss_model.model.parallel import unwrap_model
 
 __all__ = ["CheckpointError", "HFCheckpoint", "iter_param_values", "load_hf_weights", "read_for_param",
            "reads_row_windows"]
@@ -88,7 +88,7 @@ def iter_param_values(model_chunks, source):
             match = nm.match_megatron(global_name, "local") or nm.match_megatron(global_name, "te")
             if match is None:
                 raise CheckpointError(f"model parameter {local!r} ({global_name}) has no HF source in "
-                                      "gptoss_model.name_map.RULES")
+                                      "gptoss_model.checkpoint.name_map.RULES")
             value = read_for_param(source, match, tuple(param.shape), tp_rank=tp_rank, tp_size=tp_size)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(

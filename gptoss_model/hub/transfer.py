@@ -1,6 +1,6 @@
 """Resumable, verified placement of snapshot files into a local directory.
 
-The engine under `gptoss_model.hub_download` (Hub over HTTP) and its local /
+The engine under `gptoss_model.hub.download` (Hub over HTTP) and its local /
 fsspec mirror copy. A source only has to append bytes from an offset
 (`Transfer._fill`); this module does the rest, the same for every source:
 
@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from huggingface_hub.utils import filter_repo_objects
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.paths import relative_path_problem, try_lock, work_dir_lock
+from gptoss_model.system.paths import relative_path_problem, try_lock, work_dir_lock
 
 log = logging.getLogger(__name__)
 

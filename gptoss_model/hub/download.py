@@ -19,7 +19,7 @@ itself and verifies every byte:
   place (atomic rename), so `dest/<path>` is always either absent or right.
 
 The placement/verification engine (shared with `copy_local_snapshot`, for
-local or fsspec mirrors in HF layout) is `gptoss_model.verified_transfer`;
+local or fsspec mirrors in HF layout) is `gptoss_model.hub.transfer`;
 this module adds the Hub: metadata, HTTP with Range, redirects, auth errors,
 and `cached_snapshot`, the commit-keyed cache that `AutoBridge` reads repo
 ids through (the one way into the Hub).
@@ -46,7 +46,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.verified_transfer import (CHUNK, DownloadResult, Part, Progress, RemoteFile, Retry,
+from gptoss_model.hub.transfer import (CHUNK, DownloadResult, Part, Progress, RemoteFile, Retry,
                                             SourceNotFoundError, Transfer, TransferError, safe_relpath,
                                             select_files)
 

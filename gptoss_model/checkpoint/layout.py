@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model import safe_unpickle
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.system import safe_unpickle
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 
 safe_unpickle.install()  # every torch_dist reader in this process: .metadata through the restricted unpickler
@@ -64,8 +64,8 @@ def build_model(cfg: GptOssModelConfig, dtype: torch.dtype, device: str | None =
     """A world-1 GPTModel (local spec), uninitialised, on `device` (default: compute_device()).
 
     On "meta" its linear layers hold no memory (materialise them with `to_empty`)."""
-    from gptoss_model import build
-    from gptoss_model.parallel import ParallelLayout
+    from gptoss_model.model import build
+    from gptoss_model.model.parallel import ParallelLayout
 
     device = device or compute_device()
     opts = build.BuildOptions(params_dtype=dtype, use_te=False, perform_initialization=False,

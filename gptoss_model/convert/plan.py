@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gptoss_model.errors import PermanentError
-from gptoss_model import name_map as nm
+from gptoss_model.checkpoint import name_map as nm
 
 PLAN_VERSION = "2"  # bump when the bytes a plan produces change (2: tensors in the writer's order)
 

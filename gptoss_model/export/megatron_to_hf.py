@@ -48,14 +48,14 @@ from typing import Callable
 
 import torch
 
-from gptoss_model.adapter_export import PEFT_DIR, AdaptedReader, open_adapted, read_peft_config, write_peft_adapter
-from gptoss_model.config import GptOssModelConfig
-from gptoss_model.export_groups import (ExportError, ExportJob, export_fingerprint, finished_groups, group_names,
+from gptoss_model.export.adapters import PEFT_DIR, AdaptedReader, open_adapted, read_peft_config, write_peft_adapter
+from gptoss_model.model.config import GptOssModelConfig
+from gptoss_model.export.groups import (ExportError, ExportJob, export_fingerprint, finished_groups, group_names,
                                         hf_tensor_specs, imported, run_group, run_group_in_worker, shard_plan)
-from gptoss_model.megatron_reader import MegatronCheckpointReader
-from gptoss_model.resources import peak_rss_mb
-from gptoss_model.safetensors_writer import ShardFiles
-from gptoss_model.workers import spread, start_pool, useful_workers
+from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointReader
+from gptoss_model.system.resources import peak_rss_mb
+from gptoss_model.checkpoint.safetensors_writer import ShardFiles
+from gptoss_model.system.workers import spread, start_pool, useful_workers
 
 log = logging.getLogger(__name__)
 

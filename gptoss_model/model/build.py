@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.config import SLIDING, GptOssModelConfig
-from gptoss_model.parallel import ParallelLayout
+from gptoss_model.model.config import SLIDING, GptOssModelConfig
+from gptoss_model.model.parallel import ParallelLayout
 
 
 class LayoutError(PermanentError, ValueError):
@@ -214,7 +214,7 @@ def build_gpt_model(cfg: GptOssModelConfig, layout: ParallelLayout, opts: BuildO
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from gptoss_model import cpu_patches
+    from gptoss_model.model import cpu_patches
 
     cpu_patches.apply()
     check_layout(cfg, layout, torch.distributed.get_world_size() if torch.distributed.is_initialized() else None)

@@ -14,7 +14,7 @@ yarn setting) is >= 1e-2 relative.
 
 Modes: `verify_whole_model` (both models in memory: logits, cosine, top-1,
 greedy continuation) and, for checkpoints that do not fit,
-`gptoss_model.verify_layers.verify_layerwise` (one decoder layer at a time).
+`gptoss_model.verify.layers.verify_layerwise` (one decoder layer at a time).
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model.checkpoint_layout import DTYPES, build_model, load_megatron_checkpoint
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.checkpoint.layout import DTYPES, build_model, load_megatron_checkpoint
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
-from gptoss_model.parallel import world_of_one
-from gptoss_model.reference import load_reference_model
+from gptoss_model.model.parallel import world_of_one
+from gptoss_model.model.reference import load_reference_model
 
 
 
@@ -159,7 +159,7 @@ class _Megatron:
 
     def __init__(self, megatron_dir, cfg: GptOssModelConfig, base_megatron_path=None, round_to=None):
         if base_megatron_path is not None:  # adapter-only LoRA/DoRA checkpoint on its base, unmerged
-            from gptoss_model.adapter_export import load_adapted_megatron
+            from gptoss_model.export.adapters import load_adapted_megatron
 
             self.model = load_adapted_megatron(base_megatron_path, megatron_dir, cfg)
         else:

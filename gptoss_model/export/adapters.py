@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from gptoss_model import name_map as nm
-from gptoss_model.config import GptOssModelConfig
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
-from gptoss_model.megatron_reader import MegatronCheckpointReader, resolve_iter_dir
-from gptoss_model.safe_unpickle import refusals_named
+from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointReader, resolve_iter_dir
+from gptoss_model.system.safe_unpickle import refusals_named
 from gptoss_model.training.config import PeftConfig
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def load_adapted_megatron(base_megatron_path: str | Path, adapter_path: str | Pa
     """
     from megatron.core import dist_checkpointing
 
-    from gptoss_model.checkpoint_layout import build_model, load_megatron_checkpoint
+    from gptoss_model.checkpoint.layout import build_model, load_megatron_checkpoint
     from gptoss_model.training.peft import apply_adapters, is_adapter_key
 
     peft = read_peft_config(adapter_path)

@@ -26,9 +26,9 @@ import pathlib
 import torch
 from safetensors.torch import save_file
 
-from . import mxfp4 as _mx  # aliased: `mxfp4` is also a keyword argument below
-from . import name_map as nm
-from .config import GptOssModelConfig
+from gptoss_model.checkpoint import mxfp4 as _mx  # aliased: `mxfp4` is also a keyword argument below
+from gptoss_model.checkpoint import name_map as nm
+from gptoss_model.model.config import GptOssModelConfig
 
 __all__ = [
     "TINY_HF_CONFIG",

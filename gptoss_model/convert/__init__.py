@@ -1,0 +1,1 @@
+"""HF checkpoint -> megatron-core torch_dist checkpoint: plan, chunk writers, the streamed conversion."""

@@ -1,0 +1,1 @@
+"""Hugging Face Hub snapshots: resumable, verified download into a local directory."""

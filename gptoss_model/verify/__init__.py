@@ -1,0 +1,1 @@
+"""Numeric gates: logit parity with transformers, and layer-wise comparison for models too big to run whole."""
