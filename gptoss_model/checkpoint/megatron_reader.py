@@ -160,7 +160,7 @@ class MegatronCheckpointReader:
         with world_of_one("reading a megatron checkpoint"):
             model = build_model(self.cfg, torch.float32, device="meta")
             if self.peft is not None:
-                from gptoss_model.training.peft import apply_adapters
+                from gptoss_model.model.peft import apply_adapters
 
                 apply_adapters(model, self.peft)
             self.regions = _regions(dict(model.sharded_state_dict()))

@@ -1,6 +1,6 @@
 """Export of a LoRA/DoRA-adapted model: adapters merged into the base weights, and a PEFT directory.
 
-A training run with `peft.method` saves adapter-only checkpoints (`training/peft.py`
+A training run with `peft.method` saves adapter-only checkpoints (`model/peft.py`
 describes the layout: `X.adapter.lora_a/lora_b/dora_magnitude` beside base weight
 `X.weight`, "peft" in the common state). Export combines one with its base
 checkpoint (the megatron checkpoint the run started from):
@@ -36,7 +36,7 @@ from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 from gptoss_model.checkpoint.megatron_reader import MegatronCheckpointReader, resolve_iter_dir
 from gptoss_model.system.safe_unpickle import refusals_named
-from gptoss_model.training.config import PeftConfig
+from gptoss_model.model.config import PeftConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class AdaptedReader:
         return {n.rsplit(".", 1)[-1]: t for n, t in self.adapters.read(self._tensors[module]).items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from gptoss_model.training.peft import merged_weight
+        from gptoss_model.model.peft import merged_weight
 
         out = self.base.read(names)
         for name in names:
@@ -243,7 +243,7 @@ def load_adapted_megatron(base_megatron_path: str | Path, adapter_path: str | Pa
     from megatron.core import dist_checkpointing
 
     from gptoss_model.checkpoint.layout import build_model, load_megatron_checkpoint
-    from gptoss_model.training.peft import apply_adapters, is_adapter_key
+    from gptoss_model.model.peft import apply_adapters, is_adapter_key
 
     peft = read_peft_config(adapter_path)
     if peft is None:

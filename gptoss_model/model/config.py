@@ -278,3 +278,16 @@ def preset(name: str) -> GptOssModelConfig:
     if key not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[key]()
+
+
+@dataclass
+class PeftConfig:
+    """The adapters a run trains (the `peft` section of a training config): part of the model,
+    since a checkpoint's reader must rebuild them to read it."""
+
+    method: str | None = None  # None (full training) | lora | dora
+    dim: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])

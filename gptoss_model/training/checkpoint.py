@@ -35,7 +35,7 @@ import torch.distributed as dist
 from gptoss_model.checkpoint.layout import CHECKPOINT_VERSION, TRACKER_FILE, iter_dir_name
 from gptoss_model.errors import PermanentError
 from gptoss_model.system.safe_unpickle import refusals_named
-from gptoss_model.training import peft as peft_mod
+from gptoss_model.model import peft as peft_mod
 from gptoss_model.training.config import RunConfig, save_yaml, to_dict
 
 log = logging.getLogger(__name__)

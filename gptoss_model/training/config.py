@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from gptoss_model.errors import PermanentError
+from gptoss_model.model.config import PeftConfig
 
 
 class ConfigError(PermanentError, ValueError):
@@ -126,16 +127,6 @@ class LoggingConfig:
     tensorboard_dir: str | None = None  # default {run dir}/tensorboard; "" disables
     metrics_jsonl: str | None = None  # default {run dir}/metrics.jsonl
     memory_check: bool = True  # pre-flight: refuse a run whose estimate exceeds the device
-
-
-@dataclass
-class PeftConfig:
-    method: str | None = None  # None (full training) | lora | dora
-    dim: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
 
 
 @dataclass

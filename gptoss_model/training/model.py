@@ -43,7 +43,7 @@ def build_chunks(run: RunConfig, m: GptOssModelConfig) -> list:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from gptoss_model.model.build import BuildOptions, build_gpt_model
-    from gptoss_model.training import peft as peft_mod
+    from gptoss_model.model import peft as peft_mod
 
     dtype = params_dtype(run)
     pretrained = run.checkpoint.pretrained_checkpoint

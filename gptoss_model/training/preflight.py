@@ -47,7 +47,7 @@ def model_config(run: RunConfig) -> GptOssModelConfig:
         raise ConfigError(f"model.hf_config: {source} does not exist (give a local checkpoint dir, its "
                           "config.json, or a Hub id like openai/gpt-oss-20b)")
     if source and source not in HF_IDS:
-        from gptoss_model.bridge import resolve_checkpoint
+        from gptoss_model.hub.resolve import resolve_checkpoint
 
         try:
             return GptOssModelConfig.from_hf_config(resolve_checkpoint(source))

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from gptoss_model.convert import hf_to_megatron as convert, convert_writer, verify
+from gptoss_model.convert import hf_to_megatron as convert, writer as convert_writer
+from gptoss_model.verify import parity as verify
 from gptoss_model.model.config import NotGptOssConfigError
 from gptoss_model.checkpoint.load_hf import CheckpointError
 from gptoss_model.checkpoint.tiny import write_tiny_checkpoint

@@ -26,7 +26,8 @@ LAYOUTS = {"tp2_sp": (2, 1, 1, True), "ep2": (1, 1, 2, False), "pp2": (1, 2, 1, 
 def main(megatron_dir: str, hf_dir: str, out_root: str, out: str) -> None:
     from megatron.core import dist_checkpointing
 
-    from gptoss_model import AutoBridge, parallel
+    from gptoss_model import AutoBridge
+    from gptoss_model.model import parallel
     from gptoss_model.checkpoint.layout import load_megatron_checkpoint, megatron_state_dict
 
     saved = {}

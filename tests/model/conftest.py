@@ -49,7 +49,8 @@ def world1():
 
 def build_loaded(ckpt, **opts):
     """A world-1 megatron GPTModel with the checkpoint's weights (local spec on CPU)."""
-    from gptoss_model.model import build, load_hf, parallel
+    from gptoss_model.checkpoint import load_hf
+    from gptoss_model.model import build, parallel
     from gptoss_model.model.config import GptOssModelConfig
 
     cfg = GptOssModelConfig.from_hf_config(ckpt)

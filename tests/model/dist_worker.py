@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from gptoss_model import AutoBridge, build  # noqa: E402
+from gptoss_model import AutoBridge  # noqa: E402
+from gptoss_model.model import build  # noqa: E402
 from gptoss_model.model.reference import load_reference_model  # noqa: E402
 from tests.model import _parity as P  # noqa: E402
 

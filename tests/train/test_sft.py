@@ -92,7 +92,7 @@ def test_merged_weight_computes_what_the_adapted_linear_computes(world1_model, t
     from gptoss_model.model.build import build_gpt_model
     from gptoss_model.model.config import GptOssModelConfig
     from gptoss_model.training.config import PeftConfig
-    from gptoss_model.training.peft import apply_adapters, merged_weight
+    from gptoss_model.model.peft import apply_adapters, merged_weight
 
     model = build_gpt_model(GptOssModelConfig.from_hf_config(train_env["ckpt"]), parallel.ParallelLayout())
     cfg = PeftConfig(method=method, dim=4, alpha=8.0)

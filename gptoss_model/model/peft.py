@@ -41,7 +41,7 @@ import zlib
 
 import torch
 
-from gptoss_model.training.config import PeftConfig
+from gptoss_model.model.config import PeftConfig
 
 
 # ---------------------------------------------------------------- merge (export)
