@@ -13,12 +13,71 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
+from typer.core import TyperGroup
+
+
+def stage_names() -> list[str]:
+    """Every stage: a module in flows/ with its namesake in tasks/ (the two files a stage is)."""
+    import pkgutil
+
+    import flows
+    import tasks
+
+    def modules(package) -> set[str]:
+        return {m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg}
+
+    return sorted(modules(flows) & modules(tasks))
+
+
+def load_stage(name: str):
+    """The `Stage` that tasks/<name>.py declares."""
+    import importlib
+
+    from tasks.stage import Stage
+
+    module = importlib.import_module(f"tasks.{name}")
+    found = [v for v in vars(module).values() if isinstance(v, Stage) and v.name == name]
+    if len(found) != 1:
+        raise LookupError(f"tasks/{name}.py declares {len(found)} stages named {name!r}; expected one")
+    return found[0]
+
+
+class _WithStageCommands(TyperGroup):
+    """`gptoss <stage>` for every stage, built from its declaration when named (so `gptoss artifacts ls`
+    does not import what the stages need). A command written by hand takes precedence (preprocess's
+    bar counts documents and tokens); where a group holds the name (`gptoss train plan`), the stage
+    is its `run` subcommand."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(stage_names()))
+
+    def get_command(self, ctx, name: str):
+        command = super().get_command(ctx, name)
+        if name not in stage_names() or (command is not None and not isinstance(command, TyperGroup)):
+            return command
+        if command is None:
+            return _stage_command(name)
+        if "run" not in command.commands:
+            command.add_command(_stage_command(name, as_name="run"))
+        return command
+
+
+def _stage_command(name: str, as_name: str | None = None):
+    from flows.stage_cli import run_in_this_process, stage_command
+
+    stage = load_stage(name)
+    single = typer.Typer(pretty_exceptions_show_locals=False)
+    single.command(name=as_name or name, help=f"{stage.summary} (in this process, no Prefect server; with a progress bar)")(
+        one_line_errors(stage_command(stage, run_in_this_process(stage))))
+    return typer.main.get_command(single)
+
 
 app = typer.Typer(help="GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Face, as Prefect flows.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, cls=_WithStageCommands)
 artifacts = typer.Typer(help="Inspect and maintain the artifact store.", no_args_is_help=True)
 app.add_typer(artifacts, name="artifacts")
-train_app = typer.Typer(help="Plan training runs.", no_args_is_help=True)
+train_app = typer.Typer(help="Plan and run training: `gptoss train plan`, `gptoss train run`.",
+                        no_args_is_help=True)
 app.add_typer(train_app, name="train")
 # Piped output (logs, CI) gets a wide console so versions are never cut.
 console = Console(width=None if sys.stdout.isatty() else 160)

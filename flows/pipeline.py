@@ -29,6 +29,7 @@ from tasks.common import StageParams, publish_lineage
 from tasks.convert import ConvertParams
 from tasks.download import DownloadParams
 from tasks.export import ExportParams
+from tasks.kinds import Kind
 from tasks.preprocess import PreprocessParams
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 from tasks.train import TrainParams
@@ -106,31 +107,31 @@ def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
     with _stages_in_this_process():
         produced = _run_stages(params)
     publish_lineage(produced.values())
-    return {what: manifest.spec for what, manifest in produced.items()}
+    return {str(what): manifest.spec for what, manifest in produced.items()}
 
 
 def _run_stages(params: PipelineParams) -> dict:
-    produced = {"hf-checkpoint": download_flow(params.download)}
-    hf = produced["hf-checkpoint"].spec
+    produced = {Kind.HF_CHECKPOINT: download_flow(params.download)}
+    hf = produced[Kind.HF_CHECKPOINT].spec
     megatron = convert_flow(_with(params.convert, ConvertParams, source=hf))
-    produced["megatron-checkpoint"] = megatron
+    produced[Kind.MEGATRON_CHECKPOINT] = megatron
     verify_options = {"whole_model_max_params": params.verify.whole_model_max_params}
     if params.verify.after_convert and "parity_skipped" in megatron.metrics and params.convert.parity:
-        produced["verify-report (convert)"] = verify_flow(VerifyParams(candidate=megatron.spec, reference=hf,
+        produced[f"{Kind.VERIFY_REPORT} (convert)"] = verify_flow(VerifyParams(candidate=megatron.spec, reference=hf,
                                                                        store=params.convert.store, **verify_options))
     trained = None
     if params.preprocess is not None:
-        produced["dataset"] = preprocess_flow(_with(params.preprocess, PreprocessParams, tokenizer=hf))
+        produced[Kind.DATASET] = preprocess_flow(_with(params.preprocess, PreprocessParams, tokenizer=hf))
     if params.train is not None:
         name = params.train.name or f"{megatron.name}-{Path(params.train.recipe).stem}"
         trained = train_flow(_with(params.train, TrainParams, name=name, base_checkpoint=megatron.spec,
-                                   dataset=produced["dataset"].spec if "dataset" in produced else None))
-        produced["train-checkpoint"] = trained
+                                   dataset=produced[Kind.DATASET].spec if Kind.DATASET in produced else None))
+        produced[Kind.TRAIN_CHECKPOINT] = trained
     if params.export is not None:
         source = trained or megatron
         export = export_flow(_with(params.export, ExportParams, source=source.spec, hf_source=hf))
-        produced["hf-export"] = export
+        produced[Kind.HF_EXPORT] = export
         if params.verify.after_export:
-            produced["verify-report (export)"] = verify_flow(VerifyParams(
+            produced[f"{Kind.VERIFY_REPORT} (export)"] = verify_flow(VerifyParams(
                 candidate=source.spec, reference=export.spec, store=params.export.store, **verify_options))
     return produced

@@ -1,26 +1,22 @@
-"""Flow: verify a megatron / train checkpoint or an HF export against its original `hf-checkpoint`.
+"""Flow: check a checkpoint (megatron, train or HF export) against its original; commit a `verify-report`.
 
-flows/verify.py -> tasks/verify.py -> gptoss_model/verify/parity.py, gptoss_model/verify/layers.py
-Run locally:  python -m flows.verify megatron-checkpoint/NAME[@VERSION] [auto|whole-model|layer-wise]
+flows/verify.py -> tasks/verify.py -> gptoss_model/verify/
+
+Deployable on a CPU work pool on its own, or called by the pipeline flow.
+Run locally:  python -m flows.verify KIND/NAME[@VERSION] [auto|whole-model|layer-wise]
 """
-from __future__ import annotations
-
-import sys
-
-from prefect import flow
-
-from tasks.verify import VerifyParams, verify_checkpoint
+# No `from __future__ import annotations`: Prefect reads the parameter type from the signature,
+# also where `serve()` ships the function to another process.
+from tasks.verify import VERIFY, VerifyParams
 
 
-@flow(name="verify")
+@VERIFY.flow
 def verify_flow(params: VerifyParams):
     """Compare logits (whole model) or each layer's outputs (layer-wise) with transformers'; fail on a gap."""
-    return verify_checkpoint(params)
+    return VERIFY.task(params)
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args:
-        sys.exit("usage: python -m flows.verify KIND/NAME[@VERSION] [auto|whole-model|layer-wise]")
-    manifest = verify_flow(VerifyParams(candidate=args[0], mode=args[1] if len(args) > 1 else "auto"))
-    print(manifest.spec)
+    from flows.stage_cli import run_flow_from_command_line
+
+    run_flow_from_command_line(VERIFY, verify_flow)

@@ -15,15 +15,9 @@ import sys
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
-
-
-# Exit codes a launcher can tell apart (torchrun reports each rank's as "exitcode: N"):
-# both mean a retry would fail the same way.
-EXIT_CONFIG = 2  # the config was refused
-EXIT_NONFINITE = 3  # loss or gradient norm became NaN/Inf; nothing was saved after the last good step
-# EXIT_HANG = 4 (training.watchdog): a rank hung; a retry resumes from the last checkpoint.
-EXIT_REPLICAS = 5  # replicated parameters disagree across ranks: a parallelism bug, not a transient
-EXIT_PERMANENT = 6  # any other error a retry cannot fix (an unreadable or tampered checkpoint, bad data)
+# The exit codes a launcher tells apart (torchrun reports each rank's as "exitcode: N"), and how
+# a supervisor reads them: training/launch.py.
+from gptoss_model.training.launch import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS
 
 
 def load_run_config(source: str, overrides: list[str]) -> RunConfig:

@@ -138,15 +138,19 @@ _stage_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVa
 
 
 @contextlib.contextmanager
-def one_progress_artifact():
-    """For the duration, every progress sink asked for is the same one: a stage task run shows one
-    progress artifact. (A module-level function: a stage task pickled to a Dask worker refers to it
-    by name; a ContextVar itself cannot be pickled.)"""
-    token = _stage_sink.set(progress_sink())
+def progress_to(sink: ProgressSink):
+    """For the duration, every progress sink asked for is `sink`: a stage task run shows one progress
+    artifact, the CLI one set of bars. (A module-level function: a stage task pickled to a Dask worker
+    refers to it by name; a ContextVar itself cannot be pickled.)"""
+    token = _stage_sink.set(sink)
     try:
         yield
     finally:
         _stage_sink.reset(token)
+
+
+def one_progress_artifact():
+    return progress_to(progress_sink())
 
 
 def progress_sink() -> ProgressSink:

@@ -24,22 +24,19 @@ from pydantic import Field
 
 from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
 from gptoss_model.verify.parity import ParityError, enforce_parity, parity_check
-from tasks.common import StageParams, StageProgress, StoreSettings, run_logged_stage, stage_task
-from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.common import StageParams, StageProgress, StoreSettings
+from tasks.kinds import Kind
+from tasks.stage import Input, Stage, StageRun, Version
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
-STAGE = "convert"
-KIND = "megatron-checkpoint"
-INPUT_KIND = "hf-checkpoint"
-CODE_VERSION = "3"  # bump when what lands in the artifact changes for the same inputs
-
-
-__all__ = ["ConvertParams", "ParityError", "convert_checkpoint", "run_convert"]
+__all__ = ["CONVERT", "ConvertParams", "ParityError", "convert_checkpoint", "run_convert"]
 
 
 class ConvertParams(StageParams):
+    """Convert an hf-checkpoint into a megatron-core torch_dist checkpoint, gated on logit parity."""
+
     source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                         description="input artifact: hf-checkpoint/NAME[@VERSION|@REF] (default ref: latest)")
     name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN,
@@ -63,17 +60,8 @@ class ConvertParams(StageParams):
                 "parity_max_params": self.parity_max_params, "parity_tolerance": self.parity_tolerance}
 
 
-def resolve_source(store: ArtifactStore, spec: str):
-    kind, name, selector = parse_artifact_spec(spec)
-    if kind != INPUT_KIND:
-        raise InvalidNameError(f"convert needs an {INPUT_KIND} artifact, got {spec!r} (kind {kind!r})")
-    return store.resolve(kind, name, selector)
-
-
-def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> StageResult:
-    """The whole stage without Prefect's task machinery (tests, the CLI)."""
-    store = store or params.store.open()
-    source = resolve_source(store, params.source)
+def plan_convert(run: StageRun[ConvertParams]) -> Version:
+    params, store, source = run.params, run.store, run.inputs["source"]
 
     def build(staging: Path) -> dict:
         hf_dir = store.local_path(source)
@@ -88,7 +76,7 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
             gate = parity_check(staging, hf_dir, dtype=params.dtype)
             metrics.update(gate, parity_tolerance=params.parity_tolerance)
             try:
-                enforce_parity(gate, params.parity_tolerance, f"{source.spec} -> {KIND}")
+                enforce_parity(gate, params.parity_tolerance, f"{source.spec} -> {Kind.MEGATRON_CHECKPOINT}")
             except ParityError:
                 shutil.rmtree(staging)  # a retry must not resume into a checkpoint that failed its gate
                 raise
@@ -99,10 +87,13 @@ def run_convert(params: ConvertParams, store: ArtifactStore | None = None) -> St
                                          f"{report['params']} params > parity_max_params")
         return metrics
 
-    return run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
-                            name=params.name or source.name, params=params.fingerprint_params(),
-                            build=build, inputs=[source], workdir=params.workdir, resumable=True)
+    return Version(name=params.name or source.name, identity=params.fingerprint_params(), build=build,
+                   inputs=[source], resumable=True)
 
 
-convert_checkpoint = stage_task(run_convert, name="convert-to-megatron",
-                                describe=lambda p: f"convert {p.source} ({p.dtype})")
+CONVERT = Stage(name="convert", output=Kind.MEGATRON_CHECKPOINT, params=ConvertParams, code_version="3",
+                inputs=(Input("source", Kind.HF_CHECKPOINT),), plan=plan_convert,
+                task_name="convert-to-megatron", describe=lambda p: f"convert {p.source} ({p.dtype})",
+                cli_args=("source", "dtype", "workers"))
+run_convert = CONVERT.run
+convert_checkpoint = CONVERT.task

@@ -28,8 +28,9 @@ from gptoss_model.checkpoint.hf_validate import require_checkpoint_files
 from gptoss_model.system.paths import is_within
 from gptoss_model.hub.transfer import DownloadResult, copy_local_snapshot, digest_local_snapshot
 from tasks.common import (PlainUrl, SecretBlockError, StageParams, StageProgress, StoreSettings,
-                          default_workdir, load_secret_block, run_logged_stage, stage_task)
-from tasks.store import ArtifactStore, StageResult
+                          default_workdir, load_secret_block)
+from tasks.kinds import Kind
+from tasks.stage import Stage, StageRun, Version
 from tasks.store.names import ARTIFACT_NAME_PATTERN
 
 # JSON-schema patterns: the Prefect server refuses a run whose parameters miss them, naming the field.
@@ -38,13 +39,11 @@ HF_REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
 
 log = logging.getLogger(__name__)
 
-STAGE = "download"
-KIND = "hf-checkpoint"
-CODE_VERSION = "1"  # bump when what lands in the artifact changes for the same inputs
-
 
 class DownloadParams(StageParams):
-    """What to download. Holds no secret: a token is never a parameter (Prefect keeps parameters
+    """Download a Hugging Face checkpoint (or a mirror of one) into the store as an hf-checkpoint.
+
+    Holds no secret: a token is never a parameter (Prefect keeps parameters
     in clear in its database, the run's Parameters tab and `flow-run inspect`); `hf_token_block`
     names a Prefect Secret block, or the worker's environment has HF_TOKEN. Unknown keys (a
     `hf_token` among them) are refused, by the Prefect server when the run is created."""
@@ -109,9 +108,8 @@ def _metrics(result: DownloadResult) -> dict:
             "download_seconds": round(result.seconds, 3), "content_sha256": result.content_digest()}
 
 
-def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> StageResult:
-    """The whole stage without Prefect's task machinery (tests, the CLI)."""
-    store = store or params.store.open()
+def plan_download(run: StageRun[DownloadParams]) -> Version:
+    params, store = run.params, run.store
     token = _token(params)
     base = default_workdir(params.workdir) / "hf-downloads"
     patterns = {"allow_patterns": params.allow_patterns, "ignore_patterns": params.ignore_patterns}
@@ -157,17 +155,20 @@ def run_download(params: DownloadParams, store: ArtifactStore | None = None) -> 
         _link_tree(result, work, staging, move=store.is_local and not params.keep_download)
         return _metrics(result)
 
-    stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=name,
-                             params={**identity, **patterns}, build=build, workdir=params.workdir)
-    if not params.keep_download:
-        shutil.rmtree(work, ignore_errors=True)
-    return stage
+    def clean_up(_) -> None:
+        if not params.keep_download:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return Version(name=name, identity={**identity, **patterns}, build=build, after=clean_up)
 
 
 class MirrorChangedError(RuntimeError):
     """The mirror's files changed between identifying and copying them (transient: retried)."""
 
 
-download_checkpoint = stage_task(
-    run_download, name="download-hf-checkpoint", retries=3, retry_delay_seconds=(10, 60, 300),
-    describe=lambda p: f"download {p.source_url or f'{p.repo_id}@{p.revision}'}")
+DOWNLOAD = Stage(name="download", output=Kind.HF_CHECKPOINT, params=DownloadParams, code_version="1",
+                 plan=plan_download, task_name="download-hf-checkpoint", retries=3, retry_delay_seconds=(10, 60, 300),
+                 describe=lambda p: f"download {p.source_url or f'{p.repo_id}@{p.revision}'}",
+                 cli_args=("repo_id", "revision"))
+run_download = DOWNLOAD.run
+download_checkpoint = DOWNLOAD.task

@@ -27,27 +27,19 @@ from typing import Literal
 
 from pydantic import Field
 
-from gptoss_model.errors import PermanentError
 from gptoss_model.export.megatron_to_hf import DEFAULT_MAX_SHARD_BYTES, ExportError, export_megatron_to_hf, unfinished_export
-from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, load_secret_block,
-                          run_logged_stage, stage_task)
-from tasks.store import ArtifactStore, InvalidNameError, Manifest, StageResult, parse_artifact_spec
+from tasks.common import PlainUrl, StageParams, StageProgress, StoreSettings, load_secret_block
+from tasks.kinds import MEGATRON_KINDS, Kind
+from tasks.lineage import LineageError, find_adapter_base, find_in_lineage
+from tasks.stage import Input, Stage, StageRun, Version
+from tasks.store import StageResult
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
-STAGE = "export"
-KIND = "hf-export"
-INPUT_KINDS = ("megatron-checkpoint", "train-checkpoint")
-HF_KIND = "hf-checkpoint"
-CODE_VERSION = "1"
-
-
-class LineageError(PermanentError, LookupError):
-    """The original hf-checkpoint (or an adapter run's base checkpoint) cannot be found from the input's lineage."""
-
 
 class ExportParams(StageParams):
+    """Stream a megatron checkpoint into a Hugging Face directory, commit it, optionally push it."""
 
     source: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                         description="megatron-checkpoint/NAME[@VERSION] or train-checkpoint/NAME[@VERSION]")
@@ -78,64 +70,6 @@ class ExportParams(StageParams):
         # peft_adapter only when set: exports made before the option keep their versions
         return {"weight_format": self.weight_format, "max_shard_bytes": self.max_shard_bytes,
                 **({"peft_adapter": True} if self.peft_adapter else {})}
-
-
-def resolve_source(store: ArtifactStore, spec: str) -> Manifest:
-    kind, name, selector = parse_artifact_spec(spec)
-    if kind not in INPUT_KINDS:
-        raise InvalidNameError(f"export needs one of {INPUT_KINDS}, got {spec!r} (kind {kind!r})")
-    return store.resolve(kind, name, selector)
-
-
-def find_in_lineage(store: ArtifactStore, manifest: Manifest, kind: str = HF_KIND) -> Manifest:
-    """The nearest artifact of `kind` an artifact descends from (breadth first over its inputs' manifests)."""
-    queue, seen = list(manifest.inputs), set()
-    while queue:
-        ref = queue.pop(0)
-        if (ref.kind, ref.name, ref.version) in seen:
-            continue
-        seen.add((ref.kind, ref.name, ref.version))
-        found = store.get_manifest(ref.kind, ref.name, ref.version)
-        if found is None:
-            continue
-        if found.kind == kind:
-            return found
-        queue += found.inputs
-    hint = "hf_source" if kind == HF_KIND else "base_source"
-    raise LineageError(f"{manifest.kind}/{manifest.name}@{manifest.version} does not descend from a "
-                       f"{kind} in this store; name one with {hint}")
-
-
-def find_hf_source(store: ArtifactStore, manifest: Manifest) -> Manifest:
-    return find_in_lineage(store, manifest, HF_KIND)
-
-
-def holds_adapters(store: ArtifactStore, source: Manifest) -> bool:
-    """Whether a checkpoint artifact is a LoRA/DoRA run's (adapter-only) checkpoint.
-
-    Converted megatron-checkpoints never are; a train-checkpoint says so in its recorded run
-    config, else (committed by other means) its common state is read, which pulls the artifact.
-    """
-    if source.kind != "train-checkpoint":
-        return False
-    recorded = (source.parameters or {}).get("config", {})
-    if isinstance(recorded, dict) and isinstance(recorded.get("peft"), dict):
-        return bool(recorded["peft"].get("method"))
-    from gptoss_model.export.adapters import read_peft_config
-
-    return read_peft_config(store.local_path(source)) is not None
-
-
-def find_adapter_base(store: ArtifactStore, source: Manifest, spec: str | None) -> Manifest | None:
-    """The megatron-checkpoint an adapter-only source merges into; None when the source holds no adapters."""
-    if not holds_adapters(store, source):
-        if spec:
-            raise InvalidNameError(f"base_source={spec!r}: {source.spec} holds no LoRA/DoRA adapters")
-        return None
-    base = store.resolve_spec(spec) if spec else find_in_lineage(store, source, "megatron-checkpoint")
-    if base.kind != "megatron-checkpoint":
-        raise InvalidNameError(f"base_source must be a megatron-checkpoint, got {base.kind}/{base.name}")
-    return base
 
 
 def hub_token(params: ExportParams) -> str | None:
@@ -170,14 +104,10 @@ class HubUnreachable(ConnectionError):
     """The Hub endpoint could not be reached while pushing (transient: the task retries)."""
 
 
-def run_export(params: ExportParams, store: ArtifactStore | None = None) -> StageResult:
-    """The whole stage without Prefect's task machinery (tests, the CLI)."""
-    store = store or params.store.open()
-    source = resolve_source(store, params.source)
-    hf = store.resolve_spec(params.hf_source) if params.hf_source else find_hf_source(store, source)
-    if hf.kind != HF_KIND:
-        raise InvalidNameError(f"hf_source must be an {HF_KIND}, got {hf.kind}/{hf.name}")
-    base = find_adapter_base(store, source, params.base_source)
+def plan_export(run: StageRun[ExportParams]) -> Version:
+    params, store, source = run.params, run.store, run.inputs["source"]
+    hf = run.inputs["hf_source"] or find_in_lineage(store, source, Kind.HF_CHECKPOINT, hint="hf_source")
+    base = find_adapter_base(store, source, run.inputs["base_source"])
     if params.peft_adapter and base is None:
         raise ExportError(f"peft_adapter: {source.spec} holds no LoRA/DoRA adapters")
 
@@ -196,18 +126,22 @@ def run_export(params: ExportParams, store: ArtifactStore | None = None) -> Stag
         return {**report, "source": source.spec, "hf_source": hf.spec,
                 **({"base_source": base.spec} if base else {})}
 
-    result = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND,
-                              name=params.name or source.name, params=params.fingerprint_params(),
-                              build=build, inputs=[source, hf, *([base] if base else [])], workdir=params.workdir,
-                              resumable=True)
-    if params.push_to_hub:
-        url = push_folder(store.local_path(result.manifest), params.push_to_hub, hub_token(params),
-                          params.hub_private, f"gptoss-pipeline export {result.spec}", params.hub_endpoint)
-        log.info("pushed %s to the Hub: %s", result.spec, url)
-    return result
+    def push(result: StageResult) -> None:
+        if params.push_to_hub:
+            url = push_folder(store.local_path(result.manifest), params.push_to_hub, hub_token(params),
+                              params.hub_private, f"gptoss-pipeline export {result.spec}", params.hub_endpoint)
+            log.info("pushed %s to the Hub: %s", result.spec, url)
+
+    return Version(name=params.name or source.name, identity=params.fingerprint_params(), build=build,
+                   inputs=[source, hf, *([base] if base else [])], resumable=True, after=push)
 
 
-export_checkpoint = stage_task(run_export, name="export-to-hf",
-                               describe=lambda p: f"export {p.source} ({p.weight_format})")
+EXPORT = Stage(name="export", output=Kind.HF_EXPORT, params=ExportParams, code_version="1",
+               inputs=(Input("source", *MEGATRON_KINDS), Input("hf_source", Kind.HF_CHECKPOINT),
+                       Input("base_source", Kind.MEGATRON_CHECKPOINT)),
+               plan=plan_export, task_name="export-to-hf",
+               describe=lambda p: f"export {p.source} ({p.weight_format})", cli_args=("source", "weight_format"))
+run_export = EXPORT.run
+export_checkpoint = EXPORT.task
 
-__all__ = ["ExportError", "ExportParams", "LineageError", "export_checkpoint", "run_export"]
+__all__ = ["EXPORT", "ExportError", "ExportParams", "LineageError", "export_checkpoint", "run_export"]

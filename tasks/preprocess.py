@@ -38,22 +38,20 @@ from gptoss_model.data.tokenizer import tokenizer_spec
 from gptoss_model.data.workspace import READ_BLOCK, LocalDir
 from gptoss_model.errors import InvalidParameterError
 from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, artifact_key, in_prefect_run,
-                          retry_worthwhile, run_logged_stage, stage_task)
-from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+                          retry_worthwhile)
+from tasks.kinds import Kind
+from tasks.stage import Input, Stage, StageRun, Version
+from tasks.store import ArtifactStore
 from tasks.store.manifest import FileEntry
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
-
-STAGE = "preprocess"
-KIND = "dataset"
-INPUT_KIND = "hf-checkpoint"
-CODE_VERSION = "1"
 
 # (documents, tokens, input bytes done, input bytes total)
 ProgressFn = Callable[[int, int, int, int], None]
 
 
 class PreprocessParams(StageParams):
+    """Tokenise JSONL corpora with a checkpoint's tokenizer into a dataset artifact (pretrain or packed SFT)."""
 
     inputs: list[PlainUrl] = Field(
         ..., min_length=1, description="JSONL sources: paths, globs or fsspec URLs (s3://...), plain, .gz or "
@@ -172,13 +170,6 @@ def tokenizer_dir(store: ArtifactStore, source, workdir: Path) -> Path:
     return store.download(wanted, workdir)
 
 
-def resolve_tokenizer(store: ArtifactStore, spec: str):
-    kind, name, selector = parse_artifact_spec(spec)
-    if kind != INPUT_KIND:
-        raise InvalidNameError(f"preprocess takes its tokenizer from an {INPUT_KIND} artifact, got {spec!r}")
-    return store.resolve(kind, name, selector)
-
-
 class _Progress:
     """Counts documents/tokens/bytes from the library; feeds the stage's progress artifact and a callback."""
 
@@ -208,15 +199,15 @@ class _Progress:
             self.callback(self.documents, self.tokens, self.total, self.total)
 
 
-def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None, *,
-                   progress: ProgressFn | None = None) -> StageResult:
-    """The whole stage without Prefect's task machinery (tests, the CLI)."""
-    store = store or params.store.open()
+def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
+    """`run.options["progress"]`: a `(documents, tokens, bytes done, bytes total)` callback (the CLI's bar)."""
+    params, store = run.params, run.store
+    progress: ProgressFn | None = run.options.get("progress")
     on_dask = params.dask_address is not None
     if on_dask and _open_store(params.store.model_dump_json()).url != store.url:
         raise InvalidParameterError(f"store: the Dask workers would write to {params.store.url}, but this run "
                                     f"commits to {store.url}; pass the store as params.store")
-    source = resolve_tokenizer(store, params.tokenizer)
+    source = run.inputs["tokenizer"]
     input_files = _input_identity(params)
     scratch_dirs: list[Path] = []
 
@@ -257,12 +248,12 @@ def run_preprocess(params: PreprocessParams, store: ArtifactStore | None = None,
         _publish_summary(params, metrics)
         return (metrics, uploaded) if on_dask else metrics
 
-    stage = run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=params.name,
-                             params=params.fingerprint_params(input_files), build=build, inputs=[source],
-                             workdir=params.workdir, resumable=True, writes_to_store=on_dask)
-    for scratch in scratch_dirs:  # committed: tokenised parts and pulled tokenizer files are no longer needed
-        shutil.rmtree(scratch, ignore_errors=True)
-    return stage
+    def clean_up(_) -> None:  # committed: tokenised parts and pulled tokenizer files are no longer needed
+        for scratch in scratch_dirs:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return Version(name=params.name, identity=params.fingerprint_params(input_files), build=build, inputs=[source],
+                   resumable=True, writes_to_store=on_dask, after=clean_up)
 
 
 PARTS_DIR = "_parts"  # under the version's prefix: removed by the commit, or by `gc` with the abandoned version
@@ -337,7 +328,7 @@ def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
     from prefect.artifacts import create_table_artifact
 
     engine = metrics.get("tokenizer_engine")  # pretrain only
-    create_table_artifact(table=summary_rows(metrics), key=artifact_key(KIND, params.name, "summary"),
+    create_table_artifact(table=summary_rows(metrics), key=artifact_key(Kind.DATASET, params.name, "summary"),
                           description=f"preprocess {params.name}: {metrics['documents']:,} documents, "
                                       f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s"
                                       + (f" ({engine} engine)" if engine else ""))
@@ -363,5 +354,9 @@ def dask_map(address: str):
     return run
 
 
-preprocess_dataset = stage_task(run_preprocess, name="preprocess-dataset",
-                                describe=lambda p: f"preprocess {p.name} ({p.mode}, {len(p.inputs)} input(s))")
+PREPROCESS = Stage(name="preprocess", output=Kind.DATASET, params=PreprocessParams, code_version="1",
+                   inputs=(Input("tokenizer", Kind.HF_CHECKPOINT),), plan=plan_preprocess,
+                   task_name="preprocess-dataset", cli_args=("tokenizer", "name", "inputs"),
+                   describe=lambda p: f"preprocess {p.name} ({p.mode}, {len(p.inputs)} input(s))")
+run_preprocess = PREPROCESS.run
+preprocess_dataset = PREPROCESS.task

@@ -8,9 +8,11 @@ without local paths) and the input artifacts' versions. Its working directory
 runs, every checkpoint the trainer completes (the tracker file names it) is
 committed as a `train-checkpoint` version (parameters: run identity and
 iteration; inputs: base checkpoint and dataset; the recipe is in the manifest's
-parameters). A retry on another machine first pulls the newest committed
-version and resumes from it. The flow's cancellation/failure hooks kill the
-torchrun process group through the pid file (`pid_file(params)`).
+parameters): one run, several versions, so the stage gives `commits` rather than
+`plan`. A retry on another machine first pulls the newest committed version and
+resumes from it. The flow's cancellation/failure hooks kill the torchrun process
+group through the pid file, found from the parameters alone (`pid_file(params)`):
+stopping a run never needs the store.
 """
 from __future__ import annotations
 
@@ -26,39 +28,31 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from gptoss_model.errors import PermanentError
-from gptoss_model.train import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS
-from gptoss_model.training.watchdog import EXIT_HANG
+from gptoss_model.training import launch
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
+from gptoss_model.training.launch import TrainingFailed, TrainingRefused
 from gptoss_model.training.recipes import RECIPES
-from tasks.common import (StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run,
-                          run_logged_stage, stage_task)
-from tasks.store import ArtifactStore, StageResult, parse_artifact_spec
+from tasks.common import StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run
+from tasks.kinds import Kind
+from tasks.stage import Input, Stage, StageRun, Version, resolve_input
+from tasks.store import ArtifactStore, Manifest, StageResult
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
 
-STAGE = "train"
-KIND = "train-checkpoint"
-CODE_VERSION = "1"
-_RANK0 = re.compile(r"^\[default0\]:")
-_OTHER_RANK = re.compile(r"^\[default[1-9]\d*\]:")
-_RANK_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+KIND = Kind.TRAIN_CHECKPOINT
+INPUTS = (Input("base_checkpoint", Kind.MEGATRON_CHECKPOINT), Input("dataset", Kind.DATASET))
 
-
-class TrainingFailed(RuntimeError):
-    """torchrun exited non-zero for a reason a retry may fix (a killed rank, a lost node)."""
+__all__ = ["TRAIN", "TrainParams", "TrainingFailed", "TrainingRefused", "pid_file", "run_train", "train_model"]
 
 
 # A known recipe name or a .yaml/.yml path: the Prefect server refuses anything else at run creation.
 RECIPE_PATTERN = rf"^(?:(?:{'|'.join(RECIPES)})(?:_config)?|.+\.ya?ml)$"
 
 
-class TrainingRefused(PermanentError, RuntimeError):
-    """The training entry stopped on an error a retry cannot fix (a tampered checkpoint, bad data)."""
-
-
 class TrainParams(StageParams):
+    """Launch torchrun, stream rank 0's log, commit each checkpoint; a retry resumes from the newest."""
+
     recipe: str = Field(..., pattern=RECIPE_PATTERN,
                         description=f"a recipe ({', '.join(RECIPES)}) or the path of a YAML run config")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, e.g. "
@@ -80,23 +74,27 @@ class TrainParams(StageParams):
         return recipe
 
 
-def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool = True):
+def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool = True,
+                resolved: dict[str, Manifest | None] | None = None):
     """(RunConfig with local input paths, the input manifests, the run identity).
 
-    `materialize=False` skips pulling the inputs (the identity needs only their versions)."""
+    `materialize=False` skips pulling the inputs (the identity needs only their versions);
+    `resolved`: the inputs already resolved (by the stage runner)."""
     from gptoss_model.training.recipes import recipe
     from gptoss_model.train import load_run_config
 
     run = (recipe(params.recipe) if params.recipe.removesuffix("_config") in RECIPES
            else load_run_config(params.recipe, []))
     run = apply_overrides(run, params.overrides)
+    if resolved is None:
+        resolved = {i.param: resolve_input(store, i.param, spec, i.kinds) if (spec := getattr(params, i.param))
+                    else None for i in INPUTS}
+    base, data = resolved["base_checkpoint"], resolved["dataset"]
     inputs = []
-    if params.base_checkpoint:
-        base = _resolve(store, params.base_checkpoint, "megatron-checkpoint")
+    if base is not None:
         inputs.append(base)
         run.checkpoint.pretrained_checkpoint = str(store.local_path(base)) if materialize else base.spec
-    if params.dataset:
-        data = _resolve(store, params.dataset, "dataset")
+    if data is not None:
         inputs.append(data)
         prefixes = data.metrics.get("data_prefixes")
         if not prefixes:
@@ -115,22 +113,19 @@ def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool 
     return run, inputs, hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _resolve(store: ArtifactStore, spec: str, kind: str):
-    got_kind, name, selector = parse_artifact_spec(spec)
-    if got_kind != kind:
-        raise ConfigError(f"expected a {kind} artifact, got {spec!r}")
-    return store.resolve(kind, name, selector)
-
-
 def run_dir(params: TrainParams, identity: str) -> Path:
     return default_workdir(params.workdir) / f"train-{identity}"
 
 
-def pid_file(params: TrainParams, store: ArtifactStore | None = None) -> Path:
-    """Where the running torchrun's pid is kept (the cancellation hook reads it)."""
-    store = store or params.store.open()
-    _, _, identity = resolve_run(params, store, materialize=False)
-    return run_dir(params, identity) / "torchrun.pid"
+def pid_file(params: TrainParams) -> Path:
+    """Where the running torchrun's pid is kept: from the parameters alone, so the cancellation hook
+    finds it without the store (which may be what failed)."""
+    return launch.pid_file(default_workdir(params.workdir), params.model_dump_json())
+
+
+def stop_torchrun(params: TrainParams) -> None:
+    """Cancelled or failed: no torchrun or rank may outlive the run (killed by process group)."""
+    launch.kill_from_pid_file(pid_file(params))
 
 
 def _committed(store: ArtifactStore, name: str, identity: str) -> list:
@@ -160,22 +155,26 @@ def _pull_newest(store: ArtifactStore, name: str, identity: str, save_dir: Path)
     return newest.parameters["iteration"]
 
 
-def run_train(params: TrainParams, store: ArtifactStore | None = None) -> StageResult:
-    """The whole stage without Prefect's task machinery: launch, watch, commit each checkpoint."""
-    store = store or params.store.open()
-    planned, _, identity = resolve_run(params, store, materialize=False)
+def train_commits(run: StageRun[TrainParams]) -> StageResult:
+    """Launch, watch, commit each checkpoint; the newest committed version is the result.
+
+    A run already trained to its last iteration is a cache hit: its versions are found by the run
+    identity recorded in their parameters (each version also fingerprints the resolved config)."""
+    params, store = run.params, run.store
+    planned, _, identity = resolve_run(params, store, materialize=False, resolved=run.inputs)
     if hit := _trained_already(store, params.name, identity, planned.train.train_iters):
         return hit
     home = run_dir(params, identity)
     with _run_dir_held(home):
         # Another run of the same identity may have finished while this one waited.
-        return _trained_already(store, params.name, identity, planned.train.train_iters) or _train(params, store)
+        return (_trained_already(store, params.name, identity, planned.train.train_iters)
+                or _train(run, identity))
 
 
 def _trained_already(store: ArtifactStore, name: str, identity: str, train_iters: int) -> StageResult | None:
     done = _committed(store, name, identity)
     if done and done[-1].parameters["iteration"] >= train_iters:  # nothing left to train
-        log.info("%s: %s (cache hit: trained to iteration %d)", STAGE, done[-1].spec, done[-1].parameters["iteration"])
+        log.info("train: %s (cache hit: trained to iteration %d)", done[-1].spec, done[-1].parameters["iteration"])
         return StageResult(done[-1], cache_hit=True)
     return None
 
@@ -198,14 +197,13 @@ def _run_dir_held(home: Path):
         os.close(fd)
 
 
-def _train(params: TrainParams, store: ArtifactStore) -> StageResult:
+def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
     from gptoss_model.checkpoint.layout import TRACKER_FILE, iter_dir_name
-    from gptoss_model.training import launch
-    from gptoss_model.training.loop import NonFiniteLossError
     from gptoss_model.training.metrics import read_metrics
     from gptoss_model.training.preflight import preflight
 
-    run, inputs, identity = resolve_run(params, store)
+    params, store = stage_run.params, stage_run.store
+    run, inputs, _ = resolve_run(params, store, resolved=stage_run.inputs)
     home = run_dir(params, identity)
     run.dir = str(home)
     run.checkpoint.save = str(home / "checkpoints")
@@ -228,9 +226,8 @@ def _train(params: TrainParams, store: ArtifactStore) -> StageResult:
             return {"iteration": iteration, "loss": recs[-1]["loss"] if recs else None,
                     "consumed_samples": iteration * run.train.global_batch_size, "recipe": params.recipe}
 
-        return run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=params.name,
-                                params={"run": identity, "iteration": iteration, "config": to_dict(run) | {
-                                    "dir": None}}, build=build, inputs=inputs, workdir=params.workdir)
+        return stage_run.commit(Version(name=params.name, build=build, inputs=inputs, identity={
+            "run": identity, "iteration": iteration, "config": to_dict(run) | {"dir": None}}))
 
     def watch() -> None:
         tracker = save_dir / TRACKER_FILE
@@ -247,41 +244,8 @@ def _train(params: TrainParams, store: ArtifactStore) -> StageResult:
             if recs:
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
-    rank_exit_codes: set[int] = set()
-    errors: list[str] = []  # the ranks' one-line errors, as reported
-    # The reader thread has no Prefect run context; stage_task's log forwarding attaches
-    # this task run's ids to its records, so rank 0's lines reach the flow run's log.
-    def on_line(line: str) -> None:
-        if _OTHER_RANK.match(line) and "error: " not in line:
-            return  # rank 0 speaks for the run; another rank only when it reports an error (a hang rank 0 is in)
-        log.info("%s", _RANK0.sub("", line))
-        if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
-            rank_exit_codes.add(int(reported.group(1)))
-        if "error: " in line:
-            errors.append(line.split("error: ", 1)[1])
-
-    rc = launch.launch(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=home / "torchrun.pid",
-                       on_line=on_line, poll=watch)
-    if rc == EXIT_CONFIG or EXIT_CONFIG in rank_exit_codes:
-        raise ConfigError(f"training refused its config (exit {EXIT_CONFIG}); see the log above ({config_yaml})")
-    if EXIT_NONFINITE in rank_exit_codes:  # permanent: a retry resumes into the same overflow
-        raise NonFiniteLossError(f"training stopped on a non-finite loss or gradient norm (see the log above); "
-                                 f"checkpoints committed: {sorted(state['committed'])}")
-    if EXIT_REPLICAS in rank_exit_codes:
-        from gptoss_model.training.replicas import ReplicaDivergenceError
-
-        raise ReplicaDivergenceError(f"training stopped: replicated parameters disagree across ranks (see the log "
-                                     f"above); checkpoints committed: {sorted(state['committed'])}")
-    if EXIT_PERMANENT in rank_exit_codes:
-        raise TrainingRefused(f"training stopped on an error a retry cannot fix: {errors[0] if errors else 'see the log'}"
-                              f" (checkpoints committed: {sorted(state['committed'])})")
-    if EXIT_HANG in rank_exit_codes:  # transient: a retry resumes from the newest committed checkpoint
-        hung = [e for e in errors if e.startswith("training hung:")]
-        raise TrainingFailed(f"{hung[0] if hung else 'training hung: a rank made no progress for train.hang_timeout'}"
-                             f" (checkpoints committed: {sorted(state['committed'])})")
-    if rc != 0:
-        raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: "
-                             f"{sorted(state['committed'])} (a retry resumes from the newest)")
+    launch.supervise(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=pid_file(params), poll=watch,
+                     saved=lambda: sorted(state["committed"]))
     recs = [r for r in read_metrics(run.metrics_path()) if "loss" in r] if run.metrics_path().is_file() else []
     reached = recs[-1]["iteration"] if recs else 0
     if reached < run.train.train_iters:  # torchrun exits 0 when its ranks were terminated by a signal
@@ -336,4 +300,8 @@ def publish_metrics(run: RunConfig) -> None:
                              markdown=f"### {run.name}: loss\n\n![loss curve](data:image/png;base64,{png})")
 
 
-train_model = stage_task(run_train, name="train", describe=lambda p: f"train {p.name} ({p.recipe})")
+TRAIN = Stage(name="train", output=KIND, params=TrainParams, code_version="1", inputs=INPUTS,
+              commits=train_commits, describe=lambda p: f"train {p.name} ({p.recipe})", on_stop=stop_torchrun,
+              cli_args=("recipe", "name", "base_checkpoint", "dataset"))
+run_train = TRAIN.run
+train_model = TRAIN.task

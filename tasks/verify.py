@@ -29,18 +29,13 @@ from gptoss_model.errors import PermanentError
 from gptoss_model.verify.parity import default_tolerance, fixed_batch, verify_whole_model
 from gptoss_model.verify.layers import HFSide, MegatronSide, verify_layerwise
 from gptoss_model.verify.layers import default_tolerance as default_layer_tolerance
-from tasks.common import StageParams, StageProgress, StoreSettings, in_prefect_run, run_logged_stage, stage_task
-from tasks.export import HF_KIND, find_adapter_base, find_hf_source
-from tasks.store import ArtifactStore, InvalidNameError, StageResult, parse_artifact_spec
+from tasks.common import StageParams, StageProgress, StoreSettings, in_prefect_run
+from tasks.kinds import HF_KINDS, MEGATRON_KINDS, Kind
+from tasks.lineage import find_adapter_base, find_in_lineage
+from tasks.stage import Input, Stage, StageRun, Version
 from tasks.store.names import ARTIFACT_SPEC_PATTERN
 
 log = logging.getLogger(__name__)
-
-STAGE = "verify"
-KIND = "verify-report"
-MEGATRON_KINDS = ("megatron-checkpoint", "train-checkpoint")
-HF_KINDS = ("hf-export", HF_KIND)
-CODE_VERSION = "1"
 
 
 class VerificationFailed(PermanentError, ValueError):
@@ -48,6 +43,8 @@ class VerificationFailed(PermanentError, ValueError):
 
 
 class VerifyParams(StageParams):
+    """Compare logits (whole model) or each layer's outputs (layer-wise) with transformers'; fail on a gap."""
+
     candidate: str = Field(..., pattern=ARTIFACT_SPEC_PATTERN,
                            description="megatron-checkpoint/..., train-checkpoint/..., hf-export/... or "
                            "hf-checkpoint/... [@VERSION]")
@@ -136,16 +133,12 @@ def _publish_table(result: dict, what: str) -> None:
     create_table_artifact(table=rows, description=f"verify {what} ({result['mode']}): {status}"[:500])
 
 
-def run_verify(params: VerifyParams, store: ArtifactStore | None = None) -> StageResult:
-    """The whole stage without Prefect's task machinery (tests, the CLI)."""
-    store = store or params.store.open()
-    kind, name, selector = parse_artifact_spec(params.candidate)
-    if kind not in MEGATRON_KINDS + HF_KINDS:
-        raise InvalidNameError(f"verify cannot check a {kind!r} artifact ({params.candidate})")
-    candidate = store.resolve(kind, name, selector)
-    reference = store.resolve_spec(params.reference) if params.reference else find_hf_source(store, candidate)
+def plan_verify(run: StageRun[VerifyParams]) -> Version:
+    params, store, candidate = run.params, run.store, run.inputs["candidate"]
+    kind = candidate.kind
+    reference = run.inputs["reference"] or find_in_lineage(store, candidate, Kind.HF_CHECKPOINT, hint="reference")
     # an adapter-only LoRA/DoRA train-checkpoint runs on the base it was trained from
-    base = find_adapter_base(store, candidate, None) if kind in MEGATRON_KINDS else None
+    base = find_adapter_base(store, candidate) if kind in MEGATRON_KINDS else None
 
     def build(staging: Path) -> dict:
         ref_dir, cand_dir = store.local_path(reference), store.local_path(candidate)
@@ -173,13 +166,15 @@ def run_verify(params: VerifyParams, store: ArtifactStore | None = None) -> Stag
                                      f"{result['first_failure']}")
         return {k: v for k, v in result.items() if k != "table"}  # the per-layer rows are in the manifest too
 
-    return run_logged_stage(store, stage=STAGE, code_version=CODE_VERSION, kind=KIND, name=candidate.name,
-                            params=params.fingerprint_params(), build=build,
-                            inputs=[candidate, reference, *([base] if base is not None else [])],
-                            workdir=params.workdir)
+    return Version(name=candidate.name, identity=params.fingerprint_params(), build=build,
+                   inputs=[candidate, reference, *([base] if base is not None else [])])
 
 
-verify_checkpoint = stage_task(run_verify, name="verify-checkpoint",
-                               describe=lambda p: f"verify {p.candidate} ({p.mode})")
+VERIFY = Stage(name="verify", output=Kind.VERIFY_REPORT, params=VerifyParams, code_version="1",
+               inputs=(Input("candidate", *MEGATRON_KINDS, *HF_KINDS), Input("reference", *HF_KINDS)),
+               plan=plan_verify, task_name="verify-checkpoint",
+               describe=lambda p: f"verify {p.candidate} ({p.mode})", cli_args=("candidate", "mode"))
+run_verify = VERIFY.run
+verify_checkpoint = VERIFY.task
 
-__all__ = ["VerificationFailed", "VerifyParams", "run_verify", "verify_checkpoint"]
+__all__ = ["VERIFY", "VerificationFailed", "VerifyParams", "run_verify", "verify_checkpoint"]

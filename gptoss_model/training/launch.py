@@ -1,4 +1,4 @@
-"""Start `torchrun -m gptoss_model.train` on this host and stop all of it, by process group.
+"""Start `torchrun -m gptoss_model.train` on this host, follow it, say why it ended, and stop all of it.
 
 torchrun runs in its own session; its pid goes to a pid file, so whoever must stop it
 later (a cancellation hook in another process) can. Killing torchrun's process group is
@@ -9,17 +9,54 @@ and each rank asks the kernel to kill it when torchrun dies (gptoss_model.train 
 PR_SET_PDEATHSIG), so even a SIGKILL of torchrun alone leaves no rank behind, and each rank's
 guard (`guard_process_group`) kills what the rank itself started. Every rank's lines (torchrun
 tags them `[defaultN]:` under --tee 3) are handed to a callback as they come.
+
+`supervise` runs it to the end and turns the ranks' exit codes into the error a caller's
+retry policy needs: permanent (a refused config, a non-finite loss, diverged replicas, a
+tampered checkpoint) or transient (a killed rank, a hang, a lost node).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+from gptoss_model.errors import PermanentError
+from gptoss_model.training.config import ConfigError
+from gptoss_model.training.watchdog import EXIT_HANG
+
+log = logging.getLogger(__name__)
+
+# The training entry's exit codes (gptoss_model.train), besides 0 and EXIT_HANG (4, training.watchdog).
+EXIT_CONFIG = 2  # the config was refused
+EXIT_NONFINITE = 3  # loss or gradient norm became NaN/Inf; nothing was saved after the last good step
+EXIT_REPLICAS = 5  # replicated parameters disagree across ranks: a parallelism bug, not a transient
+EXIT_PERMANENT = 6  # any other error a retry cannot fix (an unreadable or tampered checkpoint, bad data)
+
+_RANK0 = re.compile(r"^\[default0\]:")
+_OTHER_RANK = re.compile(r"^\[default[1-9]\d*\]:")
+_RANK_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+class TrainingFailed(RuntimeError):
+    """torchrun exited non-zero for a reason a retry may fix (a killed rank, a lost node, a hang)."""
+
+
+class TrainingRefused(PermanentError, RuntimeError):
+    """The training entry stopped on an error a retry cannot fix (a tampered checkpoint, bad data)."""
+
+
+def pid_file(workdir: Path, run_key: str) -> Path:
+    """Where the torchrun of the run `run_key` (any string naming it, e.g. its parameters) keeps its pid:
+    found again from the key alone, so a cancellation hook needs nothing else to stop it."""
+    return Path(workdir) / "train-pids" / f"{hashlib.sha256(run_key.encode()).hexdigest()[:24]}.pid"
 
 
 def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
@@ -144,3 +181,52 @@ def kill_from_pid_file(pid_file: Path) -> bool:
     killed = kill_tree(pid)
     Path(pid_file).unlink(missing_ok=True)
     return killed
+
+
+class _RankReport:
+    """What the ranks said: rank 0's lines (and any rank's errors) to the log, exit codes, errors."""
+
+    def __init__(self):
+        self.exit_codes: set[int] = set()
+        self.errors: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        if _OTHER_RANK.match(line) and "error: " not in line:
+            return  # rank 0 speaks for the run; another rank only when it reports an error (a hang rank 0 is in)
+        log.info("%s", _RANK0.sub("", line))
+        if reported := _RANK_EXIT.search(line):  # torchrun's failure report, one per failed rank
+            self.exit_codes.add(int(reported.group(1)))
+        if "error: " in line:
+            self.errors.append(line.split("error: ", 1)[1])
+
+
+def supervise(config_yaml: Path, *, nproc_per_node: int, pid_file: Path, poll: Callable[[], None],
+              saved: Callable[[], list[int]]) -> None:
+    """Run training to its end; raise what stopped it early, classified for a retry policy.
+
+    `poll()` runs about twice a second (commit what was saved); `saved()` lists the iterations
+    already safe, for the error messages (a retry resumes from the newest)."""
+    from gptoss_model.training.loop import NonFiniteLossError
+    from gptoss_model.training.replicas import ReplicaDivergenceError
+
+    ranks = _RankReport()
+    rc = launch(config_yaml, nproc_per_node=nproc_per_node, pid_file=pid_file, on_line=ranks, poll=poll)
+    codes = ranks.exit_codes
+    if rc == EXIT_CONFIG or EXIT_CONFIG in codes:
+        raise ConfigError(f"training refused its config (exit {EXIT_CONFIG}); see the log above ({config_yaml})")
+    if EXIT_NONFINITE in codes:  # permanent: a retry resumes into the same overflow
+        raise NonFiniteLossError(f"training stopped on a non-finite loss or gradient norm (see the log above); "
+                                 f"checkpoints committed: {saved()}")
+    if EXIT_REPLICAS in codes:
+        raise ReplicaDivergenceError(f"training stopped: replicated parameters disagree across ranks (see the log "
+                                     f"above); checkpoints committed: {saved()}")
+    if EXIT_PERMANENT in codes:
+        raise TrainingRefused(f"training stopped on an error a retry cannot fix: "
+                              f"{ranks.errors[0] if ranks.errors else 'see the log'} (checkpoints committed: {saved()})")
+    if EXIT_HANG in codes:  # transient: a retry resumes from the newest committed checkpoint
+        hung = [e for e in ranks.errors if e.startswith("training hung:")]
+        raise TrainingFailed(f"{hung[0] if hung else 'training hung: a rank made no progress for train.hang_timeout'}"
+                             f" (checkpoints committed: {saved()})")
+    if rc != 0:
+        raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: {saved()} "
+                             "(a retry resumes from the newest)")

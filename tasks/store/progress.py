@@ -55,7 +55,8 @@ class ProgressSink:
 
 
 class RichProgress(ProgressSink):
-    """A progress bar on the terminal (the `gptoss` CLI)."""
+    """Progress bars on the terminal (the `gptoss` CLI): one per description (a stage's own work,
+    each transfer), shown from the first count to `finish()`/`close()`."""
 
     def __init__(self):
         super().__init__(min_interval=0.1)
@@ -64,18 +65,26 @@ class RichProgress(ProgressSink):
 
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                              TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
-        self._task = None
-
-    def start(self, total: int, description: str) -> None:
-        if self._task is None:
-            self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
-        super().start(total, description)
+        self._tasks: dict[str, int] = {}
+        self._shown = False
+        self._render_lock = threading.Lock()  # threads reporting at once add one bar, not two
 
     def render(self, force: bool) -> None:
-        if self._task is not None:
-            self._bar.update(self._task, completed=self.done)
+        with self._render_lock:
+            if not self._shown:
+                self._bar.start()
+                self._shown = True
+            task = self._tasks.get(self.description)
+            if task is None:
+                task = self._tasks[self.description] = self._bar.add_task(self.description, total=self.total)
+            self._bar.update(task, completed=self.done, total=self.total)
 
     def finish(self) -> None:
         super().finish()
-        self._bar.stop()
+        self.close()
+
+    def close(self) -> None:
+        with self._render_lock:
+            if self._shown:
+                self._bar.stop()
+                self._shown = False

@@ -123,7 +123,7 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
     _, _, identity = resolve_run(crashed, store)
     save_dir = run_dir(crashed, identity) / "checkpoints"
 
-    pidf = pid_file(crashed, store)
+    pidf = pid_file(crashed)
     crashed_at = []
 
     def crash_after_first_commit():
@@ -147,7 +147,7 @@ def test_retry_resumes_from_the_newest_committed_checkpoint(prefect_harness, sto
 
 @pytest.mark.slow
 def test_kill_hook_leaves_no_torchrun_or_rank_process(store_inputs, tmp_path):
-    from flows.train import stop_torchrun
+    from flows.train import train_flow
     from tasks.train import TrainingFailed, pid_file, run_train
 
     params = _params("cancelled", store_inputs, tmp_path, **{"train.train_iters": 1000})
@@ -155,7 +155,7 @@ def test_kill_hook_leaves_no_torchrun_or_rank_process(store_inputs, tmp_path):
     failure = []
     runner = threading.Thread(target=lambda: failure.append(_capture(run_train, params, store)), daemon=True)
     runner.start()
-    pidf = pid_file(params, store)
+    pidf = pid_file(params)
     deadline = time.time() + 240
     while not (pidf.is_file() and len(psutil.Process(int(pidf.read_text())).children(recursive=True)) >= 1):
         assert time.time() < deadline and runner.is_alive(), "training did not start"
@@ -167,6 +167,7 @@ def test_kill_hook_leaves_no_torchrun_or_rank_process(store_inputs, tmp_path):
     class FlowRun:
         parameters = {"params": params.model_dump()}
 
+    stop_torchrun, = set(train_flow.on_cancellation_hooks) | set(train_flow.on_failure_hooks)  # the flow's one hook
     stop_torchrun(None, FlowRun, None)
     _, alive = psutil.wait_procs(tree, timeout=15)
     assert not alive, f"survivors: {[(p.pid, p.cmdline()[:4]) for p in alive]}"
@@ -244,7 +245,7 @@ def test_cancelling_the_flow_run_leaves_no_torchrun_or_rank_process(prefect_harn
             except Exception:  # noqa: BLE001 - the deployment is not registered yet
                 assert time.monotonic() < deadline, "the served deployment never appeared"
                 time.sleep(1)
-        pidf = pid_file(params, store_inputs[0])
+        pidf = pid_file(params)
         deadline = time.monotonic() + 120
         while not tree:
             assert time.monotonic() < deadline, "torchrun's ranks never started"
@@ -322,7 +323,7 @@ def test_a_hung_rank_ends_the_attempt_and_the_retry_resumes(prefect_harness, sto
     params = _params("hung", store_inputs, tmp_path, **{"train.hang_timeout": hang_timeout}).model_copy(
         update={"nproc_per_node": 2})
     store = store_inputs[0]
-    pidf = pid_file(params, store)
+    pidf = pid_file(params)
     stopped: dict = {}
 
     def stop_a_rank_after_the_first_commit():
