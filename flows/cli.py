@@ -1,7 +1,6 @@
 """The `gptoss` command: artifacts in the store, and the demo pipeline."""
 from __future__ import annotations
 
-import functools
 import json
 import re
 import sys
@@ -14,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 from typer.core import TyperGroup
+
+from flows.terminal import one_line_errors, options
 
 
 def stage_names() -> list[str]:
@@ -88,47 +89,11 @@ EndpointOpt = Annotated[Optional[str], typer.Option("--s3-endpoint-url", envvar=
                                                     help="S3-compatible endpoint URL.")]
 
 
-# Set by the root callback on every invocation (before any command runs).
-_options = {"debug": False}
-
-
 @app.callback()
 def _global_options(debug: Annotated[bool, typer.Option(
         "--debug", help="On an error, show the full traceback instead of one line.")] = False) -> None:
     """GPT-OSS pipeline: Hugging Face -> Megatron -> Hugging Face, as Prefect flows."""
-    _options["debug"] = debug
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for the terminal: the message (which names the file, artifact or parameter)."""
-    from gptoss_model.errors import PermanentError
-    from tasks.store import IntegrityError
-
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    expected = (PermanentError, IntegrityError, ValueError, LookupError, FileExistsError, PermissionError,
-                TimeoutError, ConnectionError)
-    if isinstance(exc, expected):
-        return f"error: {message}"
-    return f"error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-
-
-def one_line_errors(command):
-    """Turn an exception into one line on stderr and exit status 1 (the traceback with --debug)."""
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.BadParameter):
-            raise
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if _options["debug"]:
-                raise
-            typer.echo(error_line(exc), err=True)
-            raise typer.Exit(1) from None
-    return run
+    options["debug"] = debug
 
 
 def _store(url: str | None, endpoint: str | None):

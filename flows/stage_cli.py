@@ -115,7 +115,7 @@ def run_in_this_process(stage) -> Callable[[Any], None]:
 
 def run_flow_from_command_line(stage, flow, argv: list[str] | None = None) -> None:
     """`python -m flows.<stage> ...`: parse the arguments like `gptoss <stage>`, run the flow, print the spec."""
-    from flows.cli import one_line_errors
+    from flows.terminal import one_line_errors
 
     app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
     app.command(name=stage.name, help=stage.summary)(
