@@ -27,7 +27,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.store import ArtifactStore, Producer  # noqa: E402
-from tasks.store.backends import hash_file  # noqa: E402
+from tasks.store.base import hash_file  # noqa: E402
 
 
 def free_port() -> int:

@@ -18,14 +18,10 @@ and drops the parts. A rerun after a crash resumes from the parts in the store.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import re
 import shutil
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -35,15 +31,16 @@ from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_datase
 from gptoss_model.data.sft import build_sft_dataset
 from gptoss_model.data.sources import expand_sources, input_errors_named, input_filesystem
 from gptoss_model.data.tokenizer import tokenizer_spec
-from gptoss_model.data.workspace import READ_BLOCK, LocalDir
+from gptoss_model.data.workspace import LocalDir
 from gptoss_model.errors import InvalidParameterError
-from tasks.common import (PlainUrl, StageParams, StageProgress, StoreSettings, artifact_key, in_prefect_run,
-                          retry_worthwhile)
+from tasks.common import PlainUrl, StageParams, StageProgress, StoreSettings, artifact_key, in_prefect_run
+from tasks.dask_runner import dask_map
 from tasks.kinds import Kind
 from tasks.stage import Input, Stage, StageRun, Version
 from tasks.store import ArtifactStore
 from tasks.store.manifest import FileEntry
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
+from tasks.store.workspace import StoreWorkspace, open_store
 
 
 # (documents, tokens, input bytes done, input bytes total)
@@ -162,9 +159,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def tokenizer_dir(store: ArtifactStore, source, workdir: Path) -> Path:
     """A local directory with the checkpoint's tokenizer files only (not its weights)."""
-    from tasks.store.backends import LocalBackend
-
-    if isinstance(store.backend, LocalBackend):
+    if store.is_local:
         return store.local_path(source)
     wanted = source.model_copy(update={"files": [f for f in source.files if f.path in TOKENIZER_FILES]})
     return store.download(wanted, workdir)
@@ -204,7 +199,7 @@ def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
     params, store = run.params, run.store
     progress: ProgressFn | None = run.options.get("progress")
     on_dask = params.dask_address is not None
-    if on_dask and _open_store(params.store.model_dump_json()).url != store.url:
+    if on_dask and open_store(params.store).url != store.url:
         raise InvalidParameterError(f"store: the Dask workers would write to {params.store.url}, but this run "
                                     f"commits to {store.url}; pass the store as params.store")
     source = run.inputs["tokenizer"]
@@ -236,7 +231,7 @@ def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
                                       max_record_bytes=params.max_record_mb << 20)
             metrics = build_pretraining_dataset(
                 params.inputs, tokenizer_spec(checkpoint_dir), out, parts, options, workers=params.workers,
-                map_fn=dask_map(params.dask_address) if on_dask else None, progress=meter,
+                map_fn=dask_map(params.dask_address, run.stage.name) if on_dask else None, progress=meter,
                 storage_options=params.storage_options())
             output_files = metrics.pop("output_files")
             if on_dask:
@@ -257,58 +252,6 @@ def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
 
 
 PARTS_DIR = "_parts"  # under the version's prefix: removed by the commit, or by `gc` with the abandoned version
-
-
-class StoreWorkspace:
-    """A workspace under a prefix of the artifact store, shared by every Dask worker.
-
-    Pickles as its settings and prefix (no client, no secret); each process opens the
-    store once, with credentials from the settings' Secret block or boto3's chain."""
-
-    def __init__(self, store: StoreSettings, prefix: str):
-        self.store, self.prefix = store, prefix.strip("/")
-
-    def __repr__(self) -> str:
-        return f"StoreWorkspace({self.store.url!r}, {self.prefix!r})"
-
-    @property
-    def backend(self):
-        return _open_store(self.store.model_dump_json()).backend
-
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}"
-
-    def where(self, rel: str) -> str:
-        return f"{self.store.url.rstrip('/')}/{self._key(rel)}"
-
-    def get_bytes(self, rel: str) -> bytes | None:
-        return self.backend.get_bytes(self._key(rel))
-
-    def put_bytes(self, rel: str, data: bytes) -> None:
-        self.backend.put_bytes(self._key(rel), data)
-
-    def put_file(self, local: Path, rel: str) -> str:
-        digest = self.backend.upload_file(local, self._key(rel))  # hashes what it sends
-        local.unlink(missing_ok=True)
-        return digest
-
-    def read_range(self, rel: str, start: int, count: int) -> Iterator[bytes]:
-        while count > 0:
-            block = self.backend.get_range(self._key(rel), start, min(count, READ_BLOCK))
-            if not block:
-                raise EOFError(f"{self.where(rel)}: truncated (wanted {count} more bytes at {start})")
-            start, count = start + len(block), count - len(block)
-            yield block
-
-    @contextlib.contextmanager
-    def scratch(self) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="gptoss-preprocess-") as tmp:
-            yield Path(tmp)
-
-
-@functools.lru_cache(maxsize=8)
-def _open_store(settings_json: str) -> ArtifactStore:
-    return StoreSettings.model_validate_json(settings_json).open()
 
 
 def summary_rows(metrics: dict) -> list[dict]:
@@ -332,26 +275,6 @@ def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
                           description=f"preprocess {params.name}: {metrics['documents']:,} documents, "
                                       f"{metrics['tokens']:,} tokens, {metrics['tokens_per_second']:,} tokens/s"
                                       + (f" ({engine} engine)" if engine else ""))
-
-
-def dask_map(address: str):
-    """A `map_fn` running each job as a Prefect task on the Dask cluster at `address` (prefect-dask)."""
-    def run(function, jobs, on_done=None):
-        from prefect_dask import DaskTaskRunner
-
-        from prefect import task
-
-        remote = task(function, name=f"preprocess-{function.__name__.replace('_', '-')}", retries=1,
-                      retry_condition_fn=retry_worthwhile)
-        with DaskTaskRunner(address=address) as runner:
-            futures = [runner.submit(remote, {"job": job}) for job in jobs]
-            results = []
-            for future in futures:
-                results.append(future.result())
-                if on_done:
-                    on_done(results[-1])
-        return results
-    return run
 
 
 PREPROCESS = Stage(name="preprocess", output=Kind.DATASET, params=PreprocessParams, code_version="1",

@@ -1,5 +1,5 @@
 """The versioned artifact store every stage hands its output through."""
-from .backends import PreconditionFailed
+from .base import Backend, PreconditionFailed
 from .fingerprint import fingerprint, public_params
 from .manifest import FileEntry, InputRef, Manifest, Producer
 from .names import InvalidNameError, parse_artifact_spec
@@ -9,7 +9,7 @@ from .store import (DEFAULT_STORE, ArtifactNotFound, ArtifactStore, ConcurrentWr
                     IntegrityError)
 
 __all__ = [
-    "ArtifactNotFound", "ArtifactStore", "ConcurrentWriterError", "DestinationConflict", "StageResult", "StageTimeout", "run_stage", "DEFAULT_STORE", "FileEntry", "InputRef", "IntegrityError",
+    "ArtifactNotFound", "ArtifactStore", "Backend", "ConcurrentWriterError", "DestinationConflict", "StageResult", "StageTimeout", "run_stage", "DEFAULT_STORE", "FileEntry", "InputRef", "IntegrityError",
     "InvalidNameError", "Manifest", "PreconditionFailed", "Producer", "ProgressSink", "RichProgress",
     "fingerprint", "parse_artifact_spec", "public_params",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gptoss_model.system.paths import try_lock, work_dir_lock
 
-from .backends import LocalBackend, PreconditionFailed, S3Backend
+from .base import Backend, PreconditionFailed
 
 CLAIM_FILE = ".claim.json"
 LOCK_DIR = ".locks"
@@ -53,9 +53,9 @@ def owner_record() -> dict:
 class LocalClaim:
     """flock on `{root}/.locks/<hash>.lock`; the kernel releases it on any exit."""
 
-    def __init__(self, backend: LocalBackend, prefix: str):
+    def __init__(self, root: Path, prefix: str):
         digest = hashlib.sha256(prefix.encode()).hexdigest()[:32]
-        self.path = backend.root / LOCK_DIR / f"{digest}.lock"
+        self.path = root / LOCK_DIR / f"{digest}.lock"
         self.prefix = prefix
         self._fd: int | None = None
 
@@ -90,7 +90,7 @@ class LocalClaim:
 class ObjectClaim:
     """A claim object `{prefix}/.claim.json` with a heartbeat."""
 
-    def __init__(self, backend, prefix: str, *, ttl: float = 300.0):
+    def __init__(self, backend: Backend, prefix: str, *, ttl: float = 300.0):
         self.backend = backend
         self.key = f"{prefix}/{CLAIM_FILE}"
         self.prefix = prefix
@@ -102,15 +102,10 @@ class ObjectClaim:
         self.lost = False
 
     def _read(self) -> tuple[dict, str | None] | None:
-        if isinstance(self.backend, S3Backend):
-            got = self.backend.get_etag(self.key)
-            if got is None:
-                return None
-            data, etag = got
-        else:
-            data, etag = self.backend.get_bytes(self.key), None
-            if data is None:
-                return None
+        got = self.backend.get_with_etag(self.key)
+        if got is None:
+            return None
+        data, etag = got
         try:
             return json.loads(data), etag
         except ValueError:
@@ -131,12 +126,9 @@ class ObjectClaim:
             current = self._read()
             if current is None or not self._is_stale(current[0]):
                 return False
-            # Take over a dead writer's claim; only one of several breakers wins.
+            # Take over a dead writer's claim; where there are etags, only one of several breakers wins.
             try:
-                if isinstance(self.backend, S3Backend) and current[1]:
-                    self.backend.replace_if_match(self.key, data, current[1])
-                else:
-                    self.backend.put_bytes(self.key, data)
+                self.backend.replace(self.key, data, if_match=current[1])
             except PreconditionFailed:
                 return False
         self.record = rec
@@ -152,10 +144,7 @@ class ObjectClaim:
         while not self._stop.wait(self.ttl / 5):
             rec = {**self.record, "heartbeat": time.time()}
             try:
-                if isinstance(self.backend, S3Backend):
-                    self._etag = self.backend.replace_if_match(self.key, json.dumps(rec).encode(), self._etag)
-                else:
-                    self.backend.put_bytes(self.key, json.dumps(rec).encode())
+                self._etag = self.backend.replace(self.key, json.dumps(rec).encode(), if_match=self._etag)
             except PreconditionFailed:
                 self.lost = True
                 return
@@ -188,7 +177,7 @@ def hold_work_dir(directory: Path) -> int:
     return fd
 
 
-def claim_for(backend, prefix: str, *, ttl: float = 300.0):
-    if isinstance(backend, LocalBackend):
-        return LocalClaim(backend, prefix)
+def claim_for(backend: Backend, prefix: str, *, ttl: float = 300.0):
+    if backend.local_root is not None:
+        return LocalClaim(backend.local_root, prefix)
     return ObjectClaim(backend, prefix, ttl=ttl)

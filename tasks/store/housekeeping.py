@@ -26,7 +26,6 @@ from pathlib import Path
 
 from gptoss_model.system.paths import try_lock
 
-from .backends import S3Backend
 from .claims import CLAIM_FILE, work_dir_lock
 from .manifest import MANIFEST_FILE
 from .names import VERSION_RE
@@ -156,10 +155,9 @@ def remove_incomplete_versions(store, older_than_s: float, *, dry_run: bool = Fa
 
 def abort_stale_uploads(store, older_than_s: float, *, dry_run: bool = False) -> list[Leftover]:
     """Abort multipart uploads under the store prefix older than the cutoff whose
-    version no live writer claims (a claim we can take means its writer is gone)."""
+    version no live writer claims (a claim we can take means its writer is gone).
+    Only S3 makes multipart uploads; other backends list none."""
     backend = store.backend
-    if not isinstance(backend, S3Backend):
-        return []
     cutoff = time.time() - older_than_s
     by_version: dict[str | None, list[tuple[str, str]]] = {}
     for key, upload_id, initiated in backend.multipart_uploads(""):

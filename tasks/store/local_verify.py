@@ -25,7 +25,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .backends import hash_file
+from .base import hash_file
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from .backends import CHUNK, ObjectInfo, PreconditionFailed, Progress, _noop
+from .base import CHUNK, ObjectInfo, PreconditionFailed, Progress, no_progress
 from .settings import settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class S3Backend:
     READ_TIMEOUT = 30
     MAX_ATTEMPTS = 3
     SHA256_KEY = "sha256"  # object metadata (or, for multipart uploads, object tag) holding the sha256
+    local_root = None
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, credentials: dict | None = None, max_concurrency: int = 10):
@@ -103,7 +104,7 @@ class S3Backend:
         return self.client.get_object(Bucket=self.bucket, Key=self._k(key),
                                       Range=f"bytes={start}-{start + count - 1}")["Body"].read()
 
-    def get_etag(self, key: str) -> tuple[bytes, str] | None:
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 
         try:
@@ -114,11 +115,14 @@ class S3Backend:
             raise
         return obj["Body"].read(), obj["ETag"]
 
-    def replace_if_match(self, key: str, data: bytes, etag: str) -> str:
+    def replace(self, key: str, data: bytes, *, if_match: str | None) -> str | None:
         from botocore.exceptions import ClientError
 
+        if if_match is None:
+            self.put_bytes(key, data)
+            return None
         try:
-            return self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfMatch=etag)["ETag"]
+            return self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfMatch=if_match)["ETag"]
         except ClientError as exc:
             if self._error_code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404",
                                          "ConditionalRequestConflict"):
@@ -185,7 +189,7 @@ class S3Backend:
             return None
         return next((tag["Value"] for tag in tags if tag["Key"] == self.SHA256_KEY), None)
 
-    def upload_file(self, src: Path, key: str, progress: Progress = _noop) -> str:
+    def upload_file(self, src: Path, key: str, progress: Progress = no_progress) -> str:
         size = src.stat().st_size
         if size <= self.MULTIPART_THRESHOLD:
             data = src.read_bytes()
@@ -244,7 +248,7 @@ class S3Backend:
             log.info("%s: could not tag %s with its sha256 (%s); a commit retry will upload it again",
                      self.url, key, self._error_code(exc))
 
-    def download_file(self, key: str, dest: Path, size: int, progress: Progress = _noop) -> str:
+    def download_file(self, key: str, dest: Path, size: int, progress: Progress = no_progress) -> str:
         if size <= self.MULTIPART_THRESHOLD:
             body = self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"]
             h = hashlib.sha256()

@@ -20,7 +20,8 @@ from typing import Any
 
 from gptoss_model.errors import PermanentError
 
-from .backends import LocalBackend, PreconditionFailed, backend_for_url, hash_file
+from .backends import backend_for_url
+from .base import PreconditionFailed, hash_file
 from .claims import CLAIM_FILE, LOCK_DIR, claim_for
 from .fingerprint import public_params
 from .manifest import MANIFEST_FILE, CorruptStoreObject, FileEntry, InputRef, Manifest, Producer
@@ -68,7 +69,7 @@ class ArtifactStore:
     @property
     def is_local(self) -> bool:
         """A file:// store (commits hard-link staging files; reads happen in place)."""
-        return isinstance(self.backend, LocalBackend)
+        return self.backend.local_root is not None
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
@@ -192,13 +193,12 @@ class ArtifactStore:
         if f"{prefix}/{MANIFEST_FILE}" in present:
             raise RuntimeError(f"refusing to overwrite committed version {self.url}/{prefix}")
         self._check_uploaded(prefix, uploaded, present, set(rels))
-        recorded = getattr(self.backend, "recorded_sha256", None)
         kept = []
 
         def one(i: int) -> FileEntry:
             key = f"{prefix}/{rels[i]}"
-            if recorded is not None and present.get(key) == sizes[i]:
-                remote = recorded(key, sizes[i])
+            if present.get(key) == sizes[i]:
+                remote = self.backend.recorded_sha256(key, sizes[i])
                 if remote is not None and remote == hash_file(files[i]):
                     kept.append(rels[i])
                     progress.advance(sizes[i])
@@ -269,8 +269,8 @@ class ArtifactStore:
             winner = self.get_manifest(kind, name, version)
             log.info("version %s/%s@%s was committed by another writer; reusing it", kind, name, version)
             return winner, False
-        if isinstance(self.backend, LocalBackend):  # every byte was just hashed on its way in
-            stamp_committed(self.backend.path(prefix), manifest, settings().cache_dir / "verified")
+        if self.is_local:  # every byte was just hashed on its way in
+            stamp_committed(self.backend.local_root / prefix, manifest, settings().cache_dir / "verified")
         return manifest, True
 
     # -- pulling ----------------------------------------------------------
@@ -345,8 +345,8 @@ class ArtifactStore:
         untouched: see local_verify); elsewhere a download into a cache that is
         reused once complete.
         """
-        if isinstance(self.backend, LocalBackend):
-            root = self.backend.path(self.prefix(manifest.kind, manifest.name, manifest.version))
+        if self.is_local:
+            root = self.backend.local_root / self.prefix(manifest.kind, manifest.name, manifest.version)
             try:
                 hashed = verify_in_place(root, manifest, settings().cache_dir / "verified", self.max_workers)
             except LocalIntegrityError as exc:

@@ -209,11 +209,11 @@ def test_mirror_spellings_are_one_version(payload, tmp_path, monkeypatch, spelli
 
 def test_download_into_a_file_store_writes_each_byte_once(hub, payload, tmp_path, monkeypatch):
     """The work copy is renamed into staging, which the store hard-links: no file is copied."""
-    import tasks.store.backends as backends
+    import tasks.store.local as local
 
     copies = []
-    real_copy = backends.copy_hashing
-    monkeypatch.setattr(backends, "copy_hashing", lambda src, *a, **k: copies.append(src) or real_copy(src, *a, **k))
+    real_copy = local.copy_hashing
+    monkeypatch.setattr(local, "copy_hashing", lambda src, *a, **k: copies.append(src) or real_copy(src, *a, **k))
     hub.add_repo("org/once", {"config.json": b"{}", "w.safetensors": payload(2 * MB, 10)})
     result = run_download(_params(hub, tmp_path, repo_id="org/once"))
     assert not result.cache_hit and copies == []

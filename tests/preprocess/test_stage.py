@@ -277,7 +277,7 @@ def test_store_workspace_resumes_from_the_parts_in_the_store(tmp_path, s3_bucket
 
     from gptoss_model.data.pretrain import PretrainOptions, build_pretraining_dataset
     from gptoss_model.data.tokenizer import tokenizer_spec
-    from tasks.preprocess import StoreWorkspace
+    from tasks.store.workspace import StoreWorkspace
 
     settings = StoreSettings(url=f"s3://{s3_bucket}/ws", s3_endpoint_url=s3_endpoint)
     out, parts = StoreWorkspace(settings, "v"), StoreWorkspace(settings, "v/_parts")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.store import ArtifactStore
-from tasks.store.backends import S3Backend, StoreUnreachable
+from tasks.store.s3 import S3Backend, StoreUnreachable
 
 
 @pytest.fixture

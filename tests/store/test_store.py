@@ -14,7 +14,8 @@ import pytest
 
 from tasks.store import (ArtifactNotFound, ArtifactStore, IntegrityError, InvalidNameError, Manifest,
                          Producer, run_stage)
-from tasks.store.backends import LocalBackend, S3Backend
+from tasks.store.local import LocalBackend
+from tasks.store.s3 import S3Backend
 from tasks.store.housekeeping import incomplete_versions, remove_incomplete_versions
 from tasks.store.names import parse_artifact_spec, validate_name, validate_relpath
 

@@ -74,7 +74,7 @@ if __name__ == "__main__":
 
         store.backend.put_bytes = put_bytes
     if MODE == "hang-mid-upload":
-        from tasks.store.backends import S3Backend
+        from tasks.store.s3 import S3Backend
 
         S3Backend.MULTIPART_THRESHOLD = S3Backend.MIN_PART = 1 << 20
         client = store.backend.client
