@@ -119,6 +119,30 @@ def test_the_library_never_imports_prefect():
     assert not offenders, offenders
 
 
+BACKEND_MODULES = {f"tasks.store.{name}" for name in ("base", "local", "s3", "fsspec_backend", "backends")}
+
+
+def _class_names(node: ast.expr) -> list[str]:
+    if isinstance(node, ast.Tuple):
+        return [n for elt in node.elts for n in _class_names(elt)]
+    if isinstance(node, ast.Attribute):
+        return [node.attr]
+    return [node.id] if isinstance(node, ast.Name) else []
+
+
+def test_no_isinstance_on_a_backend_class_outside_the_backends():
+    """Backend differences are members of the `Backend` protocol, not class checks at the call site."""
+    found = []
+    for name, path in sorted(MODULES.items()):
+        if name in BACKEND_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                    and len(node.args) == 2 and any(n.endswith("Backend") for n in _class_names(node.args[1]))):
+                found.append(f"{name}:{node.lineno}")
+    assert found == [], f"ask the backend (a Backend member) instead of checking its class: {found}"
+
+
 def test_the_library_top_holds_its_entry_points_only():
     top = sorted(p.stem for p in (ROOT / "gptoss_model").glob("*.py"))
     print(f"\ngptoss_model/ top: {top}; subpackages: "
