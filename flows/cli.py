@@ -45,9 +45,8 @@ def load_stage(name: str):
 
 class _WithStageCommands(TyperGroup):
     """`gptoss <stage>` for every stage, built from its declaration when named (so `gptoss artifacts ls`
-    does not import what the stages need). A command written by hand takes precedence (preprocess's
-    bar counts documents and tokens); where a group holds the name (`gptoss train plan`), the stage
-    is its `run` subcommand."""
+    does not import what the stages need). Where a group holds the name (`gptoss train plan`), the
+    stage is its `run` subcommand."""
 
     def list_commands(self, ctx) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(stage_names()))
@@ -262,63 +261,6 @@ def train_plan(
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-
-
-@app.command("preprocess")
-@one_line_errors
-def preprocess(
-        tokenizer: Annotated[str, typer.Argument(help="hf-checkpoint/NAME[@VERSION|@REF] whose tokenizer is used.")],
-        name: Annotated[str, typer.Argument(help="Output dataset artifact name.")],
-        inputs: Annotated[list[str], typer.Argument(help="JSONL paths, globs or fsspec URLs (.gz/.zst too).")],
-        mode: Annotated[str, typer.Option(help="pretrain (indexed .bin/.idx) or sft (packed chat).")] = "pretrain",
-        json_key: Annotated[list[str], typer.Option("--json-key", help="pretrain: JSON key(s) to tokenise.")] = ["text"],  # noqa: B006
-        append_eod: Annotated[bool, typer.Option(help="pretrain: end each document with the eos token.")] = True,
-        bad_input: Annotated[str, typer.Option(help="fail (default) or skip bad records.")] = "fail",
-        shard_tokens: Annotated[Optional[int], typer.Option(help="pretrain: tokens per output shard.")] = None,
-        target_length: Annotated[int, typer.Option(help="sft: packed sample length.")] = 2048,
-        workers: Annotated[int, typer.Option(help="Local tokenising processes.")] = 1,
-        tokenizer_engine: Annotated[str, typer.Option(help="pretrain: tokenizers (Megatron-LM's path) or "
-                                                      "tiktoken (same ids, checked; a fraction of the CPU).")]
-        = "tokenizers",
-        dask_address: Annotated[Optional[str], typer.Option(help="Dask scheduler address to scale out on.")] = None,
-        workdir: Annotated[Optional[str], typer.Option(help="Staging parent (a rerun resumes from it).")] = None,
-        store: StoreOpt = None, s3_endpoint_url: EndpointOpt = None) -> None:
-    """Tokenise JSONL corpora into a dataset artifact, with a progress bar (documents, tokens, tokens/s)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from tasks.common import StoreSettings
-    from tasks.preprocess import PreprocessParams, run_preprocess, summary_rows
-
-    settings = StoreSettings(url=store or StoreSettings().url,
-                             s3_endpoint_url=s3_endpoint_url or StoreSettings().s3_endpoint_url)
-    params = PreprocessParams(tokenizer=tokenizer, name=name, inputs=inputs, mode=mode, json_keys=json_key,
-                              append_eod=append_eod, bad_input=bad_input, shard_tokens=shard_tokens,
-                              target_length=target_length, workers=workers, dask_address=dask_address,
-                              tokenizer_engine=tokenizer_engine,
-                              workdir=workdir, store=settings)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[counts]}"), console=console)
-    started = datetime.now()
-    with bar:
-        job = bar.add_task(f"preprocess {name}", total=None, counts="")
-
-        def show(documents: int, tokens: int, done: int, total: int) -> None:
-            rate = tokens / max((datetime.now() - started).total_seconds(), 1e-9)
-            bar.update(job, completed=done, total=total,
-                       counts=f"{documents:,} docs  {tokens:,} tokens  {rate:,.0f} tokens/s")
-
-        result = run_preprocess(params, settings.open(), progress=show)
-    m = result.manifest
-    table = Table(title=f"{m.spec} ({'cache hit' if result.cache_hit else 'committed'})")
-    rows = summary_rows(m.metrics)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    console.print(table)
-    console.print(f"{m.metrics['documents']:,} documents, {m.metrics['tokens']:,} tokens; "
-                  f"data_prefixes: {', '.join(m.metrics['data_prefixes'])}")
 
 
 @app.command("demo")

@@ -23,6 +23,7 @@ import typer
 import yaml
 
 STORE_FIELD = "store"
+OPTION_PREFIX = "option_"  # the option form of a positional argument
 
 
 def _is_text(annotation: Any) -> bool:
@@ -70,11 +71,13 @@ def stage_command(stage, run: Callable[[Any], Any]) -> Callable:
         parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
                                             default=inspect.Parameter.empty if required else None))
     for name, field in fields.items():
-        if name in stage.cli_args or name == STORE_FIELD:
+        if name == STORE_FIELD or (name in stage.cli_args and field.is_required()):
             continue
+        # an optional positional is an option too: `convert SRC float32 4` or `convert SRC --workers 4`
         kind = list[str] if _is_list(field.annotation) else str
         option = typer.Option(f"--{name.replace('_', '-')}", help=field.description or "", show_default=False)
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+        parameters.append(inspect.Parameter(OPTION_PREFIX + name if name in stage.cli_args else name,
+                                            inspect.Parameter.KEYWORD_ONLY,
                                             annotation=Annotated[Optional[kind], option], default=None))
     if STORE_FIELD in fields:
         for name, flag, help_ in (("store_url", "--store", "Store URL (file://... or s3://bucket/prefix)."),
@@ -83,6 +86,9 @@ def stage_command(stage, run: Callable[[Any], Any]) -> Callable:
                                                 annotation=Annotated[Optional[str], typer.Option(flag, help=help_)]))
 
     def command(**given):
+        for name in stage.cli_args:  # the option form wins over the positional one
+            if given.get(OPTION_PREFIX + name) is not None:
+                given[name] = given.pop(OPTION_PREFIX + name)
         data = {k: _value(fields[k].annotation, v) for k, v in given.items() if k in fields and v is not None}
         if STORE_FIELD in fields:
             store = {k: v for k, v in (("url", given.get("store_url")),
@@ -110,7 +116,22 @@ def run_in_this_process(stage) -> Callable[[Any], None]:
             finally:
                 bar.close()
         typer.echo(f"{result.spec} ({'cache hit' if result.cache_hit else 'committed'})")
+        if stage.report is not None:
+            show_table(*stage.report(result.manifest))
     return run
+
+
+def show_table(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def run_flow_from_command_line(stage, flow, argv: list[str] | None = None) -> None:

@@ -128,9 +128,9 @@ class PrefectProgress(ProgressSink):
         with self._render_lock:
             pct = round(100.0 * self.fraction, 1)
             if self._artifact_id is None:
-                self._artifact_id = create_progress_artifact(pct, description=self.description[:200])
+                self._artifact_id = create_progress_artifact(pct, description=self.text[:200])
             else:
-                update_progress_artifact(self._artifact_id, pct, description=self.description[:200])
+                update_progress_artifact(self._artifact_id, pct, description=self.text[:200])
 
 
 # The stage task run's one progress sink: its own progress and its store transfers share one artifact.
@@ -186,9 +186,10 @@ class StageProgress:
             log.warning("progress reporting failed (%s); continuing without it", type(e).__name__)
             self.sink = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        """`note`: what the counts mean so far (documents, tokens/s), shown beside the description."""
         self._total = total
-        self._call(lambda: self.sink.set(done, total, self.description))
+        self._call(lambda: self.sink.set(done, total, self.description, note))
 
     def finish(self) -> None:
         sink = self.sink

@@ -181,10 +181,8 @@ class _Progress:
             self.tokens += tokens
             self.bytes += nbytes
             done, rate = self.bytes, self.tokens / max(time.monotonic() - self.started, 1e-9)
-            if self.stage.sink is not None:  # the artifact's text carries the counts and the rate
-                self.stage.sink.description = (f"{self.documents:,} documents, {self.tokens:,} tokens, "
-                                               f"{rate:,.0f} tokens/s")
-        self.stage(done, max(self.total, 1))
+            note = f"{self.documents:,} documents, {self.tokens:,} tokens, {rate:,.0f} tokens/s"
+        self.stage(done, max(self.total, 1), note)
         if self.callback:
             self.callback(self.documents, self.tokens, done, self.total)
 
@@ -265,6 +263,12 @@ def summary_rows(metrics: dict) -> list[dict]:
     return rows
 
 
+def report(manifest) -> tuple[str, list[dict]]:
+    m = manifest.metrics
+    return (f"{manifest.spec}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
+            f"{m['tokens_per_second']:,} tokens/s; data_prefixes: {', '.join(m['data_prefixes'])}", summary_rows(m))
+
+
 def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
     if not in_prefect_run():
         return
@@ -279,7 +283,7 @@ def _publish_summary(params: PreprocessParams, metrics: dict) -> None:
 
 PREPROCESS = Stage(name="preprocess", output=Kind.DATASET, params=PreprocessParams, code_version="1",
                    inputs=(Input("tokenizer", Kind.HF_CHECKPOINT),), plan=plan_preprocess,
-                   task_name="preprocess-dataset", cli_args=("tokenizer", "name", "inputs"),
+                   task_name="preprocess-dataset", cli_args=("tokenizer", "name", "inputs"), report=report,
                    describe=lambda p: f"preprocess {p.name} ({p.mode}, {len(p.inputs)} input(s))")
 run_preprocess = PREPROCESS.run
 preprocess_dataset = PREPROCESS.task

@@ -139,6 +139,7 @@ class Stage(Generic[P]):
     retry_delay_seconds: tuple[float, ...] = (30, 120)
     cli_args: tuple[str, ...] = ()     # params fields taken as positional arguments, in order
     on_stop: Callable[[P], None] | None = None  # the flow was cancelled, failed or crashed: stop what it started
+    report: Callable[[Manifest], tuple[str, list[dict]]] | None = None  # (title, rows) the CLI shows as a table
 
     def __post_init__(self):
         if (self.plan is None) == (self.commits is None):

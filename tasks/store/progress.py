@@ -13,12 +13,13 @@ class ProgressSink:
         self.total = 0
         self.done = 0
         self.description = ""
+        self.note = ""  # what the counts mean so far (e.g. documents and tokens/s); shown beside the description
         self._min_interval = min_interval
         self._last_render = 0.0
 
     def start(self, total: int, description: str) -> None:
         with self._lock:
-            self.total, self.done, self.description = total, 0, description
+            self.total, self.done, self.description, self.note = total, 0, description, ""
         self.render(force=True)
 
     def advance(self, n: int) -> None:
@@ -31,11 +32,11 @@ class ProgressSink:
         if due:
             self.render(force=False)
 
-    def set(self, done: int, total: int, description: str) -> None:
+    def set(self, done: int, total: int, description: str, note: str = "") -> None:
         """Absolute counts (a stage's own progress, between the transfers that use start/advance)."""
         with self._lock:
             first = description != self.description
-            self.total, self.done, self.description = total, done, description
+            self.total, self.done, self.description, self.note = total, done, description, note
             now = time.monotonic()
             due = first or now - self._last_render >= self._min_interval
             if due:
@@ -47,6 +48,10 @@ class ProgressSink:
         self.render(force=True)
 
     @property
+    def text(self) -> str:
+        return f"{self.description}: {self.note}" if self.note else self.description
+
+    @property
     def fraction(self) -> float:
         return 1.0 if self.total == 0 else min(1.0, self.done / self.total)
 
@@ -55,8 +60,8 @@ class ProgressSink:
 
 
 class RichProgress(ProgressSink):
-    """Progress bars on the terminal (the `gptoss` CLI): one per description (a stage's own work,
-    each transfer), shown from the first count to `finish()`/`close()`."""
+    """Progress bars on the terminal (the `gptoss` CLI): one for the stage's own work (absolute counts,
+    its text updated as they come) and one per transfer, shown from the first count to `finish()`/`close()`."""
 
     def __init__(self):
         super().__init__(min_interval=0.1)
@@ -66,18 +71,27 @@ class RichProgress(ProgressSink):
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                              TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
         self._tasks: dict[str, int] = {}
+        self._current = ""  # which bar the counts belong to: "" (the stage's own) or a transfer's description
         self._shown = False
         self._render_lock = threading.Lock()  # threads reporting at once add one bar, not two
+
+    def start(self, total: int, description: str) -> None:
+        self._current = description
+        super().start(total, description)
+
+    def set(self, done: int, total: int, description: str, note: str = "") -> None:
+        self._current = ""
+        super().set(done, total, description, note)
 
     def render(self, force: bool) -> None:
         with self._render_lock:
             if not self._shown:
                 self._bar.start()
                 self._shown = True
-            task = self._tasks.get(self.description)
+            task = self._tasks.get(self._current)
             if task is None:
-                task = self._tasks[self.description] = self._bar.add_task(self.description, total=self.total)
-            self._bar.update(task, completed=self.done, total=self.total)
+                task = self._tasks[self._current] = self._bar.add_task(self.text, total=self.total)
+            self._bar.update(task, completed=self.done, total=self.total, description=self.text)
 
     def finish(self) -> None:
         super().finish()
