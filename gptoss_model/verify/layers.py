@@ -128,7 +128,6 @@ class HFSide:
         if self.round_to is not None and self.round_to != torch.float32 and "norm" not in name and not exact:
             t = t.to(self.round_to)
         return t.to(self.compute_dtype)
-        return t
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(ids, self._read("model.embed_tokens.weight"))
