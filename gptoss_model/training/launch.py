@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from gptoss_model.settings import settings
+
 
 def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
     # torchrun dies with whoever launched it, even a SIGKILLed flow process (gptoss_model.system.processes).
@@ -77,7 +79,7 @@ def guard_process_group() -> None:
     leader of its own process group and all of them stay in it, so one killpg after the
     rank's death ends them all. Forked before torch is imported: the watcher stays small.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or os.getpgid(0) != os.getpid():
+    if settings().torchelastic_run_id is None or os.getpgid(0) != os.getpid():
         return  # not a torchrun rank leading its own group: the group may hold other programs
     rank_pid = os.getpid()
     if os.fork() != 0:

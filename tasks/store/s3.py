@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
+from gptoss_model.settings import settings
+
 from .backends import CHUNK, ObjectInfo, PreconditionFailed, Progress, _noop
-from .settings import settings
 
 log = logging.getLogger(__name__)
 
