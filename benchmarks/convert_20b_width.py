@@ -332,11 +332,13 @@ def print_report(rows: list[dict], results: list[dict]) -> None:
 
 
 def main() -> None:
+    from gptoss_model.settings import settings
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="layer counts to benchmark")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="converter worker counts")
     ap.add_argument("--workdir", type=Path,
-                    default=Path(os.environ.get("GPTOSS_WORKDIR") or "/tmp/gptoss-bench"),
+                    default=settings().workdir / "gptoss-bench",
                     help="cached source checkpoints, outputs (removed after each job), job logs")
     ap.add_argument("--baseline-layers", type=int, nargs="*", default=[4],
                     help="layer counts at which to run the transformers baseline")

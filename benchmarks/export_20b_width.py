@@ -128,11 +128,13 @@ def job_main(spec: dict) -> None:
 
 
 def main() -> None:
+    from gptoss_model.settings import settings
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=sg.VOCAB_20B)
     ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("GPTOSS_WORKDIR", "/tmp")) / "export-bench")
+    ap.add_argument("--workdir", type=Path, default=settings().workdir / "export-bench")
     ap.add_argument("--workers", type=int, default=2, help="export processes")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--skip-export", action="store_true")

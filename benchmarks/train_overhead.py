@@ -33,7 +33,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from gptoss_model.settings import settings
+
+    torch.set_num_threads(settings().omp_num_threads)
     from gptoss_model.model import parallel
     from gptoss_model.recipes import tiny_pretrain_config
     from gptoss_model.checkpoint.tiny import write_tiny_checkpoint

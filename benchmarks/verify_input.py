@@ -36,11 +36,13 @@ def timed(fn):
 
 
 def main() -> None:
+    from gptoss_model.settings import settings
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=201_088)
     ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("GPTOSS_WORKDIR") or "/tmp/gptoss-bench"))
+    ap.add_argument("--workdir", type=Path, default=settings().workdir / "gptoss-bench")
     ap.add_argument("--no-convert", action="store_true", help="skip the conversion row")
     args = ap.parse_args()
 

@@ -202,7 +202,7 @@ def gc(older_than: Annotated[str, typer.Option(help="Only leftovers untouched th
     """Remove what crashed or abandoned runs left: uncommitted versions, unfinished S3
     multipart uploads, staging, training run and download work dirs. Nothing a live run holds."""
     from tasks.store.housekeeping import Leftover, abort_stale_uploads, clean_work_dirs, remove_incomplete_versions
-    from tasks.store.settings import settings
+    from gptoss_model.settings import settings
 
     st = _store(store, s3_endpoint_url)
     age = parse_duration(older_than)
@@ -271,9 +271,11 @@ def demo(config: Annotated[Path, typer.Option(help="Pipeline run config.")] = Pa
     import os
 
     from flows.local_server import local_prefect_server
+    from gptoss_model.settings import settings
 
     # A project-local Prefect home, without telemetry; set before Prefect is imported.
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve())))
+    os.environ.setdefault("PREFECT_HOME", str(Path(".gptoss/prefect").resolve()))
+    home = settings().prefect_home
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if store:

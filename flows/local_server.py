@@ -21,7 +21,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-DEFAULT_STARTUP_TIMEOUT = 120.0
+from gptoss_model.settings import settings
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -63,10 +64,11 @@ def _flush_prefect_clients(timeout: float = 30.0) -> None:
 def local_prefect_server(log_path: Path) -> Iterator[str]:
     """Start a server on 127.0.0.1 and point PREFECT_API_URL at it; yields the API URL.
     With PREFECT_API_URL already set (a server of the user's), that one is used as is."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+    env = settings()
+    if env.prefect_api_url:
+        yield env.prefect_api_url
         return
-    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or DEFAULT_STARTUP_TIMEOUT)
+    timeout = env.prefect_startup_timeout
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,10 @@ overrides follow as dotted keys. Without torchrun it runs as a world of one.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from gptoss_model.errors import PermanentError
+from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
 # The exit codes a launcher tells apart (torchrun reports each rank's as "exitcode: N"), and how
 # a supervisor reads them: training/launch.py.
@@ -36,7 +36,7 @@ def die_with_torchrun() -> None:
     torchrun starts ranks in their own sessions: without this a killed torchrun
     leaves its ranks training (and writing checkpoints) as orphans. (torchrun may be a
     container's PID 1, so an orphan is told by its parent changing, not by PPID 1.)"""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if settings().torchelastic_run_id is not None:
         from gptoss_model.system.processes import die_with_parent
 
         die_with_parent()
@@ -44,7 +44,7 @@ def die_with_torchrun() -> None:
 
 def _refuse(error: Exception, code: int) -> int:
     """Every rank meets the same error; one of them (rank 0) says it."""
-    if os.environ.get("RANK", "0") == "0":
+    if settings().rank in (None, 0):
         print(f"error: {error}", file=sys.stderr, flush=True)
     return code
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from gptoss_model.errors import PermanentError, is_permanent
 from gptoss_model.system.paths import URL_WITHOUT_CREDENTIALS_PATTERN, url_credentials_problem
 from tasks.store import ArtifactStore, InputRef, Manifest, ProgressSink, StageResult, run_stage
-from tasks.store.settings import settings
+from gptoss_model.settings import settings
 
 log = logging.getLogger(__name__)
 

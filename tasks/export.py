@@ -20,7 +20,6 @@ same way twice is a cache hit (a push is still made when asked).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -75,7 +74,7 @@ class ExportParams(StageParams):
 def hub_token(params: ExportParams) -> str | None:
     if params.hub_token_block:
         return str(load_secret_block(params.hub_token_block, "Hugging Face Hub token"))
-    return os.environ.get("HF_TOKEN")
+    return None  # huggingface_hub then reads HF_TOKEN (or the saved login) itself
 
 
 def push_folder(folder: Path, repo_id: str, token: str | None, private: bool, message: str,

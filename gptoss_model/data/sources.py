@@ -23,8 +23,6 @@ import orjson
 
 from gptoss_model.errors import PermanentError
 
-BAD_REASONS = ("malformed_json", "missing_key", "not_a_string", "not_a_conversation", "invalid_utf8",
-               "lone_surrogate", "empty_file", "too_long", "record_too_large")
 # One JSONL line the tokenizer is handed whole takes ~180x its size in memory (a 50 MB line
 # peaked at 9 GB RSS): longer lines are bad input (refused or skipped, named by file:line).
 MAX_RECORD_BYTES = 8 << 20

@@ -49,6 +49,7 @@ from gptoss_model.errors import PermanentError
 from gptoss_model.hub.transfer import (CHUNK, DownloadResult, Part, Progress, RemoteFile, Retry,
                                             SourceNotFoundError, Transfer, TransferError, safe_relpath,
                                             select_files)
+from gptoss_model.settings import settings
 
 __all__ = ["download_snapshot", "cached_snapshot", "resolve_revision", "list_remote_files", "snapshot_cache_dir",
            "HubDownloadError", "HubAuthError", "HubNotFoundError"]
@@ -82,8 +83,8 @@ _TIMEOUT = httpx.Timeout(30.0, read=120.0)  # per read: a stalled stream is retr
 # Hub metadata
 # --------------------------------------------------------------------------
 def hub_endpoint(endpoint: str | None = None) -> str:
-    # Read HF_ENDPOINT at call time: huggingface_hub.constants reads it at import.
-    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    # HF_ENDPOINT at call time: huggingface_hub.constants reads it at import.
+    return (endpoint or settings().hf_endpoint or constants.ENDPOINT).rstrip("/")
 
 
 def _api(endpoint: str | None, token) -> HfApi:
@@ -255,11 +256,7 @@ _COMPLETE = ".complete.json"
 def snapshot_cache_dir() -> Path:
     """Where `cached_snapshot` keeps snapshots: $HF_HOME/gptoss-pipeline/snapshots (HF_HOME read at
     call time; huggingface_hub's default home otherwise)."""
-    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser() / "gptoss-pipeline" / "snapshots"
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    return Path(settings().hf_home or constants.HF_HOME).expanduser() / "gptoss-pipeline" / "snapshots"
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None, *, allow_patterns=None, ignore_patterns=None,
@@ -276,7 +273,7 @@ def cached_snapshot(repo_id: str, revision: str | None = None, *, allow_patterns
     root = Path(cache_dir or snapshot_cache_dir()) / repo_id.replace("/", "--")
     ref = root / "refs" / quote(revision, safe="")
     patterns = [sorted(allow_patterns or []), sorted(ignore_patterns or [])]
-    if _offline():
+    if settings().hf_hub_offline:
         commit = ref.read_text().strip() if ref.is_file() else revision if _is_sha(revision) else None
         if commit is None or not _complete(root / commit, commit, patterns):
             raise HubDownloadError(f"Hub repo {repo_id!r} revision {revision!r}: HF_HUB_OFFLINE is set and no "

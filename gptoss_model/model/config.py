@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from gptoss_model.errors import PermanentError
 
@@ -285,7 +285,7 @@ class PeftConfig:
     """The adapters a run trains (the `peft` section of a training config): part of the model,
     since a checkpoint's reader must rebuild them to read it."""
 
-    method: str | None = None  # None (full training) | lora | dora
+    method: Literal["lora", "dora"] | None = None  # None: full training
     dim: int = 32
     alpha: float = 32.0
     dropout: float = 0.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import socket
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gptoss_model.errors import PermanentError
+from gptoss_model.settings import settings
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,18 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
         return
     backend = backend or default_backend()
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    if "RANK" not in os.environ:  # plain python / pytest: a private world of one
+    env = settings()
+    if env.rank is None:  # plain python / pytest: a private world of one
         if backend == "nccl":
             torch.cuda.set_device(0)
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
         return
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        torch.cuda.set_device(env.local_rank)
+    if env.world_size is None:
+        raise RuntimeError("RANK is set but WORLD_SIZE is not: start ranks with torchrun")
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def initialize(layout: ParallelLayout, *, seed: int = 1234, backend: str | None = None,

@@ -201,7 +201,3 @@ def apply_adapters(model: torch.nn.Module, cfg: PeftConfig, seed: int = 1234) ->
 
 def is_adapter_key(key: str) -> bool:
     return ".adapter." in key
-
-
-def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if is_adapter_key(n)}

@@ -10,7 +10,8 @@ get_megatron_optimizer, scheduler -> OptimizerParamScheduler, checkpoint,
 logging, peft). Every field is a YAML scalar or list, so the same tree comes
 from a recipe function, a YAML file, `key.sub=value` command-line overrides
 or a Prefect parameter dict, and any field of any section can be overridden.
-Unknown keys and wrongly typed values are refused with the dotted key named.
+Unknown keys and wrongly typed values are refused with the dotted key named; a
+`Literal[...]` field also names the values it takes.
 
 No torch or megatron import here: Prefect workers read configs cheaply.
 """
@@ -22,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
@@ -38,8 +39,8 @@ class ConfigError(PermanentError, ValueError):
 class ModelConfig:
     preset: str = "tiny"  # tiny | gpt_oss_20b | gpt_oss_120b (ignored when hf_config is set)
     hf_config: str | None = None  # HF checkpoint dir or config.json: the architecture source of truth
-    params_dtype: str = "auto"  # auto: bfloat16 with CUDA, float32 on CPU
-    moe_token_dispatcher_type: str = "alltoall"
+    params_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bfloat16 with CUDA, float32 on CPU
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     moe_grouped_gemm: bool = True  # used where Transformer Engine runs (GPU)
     moe_permute_fusion: bool = True
 
@@ -59,7 +60,7 @@ class ParallelismConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "pretrain"  # pretrain (GPTDataset over .bin/.idx) | sft (packed, loss-masked)
+    kind: Literal["pretrain", "sft"] = "pretrain"  # GPTDataset over .bin/.idx | packed, loss-masked
     data_paths: list[str] = field(default_factory=list)  # prefixes (without .bin/.idx)
     blend_weights: list[float] | None = None  # one per data path; None: by size
     split: str = "98,2,0"  # train,valid,test shares of each prefix (pretrain)
@@ -91,7 +92,7 @@ class TrainConfig:
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = "adam"
+    optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 3e-4
     min_lr: float = 3e-5
     adam_beta1: float = 0.9
@@ -106,7 +107,7 @@ class OptimizerConfig:
 class SchedulerConfig:
     lr_warmup_iters: int = 2000
     lr_decay_iters: int | None = None  # None: train_iters
-    lr_decay_style: str = "cosine"
+    lr_decay_style: Literal["cosine", "linear", "constant", "inverse-square-root"] = "cosine"
     lr_warmup_init: float = 0.0
 
 
@@ -197,6 +198,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{where}: may not be null")
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        if literals and len(literals) == len(args) - (type(None) in args):
+            return _choice(value, sum(map(typing.get_args, literals), ()), where, nullable=type(None) in args)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -204,6 +208,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is Literal:
+        return _choice(value, args, where)
     if origin is list:
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -234,6 +240,30 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _choice(value: Any, allowed: tuple, where: str, nullable: bool = False) -> Any:
+    if any(value == a and type(value) is type(a) for a in allowed):  # True is not 1
+        return value
+    raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}"
+                      + (" or null" if nullable else ""))
+
+
+def choice_problems(cfg, where: str = "") -> list[tuple[str, str]]:
+    """(field, rule) for every `Literal` field of `cfg`'s tree outside its values. Parsing refuses
+    these already; this catches a config built or changed in Python (a recipe, a test)."""
+    problems = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, key, hint = getattr(cfg, f.name), _join(where, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            problems += choice_problems(value, key)
+        elif Literal in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
+            try:
+                _coerce(value, hint, key)
+            except ConfigError as e:
+                problems.append((key, str(e).removeprefix(f"{key}: ")))
+    return problems
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptoss_model.errors import PermanentError
+from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError
 from gptoss_model.training.watchdog import EXIT_HANG
 
@@ -114,7 +115,7 @@ def guard_process_group() -> None:
     leader of its own process group and all of them stay in it, so one killpg after the
     rank's death ends them all. Forked before torch is imported: the watcher stays small.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or os.getpgid(0) != os.getpid():
+    if settings().torchelastic_run_id is None or os.getpgid(0) != os.getpid():
         return  # not a torchrun rank leading its own group: the group may hold other programs
     rank_pid = os.getpid()
     if os.fork() != 0:

@@ -59,48 +59,41 @@ def _pretrain(preset: str, *, dir, name, data_paths, hf_path, pretrained_checkpo
         logging=LoggingConfig(), peft=PeftConfig(method=None))
 
 
-def gpt_oss_20b_pretrain_config(name: str = "gpt_oss_20b_pretrain", data_paths: list[str] | None = None,
-                                dir: str | None = None, train_iters: int = _PRETRAIN_ITERS,
-                                global_batch_size: int = 512, seq_length: int = 4096, *,
-                                micro_batch_size: int = 1, lr: float = 3e-4, min_lr: float = 3e-5,
-                                lr_warmup_iters: int = 2000, lr_decay_iters: int | None = None,
-                                tensor_parallelism: int = 2, pipeline_parallelism: int = 4,
-                                expert_parallelism: int = 4, sequence_parallelism: bool = True,
-                                use_distributed_optimizer: bool = True, manual_gc_interval: int = 100,
-                                save_interval: int = 500, eval_interval: int = 2000,
-                                hf_path: str | None = None, pretrained_checkpoint: str | None = None) -> RunConfig:
-    """GPT-OSS 20B pretraining: TP2 PP4 EP4 + SP (16 GPUs), GBS 512, seq 4096."""
-    return _pretrain("gpt_oss_20b", dir=dir, name=name, data_paths=data_paths, hf_path=hf_path,
-                     pretrained_checkpoint=pretrained_checkpoint, tp=tensor_parallelism,
-                     pp=pipeline_parallelism, ep=expert_parallelism, sp=sequence_parallelism,
-                     train_iters=train_iters, global_batch_size=global_batch_size,
-                     micro_batch_size=micro_batch_size, seq_length=seq_length, lr=lr, min_lr=min_lr,
-                     lr_warmup_iters=lr_warmup_iters, lr_decay_iters=lr_decay_iters,
-                     use_distributed_optimizer=use_distributed_optimizer,
-                     manual_gc_interval=manual_gc_interval, save_interval=save_interval,
-                     eval_interval=eval_interval)
+def _named(fn: Callable, name: str, doc: str) -> Callable:
+    # The module attribute's own name: help(), tracebacks and pickle find it under that name.
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
 
 
-def gpt_oss_120b_pretrain_config(name: str = "gpt_oss_120b_pretrain", data_paths: list[str] | None = None,
-                                 dir: str | None = None, train_iters: int = _PRETRAIN_ITERS,
-                                 global_batch_size: int = 512, seq_length: int = 4096, *,
-                                 micro_batch_size: int = 1, lr: float = 3e-4, min_lr: float = 3e-5,
-                                 lr_warmup_iters: int = 2000, lr_decay_iters: int | None = None,
-                                 tensor_parallelism: int = 2, pipeline_parallelism: int = 4,
-                                 expert_parallelism: int = 16, sequence_parallelism: bool = True,
-                                 use_distributed_optimizer: bool = True, manual_gc_interval: int = 100,
-                                 save_interval: int = 500, eval_interval: int = 2000,
-                                 hf_path: str | None = None, pretrained_checkpoint: str | None = None) -> RunConfig:
-    """GPT-OSS 120B pretraining: TP2 PP4 EP16 + SP (64 GPUs), GBS 512, seq 4096."""
-    return _pretrain("gpt_oss_120b", dir=dir, name=name, data_paths=data_paths, hf_path=hf_path,
-                     pretrained_checkpoint=pretrained_checkpoint, tp=tensor_parallelism,
-                     pp=pipeline_parallelism, ep=expert_parallelism, sp=sequence_parallelism,
-                     train_iters=train_iters, global_batch_size=global_batch_size,
-                     micro_batch_size=micro_batch_size, seq_length=seq_length, lr=lr, min_lr=min_lr,
-                     lr_warmup_iters=lr_warmup_iters, lr_decay_iters=lr_decay_iters,
-                     use_distributed_optimizer=use_distributed_optimizer,
-                     manual_gc_interval=manual_gc_interval, save_interval=save_interval,
-                     eval_interval=eval_interval)
+def _pretrain_recipe(preset: str, expert_parallelism_default: int, doc: str) -> Callable[..., RunConfig]:
+    """The public pretraining recipe of one size: same arguments, that size's name, EP and docstring."""
+    def config(name: str = f"{preset}_pretrain", data_paths: list[str] | None = None,
+               dir: str | None = None, train_iters: int = _PRETRAIN_ITERS,
+               global_batch_size: int = 512, seq_length: int = 4096, *,
+               micro_batch_size: int = 1, lr: float = 3e-4, min_lr: float = 3e-5,
+               lr_warmup_iters: int = 2000, lr_decay_iters: int | None = None,
+               tensor_parallelism: int = 2, pipeline_parallelism: int = 4,
+               expert_parallelism: int = expert_parallelism_default, sequence_parallelism: bool = True,
+               use_distributed_optimizer: bool = True, manual_gc_interval: int = 100,
+               save_interval: int = 500, eval_interval: int = 2000,
+               hf_path: str | None = None, pretrained_checkpoint: str | None = None) -> RunConfig:
+        return _pretrain(preset, dir=dir, name=name, data_paths=data_paths, hf_path=hf_path,
+                         pretrained_checkpoint=pretrained_checkpoint, tp=tensor_parallelism,
+                         pp=pipeline_parallelism, ep=expert_parallelism, sp=sequence_parallelism,
+                         train_iters=train_iters, global_batch_size=global_batch_size,
+                         micro_batch_size=micro_batch_size, seq_length=seq_length, lr=lr, min_lr=min_lr,
+                         lr_warmup_iters=lr_warmup_iters, lr_decay_iters=lr_decay_iters,
+                         use_distributed_optimizer=use_distributed_optimizer,
+                         manual_gc_interval=manual_gc_interval, save_interval=save_interval,
+                         eval_interval=eval_interval)
+    return _named(config, f"{preset}_pretrain_config", doc)
+
+
+gpt_oss_20b_pretrain_config = _pretrain_recipe(
+    "gpt_oss_20b", 4, "GPT-OSS 20B pretraining: TP2 PP4 EP4 + SP (16 GPUs), GBS 512, seq 4096.")
+gpt_oss_120b_pretrain_config = _pretrain_recipe(
+    "gpt_oss_120b", 16, "GPT-OSS 120B pretraining: TP2 PP4 EP16 + SP (64 GPUs), GBS 512, seq 4096.")
 
 
 def _finetune(preset: str, layouts: dict, *, hf_path, name, dir, pretrained_checkpoint, peft, data_paths,
@@ -129,42 +122,36 @@ def _finetune(preset: str, layouts: dict, *, hf_path, name, dir, pretrained_chec
         logging=LoggingConfig(), peft=peft_cfg)
 
 
-def gpt_oss_20b_finetune_config(hf_path: str = "openai/gpt-oss-20b", name: str = "gpt_oss_20b_finetune",
-                                pretrained_checkpoint: str | None = None, peft: str | None = "lora",
-                                train_iters: int = 1000, global_batch_size: int = 128,
-                                finetune_lr: float | None = None, *, dir: str | None = None,
-                                data_paths: list[str] | None = None, micro_batch_size: int = 1,
-                                seq_length: int = 2048, min_lr: float = 0.0, lr_warmup_iters: int = 50,
-                                tensor_parallelism: int | None = None, pipeline_parallelism: int | None = None,
-                                expert_parallelism: int | None = None, save_interval: int = 100,
-                                eval_interval: int = 100) -> RunConfig:
-    """GPT-OSS 20B finetuning: LoRA/DoRA at TP1 PP1 EP1 (LR 1e-4), full SFT at EP8 (LR 5e-6)."""
-    return _finetune("gpt_oss_20b", {True: (1, 1, 1), False: (1, 1, 8)}, hf_path=hf_path, name=name, dir=dir,
-                     pretrained_checkpoint=pretrained_checkpoint, peft=peft, data_paths=data_paths,
-                     train_iters=train_iters, global_batch_size=global_batch_size,
-                     micro_batch_size=micro_batch_size, seq_length=seq_length, finetune_lr=finetune_lr,
-                     min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, tensor_parallelism=tensor_parallelism,
-                     pipeline_parallelism=pipeline_parallelism, expert_parallelism=expert_parallelism,
-                     save_interval=save_interval, eval_interval=eval_interval)
+def _finetune_recipe(preset: str, layouts: dict, doc: str) -> Callable[..., RunConfig]:
+    """The public finetuning recipe of one size: same arguments, that size's Hub id, name, layouts
+    ({peft?: (tp, pp, ep)}) and docstring."""
+    size = preset.removeprefix("gpt_oss_")
+
+    def config(hf_path: str = f"openai/gpt-oss-{size}", name: str = f"{preset}_finetune",
+               pretrained_checkpoint: str | None = None, peft: str | None = "lora",
+               train_iters: int = 1000, global_batch_size: int = 128,
+               finetune_lr: float | None = None, *, dir: str | None = None,
+               data_paths: list[str] | None = None, micro_batch_size: int = 1,
+               seq_length: int = 2048, min_lr: float = 0.0, lr_warmup_iters: int = 50,
+               tensor_parallelism: int | None = None, pipeline_parallelism: int | None = None,
+               expert_parallelism: int | None = None, save_interval: int = 100,
+               eval_interval: int = 100) -> RunConfig:
+        return _finetune(preset, layouts, hf_path=hf_path, name=name, dir=dir,
+                         pretrained_checkpoint=pretrained_checkpoint, peft=peft, data_paths=data_paths,
+                         train_iters=train_iters, global_batch_size=global_batch_size,
+                         micro_batch_size=micro_batch_size, seq_length=seq_length, finetune_lr=finetune_lr,
+                         min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, tensor_parallelism=tensor_parallelism,
+                         pipeline_parallelism=pipeline_parallelism, expert_parallelism=expert_parallelism,
+                         save_interval=save_interval, eval_interval=eval_interval)
+    return _named(config, f"{preset}_finetune_config", doc)
 
 
-def gpt_oss_120b_finetune_config(hf_path: str = "openai/gpt-oss-120b", name: str = "gpt_oss_120b_finetune",
-                                 pretrained_checkpoint: str | None = None, peft: str | None = "lora",
-                                 train_iters: int = 1000, global_batch_size: int = 128,
-                                 finetune_lr: float | None = None, *, dir: str | None = None,
-                                 data_paths: list[str] | None = None, micro_batch_size: int = 1,
-                                 seq_length: int = 2048, min_lr: float = 0.0, lr_warmup_iters: int = 50,
-                                 tensor_parallelism: int | None = None, pipeline_parallelism: int | None = None,
-                                 expert_parallelism: int | None = None, save_interval: int = 100,
-                                 eval_interval: int = 100) -> RunConfig:
-    """GPT-OSS 120B finetuning: LoRA/DoRA at TP1 PP4 EP8 (LR 1e-4), full SFT at TP1 PP1 EP8 (LR 5e-6)."""
-    return _finetune("gpt_oss_120b", {True: (1, 4, 8), False: (1, 1, 8)}, hf_path=hf_path, name=name, dir=dir,
-                     pretrained_checkpoint=pretrained_checkpoint, peft=peft, data_paths=data_paths,
-                     train_iters=train_iters, global_batch_size=global_batch_size,
-                     micro_batch_size=micro_batch_size, seq_length=seq_length, finetune_lr=finetune_lr,
-                     min_lr=min_lr, lr_warmup_iters=lr_warmup_iters, tensor_parallelism=tensor_parallelism,
-                     pipeline_parallelism=pipeline_parallelism, expert_parallelism=expert_parallelism,
-                     save_interval=save_interval, eval_interval=eval_interval)
+gpt_oss_20b_finetune_config = _finetune_recipe(
+    "gpt_oss_20b", {True: (1, 1, 1), False: (1, 1, 8)},
+    "GPT-OSS 20B finetuning: LoRA/DoRA at TP1 PP1 EP1 (LR 1e-4), full SFT at EP8 (LR 5e-6).")
+gpt_oss_120b_finetune_config = _finetune_recipe(
+    "gpt_oss_120b", {True: (1, 4, 8), False: (1, 1, 8)},
+    "GPT-OSS 120B finetuning: LoRA/DoRA at TP1 PP4 EP8 (LR 1e-4), full SFT at TP1 PP1 EP8 (LR 5e-6).")
 
 
 # ------------------------------------------------------------------ CPU sizes

@@ -29,6 +29,7 @@ from gptoss_model.model.config import GptOssModelConfig
 from gptoss_model.errors import PermanentError
 from gptoss_model.model.parallel import world_of_one
 from gptoss_model.model.reference import load_reference_model
+from gptoss_model.verify.sides import HFSide, MegatronSide, megatron_logits
 
 
 
@@ -139,52 +140,6 @@ def enforce_parity(gate: dict, tolerance: float | Tolerance, what: str) -> None:
 
 
 # --------------------------------------------------------------- whole model
-@torch.no_grad()
-def round_weights(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """Every floating-point weight rounded to `dtype` and kept in its own dtype (None: unchanged).
-
-    A bf16 export of fp32 weights is a different model: its rounding alone can flip MoE
-    routing and move logits past any bf16 tolerance. Rounded alike (the export casts with
-    the same round-to-nearest-even), both sides hold the same values and may be held to the
-    fp32 gate, which a wrong mapping still fails by far."""
-    if dtype is not None:
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
-                p.copy_(p.to(dtype).to(p.dtype))
-    return model
-
-
-class _Megatron:
-    """A megatron checkpoint as a causal LM: ids [b, s] -> logits [b, s, V] (world 1, fp32)."""
-
-    def __init__(self, megatron_dir, cfg: GptOssModelConfig, base_megatron_path=None, round_to=None):
-        if base_megatron_path is not None:  # adapter-only LoRA/DoRA checkpoint on its base, unmerged
-            from gptoss_model.export.adapters import load_adapted_megatron
-
-            self.model = load_adapted_megatron(base_megatron_path, megatron_dir, cfg)
-        else:
-            self.model = load_megatron_checkpoint(build_model(cfg, torch.float32), megatron_dir).eval()
-        round_weights(self.model, round_to)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return megatron_logits(self.model, ids)
-
-
-def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits on the CPU, computed where the model lives (the GPU on a CUDA machine)."""
-    device = next(model.parameters()).device
-    ids = ids.to(device)
-    return model(ids, torch.arange(ids.shape[1], device=device).expand_as(ids), None).float().cpu()
-
-
-class _HF:
-    def __init__(self, hf_dir, dtype: torch.dtype = torch.float32, round_to=None):
-        self.model = round_weights(load_reference_model(hf_dir, dtype=dtype), round_to)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids).logits.float()
-
-
 def greedy_tokens(lm, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuation by full recomputation (both sides alike; no KV-cache differences)."""
     ids = prompt
@@ -210,16 +165,15 @@ def verify_whole_model(reference_hf_dir: str | Path, candidate: str | Path, *, c
     seq = seq or 2 * cfg.sliding_window + 8
     ids = fixed_batch(cfg.vocab_size, batch, seq)
     started = time.time()
-    ref = _HF(reference_hf_dir, round_to=round_to)
-    want = ref(ids)
-    want_cont = greedy_tokens(ref, ids[:, : seq // 2], continuation_tokens)
-    del ref
+    with HFSide(reference_hf_dir, round_to=round_to) as ref:
+        want = ref.logits(ids)
+        want_cont = greedy_tokens(ref.logits, ids[:, : seq // 2], continuation_tokens)
     with world_of_one("whole-model verification"):
-        cand = (_Megatron(candidate, cfg, base_megatron_path, round_to) if candidate_kind == "megatron"
-                else _HF(candidate, round_to=round_to))
-        got = cand(ids)
-        got_cont = greedy_tokens(cand, ids[:, : seq // 2], continuation_tokens)
-        del cand
+        cand = (MegatronSide(candidate, cfg, base_megatron_path=base_megatron_path, round_to=round_to)
+                if candidate_kind == "megatron" else HFSide(candidate, round_to=round_to))
+        with cand:
+            got = cand.logits(ids)
+            got_cont = greedy_tokens(cand.logits, ids[:, : seq // 2], continuation_tokens)
     measures = logit_measures(got, want)
     same = (got_cont == want_cont).all(dim=0).long()
     agree = int(same.cumprod(0).sum()) if continuation_tokens else 0

@@ -23,7 +23,6 @@ SECRET_KEY_RE = re.compile(
     r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|private[_-]?key|auth)",
     re.IGNORECASE,
 )
-REDACTED = "***"
 _SECRET_TYPES = (SecretStr, SecretBytes)
 
 

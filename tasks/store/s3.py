@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
+from gptoss_model.settings import settings
+
 from .base import CHUNK, ObjectInfo, PreconditionFailed, Progress, no_progress
-from .settings import settings
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptoss_model.settings import settings
+
 from .claims import hold_work_dir, work_dir_lock
 from .fingerprint import fingerprint
 from .manifest import FileEntry, InputRef, Manifest, Producer, git_sha, package_version
 from .progress import ProgressSink
-from .settings import settings
 from .store import ArtifactStore
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gptoss_model.errors import PermanentError
+from gptoss_model.settings import DEFAULT_STORE, settings
 
 from .backends import backend_for_url
 from .base import PreconditionFailed, hash_file
@@ -29,7 +30,6 @@ from .names import (VERSION_RE, InvalidNameError, parse_artifact_spec, validate_
                     validate_ref, validate_relpath, validate_version)
 from .progress import ProgressSink
 from .local_verify import LocalIntegrityError, stamp_committed, verify_in_place
-from .settings import DEFAULT_STORE, settings
 
 log = logging.getLogger(__name__)
 QUARANTINE_DIR = ".quarantine"  # unreadable manifests and refs moved aside by `gptoss artifacts fsck`

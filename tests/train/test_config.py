@@ -144,8 +144,6 @@ BAD = [  # (override, world size, the field the message must name)
     (["data.blend_weights=[1.0]", "data.data_paths=[a, b]"], 1, "data.blend_weights"),
     (["optimizer.min_lr=1.0"], 1, "optimizer.min_lr"),
     (["scheduler.lr_warmup_iters=30"], 1, "scheduler.lr_warmup_iters"),
-    (["scheduler.lr_decay_style=exp"], 1, "scheduler.lr_decay_style"),
-    (["peft.method=qlora"], 1, "peft.method"),
     (["peft.method=lora", "peft.target_modules=[linear_qkv, q_proj]"], 1, "peft.target_modules"),
     (["peft.method=lora", "checkpoint.pretrained_checkpoint=null"], 1, "checkpoint.pretrained_checkpoint"),
     (["model.params_dtype=bfloat16"], 1, "model.params_dtype"),  # CPU: no bf16 training
@@ -162,6 +160,39 @@ def test_preflight_refuses_bad_configs_naming_the_field(overrides, world, field)
         preflight(c, world, check_inputs=False)
     assert field in str(e.value), str(e.value)
     print(f"\n{overrides} (world {world}) -> {e.value}")
+
+
+@pytest.mark.parametrize("section,key,value", [("scheduler", "lr_decay_style", "exp"), ("peft", "method", "qlora")])
+def test_preflight_refuses_a_bad_choice_set_in_python(section, key, value):
+    # Parsing refuses these (test_bad_choices_fail_at_parse_time); a config changed in Python meets preflight.
+    c = _tiny(pretrained_checkpoint="/ckpt")
+    setattr(getattr(c, section), key, value)
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: '{value}' is not one of"):
+        preflight(c, 1, check_inputs=False)
+
+
+CHOICES = [  # (field, bad value, the message's list of allowed values)
+    ("model.params_dtype", "fp16", "'auto', 'bfloat16', 'float32'"),
+    ("model.moe_token_dispatcher_type", "flex", "'alltoall', 'allgather'"),
+    ("data.kind", "dpo", "'pretrain', 'sft'"),
+    ("optimizer.optimizer", "adamw", "'adam', 'sgd'"),
+    ("scheduler.lr_decay_style", "exp", "'cosine', 'linear', 'constant', 'inverse-square-root'"),
+    ("peft.method", "qlora", "'lora', 'dora' or null"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", CHOICES, ids=[c[0] for c in CHOICES])
+def test_bad_choices_fail_at_parse_time(tmp_path, field, value, allowed):
+    """An enum-like field outside its values is refused when the config is read, naming both."""
+    message = rf"{field}: '{value}' is not one of {allowed}"
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(RunConfig(), [f"{field}={value}"])
+    section, key = field.split(".")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({section: {key: value}}))
+    with pytest.raises(ConfigError, match=rf"{path}: {message}"):
+        load_yaml(path)
+    assert apply_overrides(RunConfig(), {field: getattr(getattr(RunConfig(), section), key)}) == RunConfig()
 
 
 def test_preflight_accepts_the_recipes_and_prints_a_memory_estimate(monkeypatch, capsys):
