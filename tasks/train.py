@@ -24,13 +24,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gptoss_model.training import launch
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from gptoss_model.training.launch import TrainingFailed, TrainingRefused
+from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems
 from gptoss_model.training.recipes import RECIPES
 from tasks.common import StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run
 from tasks.kinds import Kind
@@ -60,9 +61,21 @@ class TrainParams(StageParams):
     base_checkpoint: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="megatron-checkpoint/NAME[@VERSION|@REF]: initial weights")
     dataset: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
     name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output artifact name (train-checkpoint/NAME)")
-    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host (without a launcher)")
+    launcher: Annotated[LocalLaunch | SlurmLaunch | KubernetesLaunch, Field(discriminator="kind")] | None = Field(
+        None, description="where the processes run: {kind: local, nodes, procs_per_node} (default: one node of "
+        "nproc_per_node here), {kind: slurm, ...} or {kind: kubernetes, ...}; see infra/")
     workdir: str | None = Field(None, description="run directory root (kept across attempts); default GPTOSS_WORKDIR")
     store: StoreSettings = Field(default_factory=StoreSettings)
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> "TrainParams":
+        if self.launcher is not None and (problems := launch_problems(self.launcher)):
+            raise ValueError("; ".join(problems))
+        return self
+
+    def launch(self) -> LocalLaunch | SlurmLaunch | KubernetesLaunch:
+        return self.launcher or LocalLaunch(procs_per_node=self.nproc_per_node)
 
     @field_validator("recipe", mode="before")
     @classmethod
@@ -211,7 +224,9 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
     save_dir = run.save_dir()
     save_dir.mkdir(parents=True, exist_ok=True)
     _pull_newest(store, params.name, identity, save_dir)
-    print(preflight(run, params.nproc_per_node, local_world_size=params.nproc_per_node))  # before launch
+    launch_config = params.launch()
+    world = launch_config.nodes * launch_config.procs_per_node
+    print(preflight(run, world, local_world_size=launch_config.procs_per_node))  # before launch
     config_yaml = home / "run_config.yaml"
     save_yaml(run, config_yaml)
     progress = StageProgress(f"train {params.name} ({run.train.train_iters} iterations)")
@@ -244,7 +259,10 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
             if recs:
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
-    launch.supervise(config_yaml, nproc_per_node=params.nproc_per_node, pid_file=pid_file(params), poll=watch,
+    if not isinstance(launch_config, LocalLaunch):
+        raise ConfigError(f"launcher.kind: {launch_config.kind} is declared but not launched by this version yet")
+    launch.supervise(config_yaml, nproc_per_node=launch_config.procs_per_node, nnodes=launch_config.nodes,
+                     max_restarts=launch_config.max_restarts, pid_file=pid_file(params), poll=watch,
                      saved=lambda: sorted(state["committed"]))
     recs = [r for r in read_metrics(run.metrics_path()) if "loss" in r] if run.metrics_path().is_file() else []
     reached = recs[-1]["iteration"] if recs else 0

@@ -60,49 +60,76 @@ def pid_file(workdir: Path, run_key: str) -> Path:
     return Path(workdir) / "train-pids" / f"{hashlib.sha256(run_key.encode()).hexdigest()[:24]}.pid"
 
 
-def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = ()) -> list[str]:
+def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: list[str] = (), *,
+                     nnodes: int = 1, rdzv_endpoint: str = "127.0.0.1:0", rdzv_id: str = "none",
+                     max_restarts: int = 0) -> list[str]:
+    """One torchrun agent (one node's processes). Several agents with the same `rdzv_endpoint` and
+    `rdzv_id` form one run; the first to reach the endpoint's host serves the c10d store."""
     # torchrun dies with whoever launched it, even a SIGKILLed flow process (gptoss_model.system.processes).
     return [sys.executable, "-m", "gptoss_model.system.processes", str(os.getpid()),
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
-            "--tee", "3", "-m", "gptoss_model.train", str(config_yaml),
-            *overrides]
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+            "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+            "--rdzv-id", rdzv_id, "--max-restarts", str(max_restarts),
+            "--tee", "3", "-m", "gptoss_model.train", str(config_yaml), *overrides]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# torchrun's own prefix is the *local* rank: with several nodes, each has a `[default0]`.
+RANK_PREFIX = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[${role_name}${rank}]:"}
 
 
 def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
            on_line: Callable[[str], None] = print, env: dict | None = None, cwd: str | Path | None = None,
-           poll: Callable[[], None] | None = None) -> int:
-    """Run training to completion; returns torchrun's exit code. `poll()` is called about
-    twice a second while it runs (checkpoint watching); if it raises, the run is killed."""
-    env = {**os.environ, **(env or {})}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen(torchrun_command(config_yaml, nproc_per_node), env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True)
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
-    pid_file.write_text(str(proc.pid))
-    try:
-        import threading
+           poll: Callable[[], None] | None = None, nnodes: int = 1, max_restarts: int = 0) -> int:
+    """Run training to completion on this host; returns the agents' exit code (the first non-zero).
 
-        def pump():
-            for line in proc.stdout:
+    `nnodes` > 1 starts that many agents here, one node each, meeting at a c10d rendezvous on
+    127.0.0.1: a multi-node run's path (rendezvous, restarts) on one machine. `poll()` is called
+    about twice a second while it runs (checkpoint watching); if it raises, the run is killed."""
+    import threading
+    import uuid
+
+    env = {**os.environ, **RANK_PREFIX, **(env or {})}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    endpoint = "127.0.0.1:0" if nnodes == 1 else f"127.0.0.1:{free_port()}"
+    rdzv_id = uuid.uuid4().hex[:12]
+    agents = [subprocess.Popen(torchrun_command(config_yaml, nproc_per_node, nnodes=nnodes, rdzv_endpoint=endpoint,
+                                                rdzv_id=rdzv_id, max_restarts=max_restarts),
+                               env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, start_new_session=True)
+              for _ in range(nnodes)]
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text("\n".join(str(a.pid) for a in agents))
+    try:
+        def pump(agent):
+            for line in agent.stdout:
                 on_line(line.rstrip("\n"))
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        while proc.poll() is None:
+        readers = [threading.Thread(target=pump, args=(a,), daemon=True) for a in agents]
+        for reader in readers:
+            reader.start()
+        while any(a.poll() is None for a in agents):
             if poll is not None:
                 poll()
             time.sleep(0.5)
-        reader.join(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
         if poll is not None:
             poll()
-        return proc.returncode
+        return next((a.returncode for a in agents if a.returncode != 0), 0)
     except BaseException:
-        kill_tree(proc.pid)
+        for agent in agents:
+            kill_tree(agent.pid)
         raise
     finally:
-        if proc.poll() is not None:
+        if all(a.poll() is not None for a in agents):
             pid_file.unlink(missing_ok=True)
 
 
@@ -174,14 +201,14 @@ class _gone_ok:
 
 
 def kill_from_pid_file(pid_file: Path) -> bool:
-    """Stop the torchrun group recorded in `pid_file` (a cancellation/failure hook's job)."""
+    """Stop every torchrun agent recorded in `pid_file` (a cancellation/failure hook's job)."""
     try:
-        pid = int(Path(pid_file).read_text().strip())
+        pids = [int(line) for line in Path(pid_file).read_text().split()]
     except (FileNotFoundError, ValueError):
         return False
-    killed = kill_tree(pid)
+    killed = [kill_tree(pid) for pid in pids]
     Path(pid_file).unlink(missing_ok=True)
-    return killed
+    return any(killed)
 
 
 class _RankReport:
@@ -202,7 +229,7 @@ class _RankReport:
 
 
 def supervise(config_yaml: Path, *, nproc_per_node: int, pid_file: Path, poll: Callable[[], None],
-              saved: Callable[[], list[int]]) -> None:
+              saved: Callable[[], list[int]], nnodes: int = 1, max_restarts: int = 0) -> None:
     """Run training to its end; raise what stopped it early, classified for a retry policy.
 
     `poll()` runs about twice a second (commit what was saved); `saved()` lists the iterations
@@ -211,7 +238,8 @@ def supervise(config_yaml: Path, *, nproc_per_node: int, pid_file: Path, poll: C
     from gptoss_model.training.replicas import ReplicaDivergenceError
 
     ranks = _RankReport()
-    rc = launch(config_yaml, nproc_per_node=nproc_per_node, pid_file=pid_file, on_line=ranks, poll=poll)
+    rc = launch(config_yaml, nproc_per_node=nproc_per_node, pid_file=pid_file, on_line=ranks, poll=poll,
+                nnodes=nnodes, max_restarts=max_restarts)
     codes = ranks.exit_codes
     if rc == EXIT_CONFIG or EXIT_CONFIG in codes:
         raise ConfigError(f"training refused its config (exit {EXIT_CONFIG}); see the log above ({config_yaml})")

@@ -1,0 +1,87 @@
+"""Launchers: bad launch configs are refused before anything starts, naming the field; several
+torchrun agents on this host (c10d on 127.0.0.1) train exactly like one agent with as many processes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems
+
+REPO = Path(__file__).resolve().parents[2]
+
+BAD = [
+    (LocalLaunch(nodes=0), "launcher.nodes"),
+    (LocalLaunch(procs_per_node=0), "launcher.procs_per_node"),
+    (LocalLaunch(max_restarts=-1), "launcher.max_restarts"),
+    (LocalLaunch(env=["NOT A NAME"]), "launcher.env: 'NOT A NAME'"),
+    (LocalLaunch(env=["HF_TOKEN"]), "launcher.env: 'HF_TOKEN' looks like a secret"),
+    (SlurmLaunch(time_limit="two hours"), "launcher.time_limit"),
+    (SlurmLaunch(partition="gpu"), "launcher.partition: 'gpu' is not a partition of this cluster"),
+    (SlurmLaunch(partition="a b"), "launcher.partition"),
+    (SlurmLaunch(procs_per_node=8, gpus_per_node=4), "launcher.gpus_per_node: 4 GPUs for 8 processes"),
+    (SlurmLaunch(rdzv_port=80), "launcher.rdzv_port"),
+    (SlurmLaunch(env=["AWS_SECRET_ACCESS_KEY"]), "launcher.env: 'AWS_SECRET_ACCESS_KEY' looks like a secret"),
+    (KubernetesLaunch(), "launcher.image"),
+    (KubernetesLaunch(image="img", namespace="Not_A_Label"), "launcher.namespace"),
+    ("ray", "launcher.kind: 'ray' is not a launcher"),
+]
+
+
+@pytest.mark.parametrize("launch,named", BAD, ids=[named.split(":")[0] + f"-{i}" for i, (_, named) in enumerate(BAD)])
+def test_a_bad_launch_config_is_refused_naming_the_field(launch, named):
+    problems = launch_problems(launch, partitions=["debug"])
+    assert any(p.startswith(named) for p in problems), problems
+
+
+def test_good_launch_configs_pass():
+    for launch in (LocalLaunch(), LocalLaunch(nodes=2, env=["NCCL_DEBUG"]),
+                   SlurmLaunch(nodes=2, procs_per_node=8, gpus_per_node=8, partition="debug", time_limit="1-00:00"),
+                   KubernetesLaunch(image="ghcr.io/org/gptoss:1", nodes=2, procs_per_node=8, gpus_per_node=8)):
+        assert launch_problems(launch, partitions=["debug"]) == []
+
+
+def test_the_train_stage_refuses_a_bad_launcher_before_the_store_is_asked(tmp_path):
+    from tasks.train import TrainParams
+
+    with pytest.raises(ValueError, match="launcher.nodes"):
+        TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "local", "nodes": 0},
+                    store={"url": f"file://{tmp_path}/nowhere"})
+    with pytest.raises(ValueError, match="launcher"):
+        TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "ray"})
+
+
+LAYOUTS = {"tp2_sp": ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"],
+           "ep2": ["parallelism.expert_model_parallel_size=2"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_agents_train_exactly_like_one_agent_with_two_processes(train_env, tmp_path, layout):
+    from gptoss_model.training.config import apply_overrides, load_yaml, save_yaml
+    from gptoss_model.training.launch import launch
+    from gptoss_model.training.metrics import read_metrics
+
+    steps = 8
+    got = {}
+    for nodes, procs in ((1, 2), (2, 1)):
+        run_dir = tmp_path / f"{nodes}x{procs}"
+        config = tmp_path / f"{nodes}x{procs}.yaml"
+        save_yaml(apply_overrides(load_yaml(train_env["config"]), [
+            f"dir={run_dir}", f"train.train_iters={steps}", "train.eval_interval=0", "checkpoint.save_interval=0",
+            "checkpoint.save_final=false", *LAYOUTS[layout]]), config)
+        lines: list[str] = []
+        rc = launch(config, nproc_per_node=procs, nnodes=nodes, pid_file=tmp_path / f"{nodes}x{procs}.pid",
+                    on_line=lines.append, env={"PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}, cwd=REPO)
+        assert rc == 0, "\n".join(lines[-40:])
+        got[nodes] = [(r["iteration"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir / "metrics.jsonl")
+                      if "loss" in r]
+        # lines carry the global rank, so rank 0 (which speaks for the run) is one process on any node
+        assert any(line.startswith("[default0]:") for line in lines), lines[-20:]
+        assert any(line.startswith("[default1]:") for line in lines), lines[-20:]
+    assert len(got[2]) == steps and got[2] == got[1], (got[1], got[2])
+    print(f"\n{layout}: 2 agents x 1 process == 1 agent x 2 processes over {steps} steps, bitwise "
+          f"(last loss {got[2][-1][1]:.8f})")
+    assert os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE") is None  # set for the children only
