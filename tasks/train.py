@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from gptoss_model.training import launch
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from gptoss_model.training.launch import TrainingFailed, TrainingRefused
-from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems
+from gptoss_model.training.launchers import LocalLaunch, SlurmLaunch, launch_problems
 from gptoss_model.training.recipes import RECIPES
 from tasks.common import StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run
 from tasks.kinds import Kind
@@ -62,9 +62,10 @@ class TrainParams(StageParams):
     dataset: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
     name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output artifact name (train-checkpoint/NAME)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host (without a launcher)")
-    launcher: Annotated[LocalLaunch | SlurmLaunch | KubernetesLaunch, Field(discriminator="kind")] | None = Field(
+    launcher: Annotated[LocalLaunch | SlurmLaunch, Field(discriminator="kind")] | None = Field(
         None, description="where the processes run: {kind: local, nodes, procs_per_node} (default: one node of "
-        "nproc_per_node here), {kind: slurm, ...} or {kind: kubernetes, ...}; see infra/")
+        "nproc_per_node here) or {kind: slurm, nodes, procs_per_node, partition, time_limit, ...} "
+        "(infra/slurm/README.md)")
     workdir: str | None = Field(None, description="run directory root (kept across attempts); default GPTOSS_WORKDIR")
     store: StoreSettings = Field(default_factory=StoreSettings)
 
@@ -74,7 +75,7 @@ class TrainParams(StageParams):
             raise ValueError("; ".join(problems))
         return self
 
-    def launch(self) -> LocalLaunch | SlurmLaunch | KubernetesLaunch:
+    def launch(self) -> LocalLaunch | SlurmLaunch:
         return self.launcher or LocalLaunch(procs_per_node=self.nproc_per_node)
 
     @field_validator("recipe", mode="before")
@@ -259,11 +260,8 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
             if recs:
                 progress(recs[-1]["iteration"], run.train.train_iters)
 
-    if not isinstance(launch_config, LocalLaunch):
-        raise ConfigError(f"launcher.kind: {launch_config.kind} is declared but not launched by this version yet")
-    launch.supervise(config_yaml, nproc_per_node=launch_config.procs_per_node, nnodes=launch_config.nodes,
-                     max_restarts=launch_config.max_restarts, pid_file=pid_file(params), poll=watch,
-                     saved=lambda: sorted(state["committed"]))
+    launch.supervise(config_yaml, launch_config, pid_file=pid_file(params), poll=watch,
+                     saved=lambda: sorted(state["committed"]), job_name=f"gptoss-{params.name}"[:64])
     recs = [r for r in read_metrics(run.metrics_path()) if "loss" in r] if run.metrics_path().is_file() else []
     reached = recs[-1]["iteration"] if recs else 0
     if reached < run.train.train_iters:  # torchrun exits 0 when its ranks were terminated by a signal

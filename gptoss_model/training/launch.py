@@ -26,12 +26,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError
 from gptoss_model.training.watchdog import EXIT_HANG
+
+if TYPE_CHECKING:
+    from gptoss_model.training.launchers import Launch
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +204,23 @@ class _gone_ok:
 
 
 def kill_from_pid_file(pid_file: Path) -> bool:
-    """Stop every torchrun agent recorded in `pid_file` (a cancellation/failure hook's job)."""
+    """Stop everything recorded in `pid_file` (a cancellation/failure hook's job): each torchrun agent
+    started here (a pid), or the Slurm job (`slurm:JOBID`) holding them."""
+    from gptoss_model.training import slurm
+
     try:
-        pids = [int(line) for line in Path(pid_file).read_text().split()]
-    except (FileNotFoundError, ValueError):
+        entries = Path(pid_file).read_text().split()
+    except FileNotFoundError:
         return False
-    killed = [kill_tree(pid) for pid in pids]
+    stopped = []
+    for entry in entries:
+        if entry.startswith(slurm.JOB_FILE_PREFIX):
+            slurm.cancel(entry.removeprefix(slurm.JOB_FILE_PREFIX))
+            stopped.append(True)
+        elif entry.isdigit():
+            stopped.append(kill_tree(int(entry)))
     Path(pid_file).unlink(missing_ok=True)
-    return any(killed)
+    return any(stopped)
 
 
 class _RankReport:
@@ -228,18 +240,28 @@ class _RankReport:
             self.errors.append(line.split("error: ", 1)[1])
 
 
-def supervise(config_yaml: Path, *, nproc_per_node: int, pid_file: Path, poll: Callable[[], None],
-              saved: Callable[[], list[int]], nnodes: int = 1, max_restarts: int = 0) -> None:
-    """Run training to its end; raise what stopped it early, classified for a retry policy.
+def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Callable[[], None],
+              saved: Callable[[], list[int]], job_name: str = "gptoss-train") -> None:
+    """Run training to its end where `launcher` says; raise what stopped it early, classified for a
+    retry policy.
 
     `poll()` runs about twice a second (commit what was saved); `saved()` lists the iterations
     already safe, for the error messages (a retry resumes from the newest)."""
+    from gptoss_model.training.launchers import LocalLaunch, SlurmLaunch
     from gptoss_model.training.loop import NonFiniteLossError
     from gptoss_model.training.replicas import ReplicaDivergenceError
 
     ranks = _RankReport()
-    rc = launch(config_yaml, nproc_per_node=nproc_per_node, pid_file=pid_file, on_line=ranks, poll=poll,
-                nnodes=nnodes, max_restarts=max_restarts)
+    if isinstance(launcher, LocalLaunch):
+        rc = launch(config_yaml, nproc_per_node=launcher.procs_per_node, pid_file=pid_file, on_line=ranks,
+                    poll=poll, nnodes=launcher.nodes, max_restarts=launcher.max_restarts)
+    elif isinstance(launcher, SlurmLaunch):
+        from gptoss_model.training.slurm import run_job
+
+        rc = run_job(launcher, Path(config_yaml), run_dir=Path(config_yaml).parent, job_name=job_name,
+                     pid_file=pid_file, on_line=ranks, poll=poll)
+    else:
+        raise ConfigError(f"launcher.kind: {getattr(launcher, 'kind', launcher)!r} is not a launcher")
     codes = ranks.exit_codes
     if rc == EXIT_CONFIG or EXIT_CONFIG in codes:
         raise ConfigError(f"training refused its config (exit {EXIT_CONFIG}); see the log above ({config_yaml})")

@@ -1,4 +1,4 @@
-"""Where a training run's processes run: this host, a Slurm allocation, or Kubernetes pods.
+"""Where a training run's processes run: this host or a Slurm allocation.
 
 Every launcher starts the same thing, torch.distributed elastic agents (torchrun, c10d
 rendezvous) running `python -m gptoss_model.train`, one agent per node; what differs is who
@@ -14,11 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Names that hold secrets by convention: passed through by name they would reach a batch script's
-# environment listing or a manifest; give them to the job from the cluster's own secret store.
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|_KEY)$|^AWS_SECRET", re.IGNORECASE)
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
-K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 @dataclass
@@ -45,34 +41,14 @@ class SlurmLaunch:
     account: str | None = None
     qos: str | None = None
     time_limit: str = "04:00:00"  # sbatch --time: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]
-    requeue: bool = True
-    save_signal_seconds: int = 300  # SIGUSR1 this long before the time limit: save, exit, requeue, resume
+    requeue: bool = True  # a preempted or node-failed job starts again and resumes from the newest checkpoint
     max_restarts: int = 0
     env: list[str] = field(default_factory=list)
     rdzv_port: int = 29500
 
 
-@dataclass
-class KubernetesLaunch:
-    """One pod per node (an indexed Job) with a headless Service for the rendezvous."""
-
-    kind: Literal["kubernetes"] = "kubernetes"
-    nodes: int = 1
-    procs_per_node: int = 1
-    gpus_per_node: int = 0
-    namespace: str = "default"
-    image: str = ""
-    service_account: str | None = None
-    checkpoint_volume_claim: str | None = None  # a ReadWriteMany PVC mounted at the run directory
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict] = field(default_factory=list)
-    env: list[str] = field(default_factory=list)
-    max_restarts: int = 0
-    rdzv_port: int = 29500
-
-
-Launch = LocalLaunch | SlurmLaunch | KubernetesLaunch
-LAUNCHERS = {"local": LocalLaunch, "slurm": SlurmLaunch, "kubernetes": KubernetesLaunch}
+Launch = LocalLaunch | SlurmLaunch
+LAUNCHERS = {"local": LocalLaunch, "slurm": SlurmLaunch}
 
 
 def launch_problems(launch: Launch, *, partitions: list[str] | None = None) -> list[str]:
@@ -92,27 +68,24 @@ def launch_problems(launch: Launch, *, partitions: list[str] | None = None) -> l
     need(launch.procs_per_node >= 1, "procs_per_node", f"{launch.procs_per_node}: at least 1")
     need(launch.max_restarts >= 0, "max_restarts", f"{launch.max_restarts}: 0 or more")
     for name in launch.env:
-        need(bool(ENV_NAME.match(name)), "env", f"{name!r} is not an environment variable name")
-        need(not SECRET_NAME.search(name), "env", f"{name!r} looks like a secret: pass it from the cluster's "
-             "secret store (a Kubernetes Secret, the Slurm node's environment), never by value in a script")
-    if isinstance(launch, (SlurmLaunch, KubernetesLaunch)):
+        if "=" in name:  # a value would be written into the batch script (and the run's parameters)
+            need(False, "env", f"{name.split('=')[0]!r} given with a value: list names only; the job takes each "
+                 "value from the submitting environment (secrets stay out of scripts and parameters)")
+        else:
+            need(bool(ENV_NAME.match(name)), "env", f"{name!r} is not an environment variable name")
+    if isinstance(launch, SlurmLaunch):
         need(launch.gpus_per_node >= 0, "gpus_per_node", f"{launch.gpus_per_node}: 0 or more")
         need(launch.gpus_per_node in (0, launch.procs_per_node), "gpus_per_node",
              f"{launch.gpus_per_node} GPUs for {launch.procs_per_node} processes per node: one process per GPU")
         need(1024 <= launch.rdzv_port <= 65535, "rdzv_port", f"{launch.rdzv_port}: a port in 1024-65535")
-    if isinstance(launch, SlurmLaunch):
         need(bool(SLURM_TIME.match(launch.time_limit)), "time_limit",
              f"{launch.time_limit!r}: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
-        need(launch.save_signal_seconds >= 0, "save_signal_seconds", f"{launch.save_signal_seconds}: 0 or more")
         if partitions is not None and launch.partition is not None:
             need(launch.partition in partitions, "partition",
                  f"{launch.partition!r} is not a partition of this cluster (sinfo: {', '.join(partitions)})")
         for name in ("partition", "account", "qos"):
             value = getattr(launch, name)
             need(value is None or bool(re.match(r"^[\w.-]+$", value)), name, f"{value!r}: letters, digits, . _ -")
-    if isinstance(launch, KubernetesLaunch):
-        need(bool(launch.image), "image", "a container image holding this project (e.g. ghcr.io/org/gptoss:TAG)")
-        need(bool(K8S_NAME.match(launch.namespace)), "namespace", f"{launch.namespace!r}: a DNS label")
     return problems
 
 

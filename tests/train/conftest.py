@@ -2,6 +2,9 @@
 pretraining dataset in the dataset artifact's layout, and the base run config (YAML)."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 
@@ -24,3 +27,34 @@ def train_env(tmp_path_factory):
     save_yaml(run, config)
     sft_prefixes = write_tiny_sft_dataset(root / "sft")
     return {"root": root, "ckpt": ckpt, "prefixes": prefixes, "sft_prefixes": sft_prefixes, "config": config}
+
+
+# A training run of the train stage's tests: 16 iterations, a checkpoint every 4.
+OVERRIDES = {"train.train_iters": 16, "checkpoint.save_interval": 4, "train.eval_interval": 0,
+             "scheduler.lr_decay_iters": 30}
+
+
+@pytest.fixture(scope="module")
+def store_inputs(train_env, tmp_path_factory):
+    from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
+    from tasks.store import ArtifactStore, run_stage
+
+    store = ArtifactStore((tmp_path_factory.mktemp("store") / "s").as_uri())
+
+    def convert(staging: Path) -> dict:
+        report = convert_hf_to_megatron(train_env["ckpt"], staging, dtype="float32")
+        return {"params": report["params"]}
+
+    def dataset(staging: Path) -> dict:
+        names = []
+        for prefix in train_env["prefixes"]:
+            for ext in (".bin", ".idx"):
+                shutil.copy(prefix + ext, staging / (Path(prefix).name + ext))
+            names.append(Path(prefix).name)
+        return {"data_prefixes": names}
+
+    base = run_stage(store, stage="convert", code_version="test", kind="megatron-checkpoint", name="tiny",
+                     params={}, build=convert).manifest
+    data = run_stage(store, stage="preprocess", code_version="test", kind="dataset", name="docs",
+                     params={}, build=dataset).manifest
+    return store, base, data

@@ -15,36 +15,7 @@ import psutil
 import pytest
 
 from gptoss_model.training.metrics import read_metrics
-
-OVERRIDES = {"train.train_iters": 16, "checkpoint.save_interval": 4, "train.eval_interval": 0,
-             "scheduler.lr_decay_iters": 30}
-
-
-@pytest.fixture(scope="module")
-def store_inputs(train_env, tmp_path_factory):
-    from gptoss_model.convert.hf_to_megatron import convert_hf_to_megatron
-    from tasks.store import ArtifactStore, run_stage
-
-    store = ArtifactStore((tmp_path_factory.mktemp("store") / "s").as_uri())
-
-    def convert(staging: Path) -> dict:
-        report = convert_hf_to_megatron(train_env["ckpt"], staging, dtype="float32")
-        return {"params": report["params"]}
-
-    def dataset(staging: Path) -> dict:
-        names = []
-        for prefix in train_env["prefixes"]:
-            for ext in (".bin", ".idx"):
-                shutil.copy(prefix + ext, staging / (Path(prefix).name + ext))
-            names.append(Path(prefix).name)
-        return {"data_prefixes": names}
-
-    base = run_stage(store, stage="convert", code_version="test", kind="megatron-checkpoint", name="tiny",
-                     params={}, build=convert).manifest
-    data = run_stage(store, stage="preprocess", code_version="test", kind="dataset", name="docs",
-                     params={}, build=dataset).manifest
-    return store, base, data
-
+from tests.train.conftest import OVERRIDES
 
 def _params(name, store_inputs, tmp_path, **extra):
     from tasks.common import StoreSettings
@@ -178,21 +149,24 @@ def test_kill_hook_leaves_no_torchrun_or_rank_process(store_inputs, tmp_path):
 
 @contextlib.contextmanager
 def _stage_log_lines():
-    """The train stage's log lines (INFO and up) while the block runs."""
+    """The train stage's log lines (INFO and up) while the block runs: the stage's own and the ranks'
+    (gptoss_model.training.launch relays those)."""
     import logging
 
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("tasks.train")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("tasks.train", "gptoss_model.training.launch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         yield lines
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
 
 def _capture(fn, *args):

@@ -1,0 +1,126 @@
+"""The Slurm launcher on a real cluster: two slurmd "nodes" on this host (tests/infra/slurm_cluster.py).
+
+A 2-node job of the tiny model, submitted from the train flow: its log streams into the run as it
+grows, the job is followed to completion and every checkpoint is committed, with the losses of
+the same run launched here; cancelling leaves no job in squeue and no rank process."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import psutil
+import pytest
+
+from gptoss_model.training.metrics import read_metrics
+from tests.infra.slurm_cluster import ensure_installed, start_cluster
+from tests.train.conftest import OVERRIDES
+from tests.train.test_stage import _stage_log_lines
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+EP2 = {"parallelism.expert_model_parallel_size": 2}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    why = ensure_installed()
+    if why:
+        pytest.skip(f"no Slurm cluster here: {why}")
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+
+
+def _params(name, store_inputs, tmp_path, launcher, **overrides):
+    from tasks.train import TrainParams
+
+    store, base, data = store_inputs
+    return TrainParams(recipe="tiny_pretrain", overrides={**OVERRIDES, **EP2, **overrides}, base_checkpoint=base.spec,
+                       dataset=data.spec, name=name, launcher=launcher, workdir=str(tmp_path / "work"),
+                       store={"url": store.url})
+
+
+def _losses(params, store):
+    from tasks.train import resolve_run, run_dir
+
+    _, _, identity = resolve_run(params, store)
+    return {r["iteration"]: (r["loss"], r["grad_norm"])
+            for r in read_metrics(run_dir(params, identity) / "metrics.jsonl") if "loss" in r}
+
+
+def _rank_processes(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "gptoss_model.train" in cmd and marker in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.prefect
+def test_a_two_node_job_trains_streams_and_commits(prefect_harness, slurm, store_inputs, tmp_path, monkeypatch):
+    from flows.train import train_flow
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    store = store_inputs[0]
+    on_slurm = _params("on-slurm", store_inputs, tmp_path, {"kind": "slurm", "nodes": 2, "procs_per_node": 1,
+                                                            "partition": "debug", "time_limit": "15:00"})
+    started = time.monotonic()
+    with _stage_log_lines() as streamed:
+        manifest = train_flow(on_slurm)
+    took = time.monotonic() - started
+    assert manifest.parameters["iteration"] == 16
+    versions = sorted(m.parameters["iteration"] for m in store.list("train-checkpoint") if m.name == "on-slurm")
+    assert versions == [4, 8, 12, 16]
+    assert any(re.match(r"iteration\s+16 \| loss", line) for line in streamed), streamed[-20:]  # rank 0's lines
+    assert slurm.queue() == []
+
+    here = _params("here", store_inputs, tmp_path, {"kind": "local", "nodes": 1, "procs_per_node": 2})
+    from tasks.train import run_train
+
+    run_train(here, store)
+    assert _losses(on_slurm, store) == _losses(here, store)
+    print(f"\n2-node Slurm job: 16 iterations, 4 checkpoints committed in {took:.1f} s; losses bitwise those "
+          "of the same run as one local agent with 2 processes")
+
+
+def test_cancelling_leaves_no_job_and_no_rank(slurm, store_inputs, tmp_path, monkeypatch):
+    from flows.train import train_flow
+    from gptoss_model.training.slurm import SlurmJobRefused
+    from tasks.train import pid_file, run_train
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    params = _params("cancelled-slurm", store_inputs, tmp_path, {"kind": "slurm", "nodes": 2, "procs_per_node": 1},
+                     **{"train.train_iters": 1000, "checkpoint.save_interval": 1000})
+    outcome = []
+
+    def train():
+        try:
+            outcome.append(run_train(params, store_inputs[0]))
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome.append(e)
+
+    runner = threading.Thread(target=train, daemon=True)
+    runner.start()
+    marker = str(tmp_path / "work")
+    deadline = time.monotonic() + 180
+    while len(_rank_processes(marker)) < 2 or not pid_file(params).is_file():
+        assert runner.is_alive() and time.monotonic() < deadline, f"the job never ran its ranks: {outcome}"
+        time.sleep(0.5)
+    time.sleep(3)  # training
+    stop, = set(train_flow.on_cancellation_hooks)
+    cancelled_at = time.monotonic()
+
+    class FlowRun:
+        parameters = {"params": params.model_dump()}
+
+    stop(None, FlowRun, None)
+    assert slurm.queue() == [], slurm.queue()
+    deadline = time.monotonic() + 15
+    while _rank_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _rank_processes(marker), [p.cmdline()[:4] for p in _rank_processes(marker)]
+    gone = time.monotonic() - cancelled_at
+    runner.join(timeout=60)
+    assert outcome and isinstance(outcome[0], SlurmJobRefused) and "CANCELLED" in str(outcome[0]), outcome
+    print(f"\nscancel from the flow's hook: no job in squeue, no rank process {gone:.1f} s later")
