@@ -3,7 +3,8 @@
 The params model is the command line: the fields named in `stage.cli_args` are positional
 arguments, every other field is an option `--field-name VALUE` with the field's description
 as help, and the store is `--store URL` / `--s3-endpoint-url URL`. A value is YAML for a
-field that is not text (`--workers 4`, `--parity false`, `--overrides '{train.train_iters: 8}'`).
+field that is neither text nor a switch (`--workers 4`, `--overrides '{train.train_iters: 8}'`); a
+switch is `--parity` / `--no-parity`.
 Nothing is checked here that the params model does not check itself: a bad value is refused
 by the model, in one line naming the field.
 
@@ -40,6 +41,12 @@ def _is_text(annotation: Any) -> bool:
     return False
 
 
+def _is_bool(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+    return annotation is bool
+
+
 def _is_list(annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
@@ -48,6 +55,8 @@ def _is_list(annotation: Any) -> bool:
 
 
 def _value(annotation: Any, raw: Any) -> Any:
+    if isinstance(raw, bool):
+        return raw
     if isinstance(raw, list):
         return [_value(typing.get_args(annotation)[0] if typing.get_args(annotation) else str, r) for r in raw]
     if _is_text(annotation):
@@ -74,8 +83,12 @@ def stage_command(stage, run: Callable[[Any], Any]) -> Callable:
         if name == STORE_FIELD or (name in stage.cli_args and field.is_required()):
             continue
         # an optional positional is an option too: `convert SRC float32 4` or `convert SRC --workers 4`
-        kind = list[str] if _is_list(field.annotation) else str
-        option = typer.Option(f"--{name.replace('_', '-')}", help=field.description or "", show_default=False)
+        flag = f"--{name.replace('_', '-')}"
+        if _is_bool(field.annotation):  # a switch, both ways: --parity / --no-parity
+            kind, flag = bool, f"{flag}/--no-{flag[2:]}"
+        else:
+            kind = list[str] if _is_list(field.annotation) else str
+        option = typer.Option(flag, help=field.description or "", show_default=False)
         parameters.append(inspect.Parameter(OPTION_PREFIX + name if name in stage.cli_args else name,
                                             inspect.Parameter.KEYWORD_ONLY,
                                             annotation=Annotated[Optional[kind], option], default=None))

@@ -52,9 +52,11 @@ def test_medium_models_pass_default_gates_in_convert_and_verify(tmp_path, size):
         assert all(r.get("routing_flips", 0) == 0 for r in report.rows)
         # per layer, in isolation, the two implementations agree to fp32 noise
         assert max(r["max_rel_diff"] for r in report.rows) < 5e-6
-        # the report times every block it compared, and the sum is the run's time
+        # the report times every block it compared, and the sum is the run's time (each figure is rounded
+        # to the millisecond: the sum may pass the total by half a millisecond per figure)
         assert list(report.block_seconds) == ["embedding", *(r["block"] for r in report.rows[1:-1:4]), "head"]
-        assert 0 < sum(report.block_seconds.values()) <= report.seconds + 1e-3 and report.peak_rss_mb > 0
+        rounding = 5e-4 * (len(report.block_seconds) + 1)
+        assert 0 < sum(report.block_seconds.values()) <= report.seconds + rounding and report.peak_rss_mb > 0
 
 
 def test_whole_model_verify_reports_and_gates(tmp_path):

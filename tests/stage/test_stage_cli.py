@@ -21,7 +21,7 @@ def test_the_six_stages_are_found():
 def test_every_stage_has_a_command_with_help(stage):
     from flows.cli import load_stage
 
-    shown = CliRunner().invoke(app, [*_command(stage), "--help"])
+    shown = CliRunner().invoke(app, [*_command(stage), "--help"], env={"COLUMNS": "240"})  # no option cut short
     assert shown.exit_code == 0, shown.output
     declared = load_stage(stage)
     flags = [f"--{n.replace('_', '-')}" for n, f in declared.params.model_fields.items()
