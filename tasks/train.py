@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 from gptoss_model.training import launch
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from gptoss_model.training.launch import TrainingFailed, TrainingRefused
-from gptoss_model.training.launchers import LocalLaunch, SlurmLaunch, launch_problems
+from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems
 from gptoss_model.training.recipes import RECIPES
 from tasks.common import StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run
 from tasks.kinds import Kind
@@ -62,10 +62,11 @@ class TrainParams(StageParams):
     dataset: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
     name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output artifact name (train-checkpoint/NAME)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host (without a launcher)")
-    launcher: Annotated[LocalLaunch | SlurmLaunch, Field(discriminator="kind")] | None = Field(
+    launcher: Annotated[LocalLaunch | SlurmLaunch | KubernetesLaunch, Field(discriminator="kind")] | None = Field(
         None, description="where the processes run: {kind: local, nodes, procs_per_node} (default: one node of "
-        "nproc_per_node here) or {kind: slurm, nodes, procs_per_node, partition, time_limit, ...} "
-        "(infra/slurm/README.md)")
+        "nproc_per_node here), {kind: slurm, nodes, procs_per_node, partition, time_limit, ...} "
+        "(infra/slurm/train.sbatch) or {kind: kubernetes, nodes, procs_per_node, gpus_per_node, namespace, image, "
+        "checkpoint_volume_claim, env_from_secret, ...} (infra/kubernetes/README.md)")
     workdir: str | None = Field(None, description="run directory root (kept across attempts); default GPTOSS_WORKDIR")
     store: StoreSettings = Field(default_factory=StoreSettings)
 
@@ -75,7 +76,7 @@ class TrainParams(StageParams):
             raise ValueError("; ".join(problems))
         return self
 
-    def launch(self) -> LocalLaunch | SlurmLaunch:
+    def launch(self) -> LocalLaunch | SlurmLaunch | KubernetesLaunch:
         return self.launcher or LocalLaunch(procs_per_node=self.nproc_per_node)
 
     @field_validator("recipe", mode="before")

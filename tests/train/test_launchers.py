@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_model.training.launchers import LocalLaunch, SlurmLaunch, launch_problems
+from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,6 +23,18 @@ BAD = [
     (SlurmLaunch(procs_per_node=8, gpus_per_node=4), "launcher.gpus_per_node: 4 GPUs for 8 processes"),
     (SlurmLaunch(rdzv_port=80), "launcher.rdzv_port"),
     (SlurmLaunch(env=["AWS_SECRET_ACCESS_KEY=x"]), "launcher.env: 'AWS_SECRET_ACCESS_KEY' given with a value"),
+    (KubernetesLaunch(), "launcher.image"),
+    (KubernetesLaunch(image="img:1", namespace="ML_Team"), "launcher.namespace: 'ML_Team'"),
+    (KubernetesLaunch(image="img:1", procs_per_node=8, gpus_per_node=2), "launcher.gpus_per_node: 2 GPUs for 8"),
+    (KubernetesLaunch(image="img:1", rdzv_port=70000), "launcher.rdzv_port"),
+    (KubernetesLaunch(image="img:1", env_from_secret="hf", env=["HF_TOKEN=hf_abc"]),
+     "launcher.env: 'HF_TOKEN' given with a value"),
+    (KubernetesLaunch(image="img:1", env=["HF_TOKEN"]), "launcher.env: ['HF_TOKEN']: each name is taken from"),
+    (KubernetesLaunch(image="img:1", checkpoint_volume_claim="Runs PVC"), "launcher.checkpoint_volume_claim"),
+    (KubernetesLaunch(image="img:1", node_selector={"gpu type": "h100"}), "launcher.node_selector"),
+    (KubernetesLaunch(image="img:1", tolerations=[{"key": "gpu", "effect": "NoWhere"}]),
+     "launcher.tolerations[0].effect"),
+    (KubernetesLaunch(image="img:1", tolerations=[{"taint": "gpu"}]), "launcher.tolerations[0]: unknown keys"),
     ("ray", "launcher.kind: 'ray' is not a launcher"),
 ]
 
@@ -35,7 +47,12 @@ def test_a_bad_launch_config_is_refused_naming_the_field(launch, named):
 
 def test_good_launch_configs_pass():
     for launch in (LocalLaunch(), LocalLaunch(nodes=2, env=["NCCL_DEBUG", "HF_TOKEN"]),
-                   SlurmLaunch(nodes=2, procs_per_node=8, gpus_per_node=8, partition="debug", time_limit="1-00:00")):
+                   SlurmLaunch(nodes=2, procs_per_node=8, gpus_per_node=8, partition="debug", time_limit="1-00:00"),
+                   KubernetesLaunch(nodes=4, procs_per_node=8, gpus_per_node=8, namespace="ml-train",
+                                    image="registry.example.com/gptoss-pipeline:0.1.0", checkpoint_volume_claim="runs",
+                                    node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                                    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                                    env=["HF_TOKEN"], env_from_secret="hf-token")):
         assert launch_problems(launch, partitions=["debug"]) == []
 
 
@@ -47,6 +64,11 @@ def test_the_train_stage_refuses_a_bad_launcher_before_the_store_is_asked(tmp_pa
                     store={"url": f"file://{tmp_path}/nowhere"})
     with pytest.raises(ValueError, match="launcher"):
         TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "ray"})
+    with pytest.raises(ValueError, match="launcher.image"):
+        TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "kubernetes", "nodes": 2})
+    params = TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "kubernetes", "image": "img:1"},
+                         store={"url": f"file://{tmp_path}/nowhere"})
+    assert isinstance(params.launch(), KubernetesLaunch)
 
 
 LAYOUTS = {"tp2_sp": ["parallelism.tensor_model_parallel_size=2", "parallelism.sequence_parallel=true"],
