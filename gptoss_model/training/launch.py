@@ -205,8 +205,9 @@ class _gone_ok:
 
 def kill_from_pid_file(pid_file: Path) -> bool:
     """Stop everything recorded in `pid_file` (a cancellation/failure hook's job): each torchrun agent
-    started here (a pid), or the Slurm job (`slurm:JOBID`) holding them."""
-    from gptoss_model.training import slurm
+    started here (a pid), the Slurm job (`slurm:JOBID`) or the Kubernetes Job
+    (`kubernetes:NAMESPACE/JOB`) holding them."""
+    from gptoss_model.training import kubernetes, slurm
 
     try:
         entries = Path(pid_file).read_text().split()
@@ -217,6 +218,9 @@ def kill_from_pid_file(pid_file: Path) -> bool:
         if entry.startswith(slurm.JOB_FILE_PREFIX):
             slurm.cancel(entry.removeprefix(slurm.JOB_FILE_PREFIX))
             stopped.append(True)
+        elif entry.startswith(kubernetes.JOB_FILE_PREFIX):
+            namespace, _, name = entry.removeprefix(kubernetes.JOB_FILE_PREFIX).partition("/")
+            stopped.append(kubernetes.delete(namespace, name))
         elif entry.isdigit():
             stopped.append(kill_tree(int(entry)))
     Path(pid_file).unlink(missing_ok=True)
@@ -247,7 +251,7 @@ def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Ca
 
     `poll()` runs about twice a second (commit what was saved); `saved()` lists the iterations
     already safe, for the error messages (a retry resumes from the newest)."""
-    from gptoss_model.training.launchers import LocalLaunch, SlurmLaunch
+    from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch
     from gptoss_model.training.loop import NonFiniteLossError
     from gptoss_model.training.replicas import ReplicaDivergenceError
 
@@ -260,6 +264,11 @@ def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Ca
 
         rc = run_job(launcher, Path(config_yaml), run_dir=Path(config_yaml).parent, job_name=job_name,
                      pid_file=pid_file, on_line=ranks, poll=poll)
+    elif isinstance(launcher, KubernetesLaunch):
+        from gptoss_model.training.kubernetes import run_job as run_kubernetes_job
+
+        rc = run_kubernetes_job(launcher, Path(config_yaml), run_dir=Path(config_yaml).parent, job_name=job_name,
+                                pid_file=pid_file, on_line=ranks, poll=poll)
     else:
         raise ConfigError(f"launcher.kind: {getattr(launcher, 'kind', launcher)!r} is not a launcher")
     codes = ranks.exit_codes

@@ -142,6 +142,9 @@ def kubernetes_problems(launch: KubernetesLaunch) -> list[str]:
          f"{launch.image!r}: a container image holding this project (e.g. ghcr.io/org/gptoss-pipeline:TAG)")
     need(bool(DNS_LABEL.match(launch.namespace)), "namespace",
          f"{launch.namespace!r}: a DNS label (lowercase letters, digits and -, at most 63)")
+    need(launch.checkpoint_volume_claim is not None, "checkpoint_volume_claim",
+         "a ReadWriteMany PersistentVolumeClaim holding the workdir: the pods write the checkpoints there and "
+         "this host commits them from it")
     for name in ("service_account", "checkpoint_volume_claim", "env_from_secret", "env_from_config_map"):
         value = getattr(launch, name)
         need(value is None or bool(DNS_SUBDOMAIN.match(value)), name,

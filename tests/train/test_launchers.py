@@ -24,6 +24,7 @@ BAD = [
     (SlurmLaunch(rdzv_port=80), "launcher.rdzv_port"),
     (SlurmLaunch(env=["AWS_SECRET_ACCESS_KEY=x"]), "launcher.env: 'AWS_SECRET_ACCESS_KEY' given with a value"),
     (KubernetesLaunch(), "launcher.image"),
+    (KubernetesLaunch(image="img:1"), "launcher.checkpoint_volume_claim: a ReadWriteMany"),
     (KubernetesLaunch(image="img:1", namespace="ML_Team"), "launcher.namespace: 'ML_Team'"),
     (KubernetesLaunch(image="img:1", procs_per_node=8, gpus_per_node=2), "launcher.gpus_per_node: 2 GPUs for 8"),
     (KubernetesLaunch(image="img:1", rdzv_port=70000), "launcher.rdzv_port"),
@@ -66,7 +67,8 @@ def test_the_train_stage_refuses_a_bad_launcher_before_the_store_is_asked(tmp_pa
         TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "ray"})
     with pytest.raises(ValueError, match="launcher.image"):
         TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "kubernetes", "nodes": 2})
-    params = TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "kubernetes", "image": "img:1"},
+    params = TrainParams(recipe="tiny_pretrain", name="x", launcher={"kind": "kubernetes", "image": "img:1",
+                                                                   "checkpoint_volume_claim": "runs"},
                          store={"url": f"file://{tmp_path}/nowhere"})
     assert isinstance(params.launch(), KubernetesLaunch)
 
