@@ -43,6 +43,8 @@ class Settings:
     local_rank: int              # LOCAL_RANK (0 outside torchrun)
     torchelastic_run_id: str | None  # TORCHELASTIC_RUN_ID: set for every rank torchrun starts
     omp_num_threads: int | None  # OMP_NUM_THREADS (OpenMP's; the benchmarks size torch's threads by it)
+    # the Kubernetes launcher (the kubernetes client reads it once at its import)
+    kubeconfig: str | None       # KUBECONFIG: kubeconfig file(s), `:`-separated; None: ~/.kube/config
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -77,6 +79,7 @@ class Settings:
             local_rank=number("LOCAL_RANK", int) or 0,
             torchelastic_run_id=get("TORCHELASTIC_RUN_ID"),
             omp_num_threads=number("OMP_NUM_THREADS", int),
+            kubeconfig=get("KUBECONFIG"),
         )
 
 

@@ -112,7 +112,7 @@ def input_problems(config_yaml: Path) -> list[str]:
     if run.checkpoint.pretrained_checkpoint:
         paths.append(("checkpoint.pretrained_checkpoint", run.checkpoint.pretrained_checkpoint))
     return [f"{field}: {p} is outside {root}, the only directory the pods mount (put the store's cache "
-            "on the same volume: GPTOSS_CACHE_DIR, or a local store under the workdir)"
+            "on the same volume: GPTOSS_CACHE, or a local store under the workdir)"
             for field, p in paths if not Path(p).resolve().is_relative_to(root.resolve())]
 
 
@@ -120,12 +120,15 @@ def api_client() -> "ApiClient":
     """In a pod, its service account; elsewhere the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     from kubernetes import client, config
 
+    from gptoss_model.settings import settings
+
     cfg = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
         try:
-            config.load_kube_config(client_configuration=cfg)
+            # KUBECONFIG read now: the client's own default is read once, at its import.
+            config.load_kube_config(config_file=settings().kubeconfig, client_configuration=cfg)
         except (config.ConfigException, FileNotFoundError) as e:
             raise KubernetesJobRefused(f"launcher.kind: kubernetes needs a cluster to talk to: no in-cluster "
                                        f"service account and no usable kubeconfig ({e})") from None
