@@ -15,9 +15,7 @@ import sys
 from gptoss_model.errors import PermanentError
 from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, load_yaml
-# The exit codes a launcher tells apart (torchrun reports each rank's as "exitcode: N"), and how
-# a supervisor reads them: training/launch.py.
-from gptoss_model.training.launch import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS
+from gptoss_model.training.exit_codes import EXIT_CONFIG, EXIT_NONFINITE, EXIT_PERMANENT, EXIT_REPLICAS, EXIT_SAVED
 
 
 def load_run_config(source: str, overrides: list[str]) -> RunConfig:
@@ -63,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run_config(argv[0], argv[1:])
     except ConfigError as e:
         return _refuse(e, EXIT_CONFIG)
-    from gptoss_model.training.loop import NonFiniteLossError, train
+    from gptoss_model.training.loop import NonFiniteLossError, SavedToStop, train
     from gptoss_model.training.replicas import ReplicaDivergenceError
 
     try:
         train(run)
     except ConfigError as e:
         return _refuse(e, EXIT_CONFIG)
+    except SavedToStop as e:
+        print(f"stopped: {e}", flush=True)
+        return EXIT_SAVED
     except NonFiniteLossError as e:
         return _refuse(e, EXIT_NONFINITE)
     except ReplicaDivergenceError as e:

@@ -223,10 +223,12 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
     run.dir = str(home)
     run.checkpoint.save = str(home / "checkpoints")
     run.checkpoint.load = None
+    launch_config = params.launch()
+    if isinstance(launch_config, SlurmLaunch):  # its time-limit signal becomes a save and a requeue
+        run.train.stop_file = str(home / "save-and-stop")
     save_dir = run.save_dir()
     save_dir.mkdir(parents=True, exist_ok=True)
     _pull_newest(store, params.name, identity, save_dir)
-    launch_config = params.launch()
     world = launch_config.nodes * launch_config.procs_per_node
     print(preflight(run, world, local_world_size=launch_config.procs_per_node))  # before launch
     config_yaml = home / "run_config.yaml"

@@ -88,6 +88,9 @@ class TrainConfig:
     replica_check_interval: int = 100  # compare every replicated parameter across ranks every N steps; 0: never
     hang_timeout: float = 300.0  # seconds without progress (of any rank) before the run ends; 0: no watchdog
     collective_timeout_minutes: int = 30  # torch.distributed's process-group timeout
+    # A file whose appearance (any rank seeing it) makes every rank save a checkpoint and exit with
+    # EXIT_SAVED: how a scheduler's "time limit near" signal becomes a clean stop (infra/slurm).
+    stop_file: str | None = None
 
 
 @dataclass

@@ -31,18 +31,13 @@ from typing import TYPE_CHECKING, Callable
 from gptoss_model.errors import PermanentError
 from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError
-from gptoss_model.training.watchdog import EXIT_HANG
+from gptoss_model.training.exit_codes import (EXIT_CONFIG, EXIT_HANG, EXIT_NONFINITE, EXIT_PERMANENT,  # noqa: F401
+                                             EXIT_REPLICAS, EXIT_SAVED)
 
 if TYPE_CHECKING:
     from gptoss_model.training.launchers import Launch
 
 log = logging.getLogger(__name__)
-
-# The training entry's exit codes (gptoss_model.train), besides 0 and EXIT_HANG (4, training.watchdog).
-EXIT_CONFIG = 2  # the config was refused
-EXIT_NONFINITE = 3  # loss or gradient norm became NaN/Inf; nothing was saved after the last good step
-EXIT_REPLICAS = 5  # replicated parameters disagree across ranks: a parallelism bug, not a transient
-EXIT_PERMANENT = 6  # any other error a retry cannot fix (an unreadable or tampered checkpoint, bad data)
 
 _RANK0 = re.compile(r"^\[default0\]:")
 _OTHER_RANK = re.compile(r"^\[default[1-9]\d*\]:")
@@ -245,7 +240,7 @@ class _RankReport:
 
 
 def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Callable[[], None],
-              saved: Callable[[], list[int]], job_name: str = "gptoss-train") -> None:
+              saved: Callable[[], list[int]], job_name: str = "gptoss-train", stop_file: Path | None = None) -> None:
     """Run training to its end where `launcher` says; raise what stopped it early, classified for a
     retry policy.
 
@@ -263,7 +258,8 @@ def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Ca
         from gptoss_model.training.slurm import run_job
 
         rc = run_job(launcher, Path(config_yaml), run_dir=Path(config_yaml).parent, job_name=job_name,
-                     pid_file=pid_file, on_line=ranks, poll=poll)
+                     pid_file=pid_file, stop_file=stop_file or Path(config_yaml).with_name("save-and-stop"),
+                     on_line=ranks, poll=poll)
     elif isinstance(launcher, KubernetesLaunch):
         from gptoss_model.training.kubernetes import run_job as run_kubernetes_job
 
@@ -287,6 +283,9 @@ def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Ca
         hung = [e for e in ranks.errors if e.startswith("training hung:")]
         raise TrainingFailed(f"{hung[0] if hung else 'training hung: a rank made no progress for train.hang_timeout'}"
                              f" (checkpoints committed: {saved()})")
+    if EXIT_SAVED in codes or rc == EXIT_SAVED:
+        raise TrainingFailed(f"training saved and stopped when asked to (its stop file); checkpoints committed: "
+                             f"{saved()} (a retry resumes from the newest)")
     if rc != 0:
         raise TrainingFailed(f"torchrun exited with {rc}; checkpoints committed so far: {saved()} "
                              "(a retry resumes from the newest)")

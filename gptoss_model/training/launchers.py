@@ -47,6 +47,7 @@ class SlurmLaunch:
     qos: str | None = None
     time_limit: str = "04:00:00"  # sbatch --time: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]
     requeue: bool = True  # a preempted or node-failed job starts again and resumes from the newest checkpoint
+    save_signal_seconds: int = 300  # this long before the time limit the ranks save and the job requeues itself
     max_restarts: int = 0
     env: list[str] = field(default_factory=list)
     rdzv_port: int = 29500
@@ -118,6 +119,7 @@ def launch_problems(launch: Launch, *, partitions: list[str] | None = None) -> l
     if isinstance(launch, KubernetesLaunch):
         problems += kubernetes_problems(launch)
     if isinstance(launch, SlurmLaunch):
+        need(launch.save_signal_seconds >= 0, "save_signal_seconds", f"{launch.save_signal_seconds}: 0 or more")
         need(bool(SLURM_TIME.match(launch.time_limit)), "time_limit",
              f"{launch.time_limit!r}: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
         if partitions is not None and launch.partition is not None:

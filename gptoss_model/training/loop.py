@@ -26,6 +26,10 @@ from gptoss_model.training.config import RunConfig
 log = logging.getLogger(__name__)
 
 
+class SavedToStop(Exception):
+    """The run saved a checkpoint and stopped because its stop file appeared (a restart resumes)."""
+
+
 class NonFiniteLossError(PermanentError, FloatingPointError):
     """Loss or gradient norm became NaN/Inf; the last good checkpoint is kept untouched."""
 
@@ -243,6 +247,16 @@ class Trainer:
         if self.rank0:
             print(f"[checkpoint] saved {path} in {time.perf_counter() - t:.2f} s", flush=True)
 
+    def stop_requested(self, stop_file: str) -> bool:
+        """Whether any rank sees `stop_file`: every rank must stop at the same iteration."""
+        import os
+
+        flag = torch.tensor([1.0 if os.path.exists(stop_file) else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # ------------------------------------------------------------ the run
     def fit(self) -> dict:
         tr, ck = self.run.train, self.run.checkpoint
@@ -272,6 +286,13 @@ class Trainer:
                             self.save()
                     if tr.manual_gc and tr.manual_gc_interval and self.iteration % tr.manual_gc_interval == 0:
                         gc.collect()
+                    if tr.stop_file and self.iteration < tr.train_iters and self.stop_requested(tr.stop_file):
+                        dog.phase(self.iteration, "checkpoint save before stopping")
+                        if not (ck.save_interval and self.iteration % ck.save_interval == 0):
+                            with self.params_gathered():
+                                self.save()
+                        raise SavedToStop(f"{tr.stop_file} appeared: saved iteration {self.iteration} and "
+                                          "stopped; a restart resumes from it")
                 dog.phase(self.iteration, "done")
         finally:
             if tr.manual_gc:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptoss_model.errors import PermanentError
+from gptoss_model.training.exit_codes import EXIT_SAVED
 from gptoss_model.training.launchers import SlurmLaunch
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def partitions() -> list[str]:
     return sorted({p.strip().rstrip("*") for p in run_tool("sinfo", "-h", "-o", "%P").split() if p.strip()})
 
 
-def render(launch: SlurmLaunch, *, config_yaml: Path, log_file: Path, job_name: str) -> str:
+def render(launch: SlurmLaunch, *, config_yaml: Path, log_file: Path, job_name: str, stop_file: Path) -> str:
     optional = [f"#SBATCH --{flag}={value}" for flag, value in (
         ("partition", launch.partition), ("account", launch.account), ("qos", launch.qos),
         ("gpus-per-node", launch.gpus_per_node or None)) if value]
@@ -71,7 +72,8 @@ def render(launch: SlurmLaunch, *, config_yaml: Path, log_file: Path, job_name: 
         job_name=job_name, nodes=launch.nodes, procs_per_node=launch.procs_per_node, time_limit=launch.time_limit,
         log_file=log_file, export=",".join(dict.fromkeys([*BASE_EXPORT, *launch.env])),
         optional_directives="\n".join(optional), python=sys.executable, rdzv_port=launch.rdzv_port,
-        max_restarts=launch.max_restarts, config_yaml=config_yaml)
+        max_restarts=launch.max_restarts, config_yaml=config_yaml, save_signal_seconds=launch.save_signal_seconds,
+        stop_file=stop_file, exit_saved=EXIT_SAVED)
 
 
 @dataclass
@@ -132,7 +134,7 @@ class LogFollower:
 
 
 def run_job(launch: SlurmLaunch, config_yaml: Path, *, run_dir: Path, job_name: str, pid_file: Path,
-            on_line: Callable[[str], None], poll: Callable[[], None] | None = None,
+            stop_file: Path, on_line: Callable[[str], None], poll: Callable[[], None] | None = None,
             interval: float = 1.0) -> int:
     """Submit the job, follow it to its end while streaming its log, return its exit code; raise what
     its end state means for a retry. Any exception on the way (a cancelled flow, a failed commit)
@@ -144,7 +146,8 @@ def run_job(launch: SlurmLaunch, config_yaml: Path, *, run_dir: Path, job_name: 
                                   f"(sinfo: {', '.join(known)})")
     log_file = run_dir / "slurm.log"
     script = run_dir / "train.sbatch"
-    script.write_text(render(launch, config_yaml=config_yaml, log_file=log_file, job_name=job_name))
+    script.write_text(render(launch, config_yaml=config_yaml, log_file=log_file, job_name=job_name,
+                             stop_file=stop_file))
     try:
         out = run_tool("sbatch", "--parsable", str(script))
     except SlurmError as e:  # sbatch's own refusals (no such partition, account, QoS, too many nodes)

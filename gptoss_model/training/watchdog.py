@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-EXIT_HANG = 4
+from gptoss_model.training.exit_codes import EXIT_HANG
 _runs = 0  # runs started in this process (tests run several): keeps their keys apart
 
 

@@ -106,3 +106,74 @@ def test_two_agents_train_exactly_like_one_agent_with_two_processes(train_env, t
     print(f"\n{layout}: 2 agents x 1 process == 1 agent x 2 processes over {steps} steps, bitwise "
           f"(last loss {got[2][-1][1]:.8f})")
     assert os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE") is None  # set for the children only
+
+
+def _rank_process(marker: str, rank: int):
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "gptoss_model.train" in cmd and marker in cmd and "torch.distributed.run" not in cmd:
+            try:
+                if p.environ().get("RANK") == str(rank) and p.name() != "gptoss-guard":
+                    return p
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                continue
+    return None
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_node_losing_its_rank_is_restarted_and_resumes_exactly(store_inputs, tmp_path):
+    """Two agents, `max_restarts=1`: the second node's rank is killed after a checkpoint was committed;
+    torchrun restarts the run from the newest checkpoint and every loss equals an uninterrupted run's."""
+    import signal
+    import threading
+    import time
+
+    from tasks.train import resolve_run, run_dir, run_train
+    from tests.train.conftest import OVERRIDES
+
+    store, base, data = store_inputs
+
+    def params(name, launcher):
+        from tasks.train import TrainParams
+
+        return TrainParams(recipe="tiny_pretrain", overrides={**OVERRIDES, **{
+            "parallelism.expert_model_parallel_size": 2}}, base_checkpoint=base.spec, dataset=data.spec, name=name,
+            launcher=launcher, workdir=str(tmp_path / name), store={"url": store.url})
+
+    def losses(p):
+        from gptoss_model.training.metrics import read_metrics
+
+        _, _, identity = resolve_run(p, store)
+        return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in read_metrics(
+            run_dir(p, identity) / "metrics.jsonl") if "loss" in r}  # the last record of an iteration wins
+
+    straight = params("straight-2x1", {"kind": "local", "nodes": 2, "procs_per_node": 1})
+    run_train(straight, store)
+    restarted = params("restarted-2x1", {"kind": "local", "nodes": 2, "procs_per_node": 1, "max_restarts": 1})
+    killed = {}
+
+    def kill_second_node_rank():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(m.name == "restarted-2x1" for m in store.list("train-checkpoint")):
+                rank = _rank_process(str(tmp_path / "restarted-2x1"), 1)
+                if rank is not None:
+                    killed["pid"] = rank.pid
+                    killed["iteration"] = max(losses(restarted), default=0)
+                    rank.send_signal(signal.SIGKILL)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_second_node_rank, daemon=True)
+    killer.start()
+    result = run_train(restarted, store)
+    killer.join(timeout=10)
+    assert killed, "the rank was never killed"
+    assert result.manifest.parameters["iteration"] == 16
+    assert killed["iteration"] < 16, "killed after training had finished"
+    assert losses(restarted) == losses(straight)
+    print(f"\nrank 1 (second agent) killed at iteration {killed['iteration']}: torchrun restarted both nodes "
+          "from the newest checkpoint; iterations 1-16 bitwise those of the uninterrupted run")
