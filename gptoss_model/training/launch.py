@@ -267,6 +267,8 @@ def supervise(config_yaml: Path, launcher: "Launch", *, pid_file: Path, poll: Ca
                                 pid_file=pid_file, on_line=ranks, poll=poll)
     else:
         raise ConfigError(f"launcher.kind: {getattr(launcher, 'kind', launcher)!r} is not a launcher")
+    if rc == 0:  # the run ended well, also after a restart or a requeue that earlier failures led to
+        return
     codes = ranks.exit_codes
     if rc == EXIT_CONFIG or EXIT_CONFIG in codes:
         raise ConfigError(f"training refused its config (exit {EXIT_CONFIG}); see the log above ({config_yaml})")

@@ -124,3 +124,61 @@ def test_cancelling_leaves_no_job_and_no_rank(slurm, store_inputs, tmp_path, mon
     runner.join(timeout=60)
     assert outcome and isinstance(outcome[0], SlurmJobRefused) and "CANCELLED" in str(outcome[0]), outcome
     print(f"\nscancel from the flow's hook: no job in squeue, no rank process {gone:.1f} s later")
+
+
+def test_the_time_limit_signal_saves_requeues_and_resumes_exactly(slurm, store_inputs, tmp_path, monkeypatch):
+    """Slurm's signal before the time limit (`--signal=B:USR1@N`, sent here at once with `scancel --batch
+    --signal=USR1`, as Slurm's timer would): the ranks save and stop, the job requeues itself, and the
+    requeued job resumes from that checkpoint to the end with the losses of an uninterrupted run."""
+    import subprocess
+
+    from tasks.train import pid_file, run_train
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    store = store_inputs[0]
+    no_saves = {"checkpoint.save_interval": 100}  # the only save before the end is the one the signal asks for
+    params = _params("requeued", store_inputs, tmp_path, {"kind": "slurm", "nodes": 2, "procs_per_node": 1,
+                                                          "time_limit": "30:00", "save_signal_seconds": 120},
+                     **no_saves)
+    signalled = {}
+
+    def signal_when_training():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                entry = pid_file(params).read_text().strip()
+                trained = max(_losses(params, store), default=0)
+            except (FileNotFoundError, ValueError):
+                entry, trained = "", 0
+            if entry.startswith("slurm:") and trained >= 3:
+                job = entry.removeprefix("slurm:")
+                subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True,
+                               env={**__import__("os").environ, **slurm.env})
+                signalled.update(job=job, at=trained)
+                break
+            time.sleep(0.2)
+        # Slurm holds a requeued job ~2 minutes (its BeginTime); the test does not need to wait them out
+        while signalled and time.monotonic() < deadline:
+            state = slurm.run("squeue", "-h", "-j", signalled["job"], "-o", "%T %r").split()
+            if state[:2] == ["PENDING", "BeginTime"]:
+                slurm.run("scontrol", "update", f"JobId={signalled['job']}", "StartTime=now")
+                return
+            time.sleep(0.5)
+
+    signaller = threading.Thread(target=signal_when_training, daemon=True)
+    signaller.start()
+    result = run_train(params, store)
+    signaller.join(timeout=10)
+    assert signalled, "the job was never signalled"
+    assert result.manifest.parameters["iteration"] == 16
+    saved = sorted(m.parameters["iteration"] for m in store.list("train-checkpoint") if m.name == "requeued")
+    assert len(saved) == 2 and signalled["at"] <= saved[0] < 16 and saved[1] == 16, saved
+    log = next((tmp_path / "work").glob("train-*/slurm.log")).read_text()
+    assert "requeueing job" in log and "resumed from" in log, log[-3000:]
+
+    straight = _params("requeued-here", store_inputs, tmp_path, {"kind": "local", "nodes": 1, "procs_per_node": 2},
+                       **no_saves)
+    run_train(straight, store)
+    assert _losses(params, store) == _losses(straight, store)
+    print(f"\nUSR1 at iteration {signalled['at']}: saved iteration {saved[0]}, requeued, resumed to 16; "
+          "losses bitwise those of an uninterrupted run")
