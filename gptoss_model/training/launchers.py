@@ -103,7 +103,12 @@ def launch_problems(launch: Launch, *, partitions: list[str] | None = None) -> l
                 f"{', '.join(LAUNCHERS)}"]
     need(launch.nodes >= 1, "nodes", f"{launch.nodes}: at least 1")
     need(launch.procs_per_node >= 1, "procs_per_node", f"{launch.procs_per_node}: at least 1")
-    need(launch.max_restarts >= 0, "max_restarts", f"{launch.max_restarts}: 0 or more")
+    # Restarted in place after losing a rank, the new workers never finished initialising here (CPU, gloo,
+    # megatron-core 0.16.1): until that is understood, a lost node is met by the train stage's retry,
+    # which resumes every node from the newest committed checkpoint (tests/train/test_launchers.py).
+    need(launch.max_restarts == 0, "max_restarts", f"{launch.max_restarts}: in-place restarts are not supported "
+         "yet (restarted workers hang re-initialising); leave 0: the train stage's retry resumes a lost node's "
+         "run from the newest committed checkpoint")
     for name in launch.env:
         if "=" in name:  # a value would be written into the batch script (and the run's parameters)
             need(False, "env", f"{name.split('=')[0]!r} given with a value: list names only; the job takes each "

@@ -35,10 +35,10 @@ CASES = {
     "gpt_oss_20b_pretrain": ("gpt_oss_20b_pretrain", KubernetesLaunch(
         nodes=2, namespace="ml-train", image=IMAGE, service_account="gptoss-trainer",
         checkpoint_volume_claim="gptoss-runs", env=["HF_TOKEN"], env_from_secret="gptoss-hf",
-        env_from_config_map="nccl-tuning", max_restarts=2, **H100)),
+        env_from_config_map="nccl-tuning", **H100)),
     "gpt_oss_120b_finetune": ("gpt_oss_120b_finetune", KubernetesLaunch(
         nodes=4, namespace="ml-train", image=IMAGE, checkpoint_volume_claim="gptoss-runs", env=["HF_TOKEN"],
-        env_from_secret="gptoss-hf", max_restarts=1, **H100)),
+        env_from_secret="gptoss-hf", **H100)),
 }
 
 

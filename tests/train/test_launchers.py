@@ -15,6 +15,7 @@ BAD = [
     (LocalLaunch(nodes=0), "launcher.nodes"),
     (LocalLaunch(procs_per_node=0), "launcher.procs_per_node"),
     (LocalLaunch(max_restarts=-1), "launcher.max_restarts"),
+    (LocalLaunch(max_restarts=1), "launcher.max_restarts: 1: in-place restarts are not supported"),
     (LocalLaunch(env=["NOT A NAME"]), "launcher.env: 'NOT A NAME'"),
     (LocalLaunch(env=["HF_TOKEN=hf_abc"]), "launcher.env: 'HF_TOKEN' given with a value"),
     (SlurmLaunch(time_limit="two hours"), "launcher.time_limit"),
@@ -122,26 +123,28 @@ def _rank_process(marker: str, rank: int):
     return None
 
 
+@pytest.mark.prefect
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_node_losing_its_rank_is_restarted_and_resumes_exactly(store_inputs, tmp_path):
-    """Two agents, `max_restarts=1`: the second node's rank is killed after a checkpoint was committed;
-    torchrun restarts the run from the newest checkpoint and every loss equals an uninterrupted run's."""
+def test_a_node_losing_its_rank_is_retried_and_resumes_exactly(prefect_harness, store_inputs, tmp_path):
+    """Two agents: the second node's rank is killed after a checkpoint was committed; the train task's
+    retry starts both nodes again from the newest committed checkpoint, and every loss equals an
+    uninterrupted run's."""
     import signal
-    import threading
     import time
 
     from tasks.train import resolve_run, run_dir, run_train
     from tests.train.conftest import OVERRIDES
+    from tests.train.test_stage import _train_with_fast_retry
 
     store, base, data = store_inputs
 
-    def params(name, launcher):
+    def params(name):
         from tasks.train import TrainParams
 
-        return TrainParams(recipe="tiny_pretrain", overrides={**OVERRIDES, **{
-            "parallelism.expert_model_parallel_size": 2}}, base_checkpoint=base.spec, dataset=data.spec, name=name,
-            launcher=launcher, workdir=str(tmp_path / name), store={"url": store.url})
+        return TrainParams(recipe="tiny_pretrain", overrides={**OVERRIDES, "parallelism.expert_model_parallel_size": 2},
+                           base_checkpoint=base.spec, dataset=data.spec, name=name, workdir=str(tmp_path / name),
+                           launcher={"kind": "local", "nodes": 2, "procs_per_node": 1}, store={"url": store.url})
 
     def losses(p):
         from gptoss_model.training.metrics import read_metrics
@@ -150,30 +153,23 @@ def test_a_node_losing_its_rank_is_restarted_and_resumes_exactly(store_inputs, t
         return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in read_metrics(
             run_dir(p, identity) / "metrics.jsonl") if "loss" in r}  # the last record of an iteration wins
 
-    straight = params("straight-2x1", {"kind": "local", "nodes": 2, "procs_per_node": 1})
+    straight, lost = params("straight-2x1"), params("lost-node-2x1")
     run_train(straight, store)
-    restarted = params("restarted-2x1", {"kind": "local", "nodes": 2, "procs_per_node": 1, "max_restarts": 1})
     killed = {}
 
     def kill_second_node_rank():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if any(m.name == "restarted-2x1" for m in store.list("train-checkpoint")):
-                rank = _rank_process(str(tmp_path / "restarted-2x1"), 1)
-                if rank is not None:
-                    killed["pid"] = rank.pid
-                    killed["iteration"] = max(losses(restarted), default=0)
-                    rank.send_signal(signal.SIGKILL)
-                    return
+            committed = [m for m in store.list("train-checkpoint") if m.name == "lost-node-2x1"]
+            if committed and (rank := _rank_process(str(tmp_path / "lost-node-2x1"), 1)) is not None:
+                killed.update(pid=rank.pid, iteration=max(losses(lost), default=0))
+                rank.send_signal(signal.SIGKILL)
+                return
             time.sleep(0.1)
 
-    killer = threading.Thread(target=kill_second_node_rank, daemon=True)
-    killer.start()
-    result = run_train(restarted, store)
-    killer.join(timeout=10)
+    manifest = _train_with_fast_retry(lost, kill_second_node_rank)
     assert killed, "the rank was never killed"
-    assert result.manifest.parameters["iteration"] == 16
-    assert killed["iteration"] < 16, "killed after training had finished"
-    assert losses(restarted) == losses(straight)
-    print(f"\nrank 1 (second agent) killed at iteration {killed['iteration']}: torchrun restarted both nodes "
-          "from the newest checkpoint; iterations 1-16 bitwise those of the uninterrupted run")
+    assert manifest.parameters["iteration"] == 16 and killed["iteration"] < 16
+    assert losses(lost) == losses(straight)
+    print(f"\nrank 1 (the second agent) killed at iteration {killed['iteration']}: the task's retry resumed both "
+          "nodes from the newest committed checkpoint; iterations 1-16 bitwise those of the uninterrupted run")
