@@ -83,6 +83,19 @@ def free_port() -> int:
 RANK_PREFIX = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[${role_name}${rank}]:"}
 
 
+def _devices_of_agent(env: dict, agent: int, nnodes: int, nproc_per_node: int) -> dict:
+    """Several agents on one host each pick GPUs by LOCAL_RANK (0..n-1): give each its own GPUs."""
+    if nnodes == 1:
+        return {}
+    import torch
+
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(devices) < nnodes * nproc_per_node:
+        return {}  # CPU (gloo), or fewer GPUs than ranks: pre-flight speaks for the latter
+    return {"CUDA_VISIBLE_DEVICES": ",".join(devices[agent * nproc_per_node:(agent + 1) * nproc_per_node])}
+
+
 def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
            on_line: Callable[[str], None] = print, env: dict | None = None, cwd: str | Path | None = None,
            poll: Callable[[], None] | None = None, nnodes: int = 1, max_restarts: int = 0) -> int:
@@ -100,9 +113,10 @@ def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
     rdzv_id = uuid.uuid4().hex[:12]
     agents = [subprocess.Popen(torchrun_command(config_yaml, nproc_per_node, nnodes=nnodes, rdzv_endpoint=endpoint,
                                                 rdzv_id=rdzv_id, max_restarts=max_restarts),
-                               env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1, start_new_session=True)
-              for _ in range(nnodes)]
+                               env={**env, **_devices_of_agent(env, agent, nnodes, nproc_per_node)}, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               start_new_session=True)
+              for agent in range(nnodes)]
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text("\n".join(str(a.pid) for a in agents))
     try:

@@ -96,5 +96,34 @@ def test_training_with_nccl_in_bf16_then_export_passes_the_gate(tiny):
     assert not result["failures"], result["failures"]
 
 
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_agents_on_the_gpus_of_one_machine_train_like_one_agent(tiny):
+    """The multi-node path (2 torchrun agents, c10d rendezvous, NCCL across them) on one machine's GPUs:
+    the same losses as one agent with 2 processes."""
+    from gptoss_model.recipes import tiny_pretrain_config
+    from gptoss_model.training.config import save_yaml
+    from gptoss_model.training.launch import launch
+    from gptoss_model.training.metrics import read_metrics
+
+    got = {}
+    for nodes, procs in ((1, 2), (2, 1)):
+        run_dir = tiny["root"] / f"agents-{nodes}x{procs}"
+        run = tiny_pretrain_config(data_paths=tiny["prefixes"], dir=str(run_dir), hf_path=str(tiny["hf"]),
+                                   pretrained_checkpoint=str(tiny["hf"]), train_iters=10)
+        run.parallelism.expert_model_parallel_size = 2
+        run.checkpoint.save_interval, run.checkpoint.save_final, run.train.eval_interval = 0, False, 0
+        config = tiny["root"] / f"agents-{nodes}x{procs}.yaml"
+        save_yaml(run, config)
+        lines: list[str] = []
+        # the launcher gives each agent its own GPU (each agent's rank is LOCAL_RANK 0)
+        rc = launch(config, nproc_per_node=procs, nnodes=nodes, pid_file=tiny["root"] / "agents.pid",
+                    on_line=lines.append, cwd=REPO)
+        assert rc == 0, "\n".join(lines[-40:])
+        got[nodes] = [(r["iteration"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    print(f"\n2 agents x 1 GPU vs 1 agent x 2 GPUs over 10 steps: {got[2][-1]} vs {got[1][-1]}")
+    assert got[2] == got[1]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))
