@@ -119,13 +119,21 @@ def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool 
         if materialize:
             root = store.local_path(data)
             run.data.data_paths = [str(root / p) for p in prefixes]
-    identity_cfg = to_dict(run)
+    identity_cfg = recorded_config(run)
     identity_cfg["checkpoint"]["pretrained_checkpoint"] = None
     identity_cfg["data"]["data_paths"] = []
     identity_cfg["dir"] = None
     blob = json.dumps({"name": params.name, "config": identity_cfg,
                        "inputs": [(m.kind, m.name, m.version) for m in inputs]}, sort_keys=True)
     return run, inputs, hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recorded_config(run: RunConfig) -> dict:
+    """The run config as versions fingerprint and record it: without what only says how this attempt
+    is run (the stop file a launcher watches), so the same training is the same version anywhere."""
+    config = to_dict(run)
+    config["train"].pop("stop_file", None)
+    return config
 
 
 def run_dir(params: TrainParams, identity: str) -> Path:
@@ -246,7 +254,7 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
                     "consumed_samples": iteration * run.train.global_batch_size, "recipe": params.recipe}
 
         return stage_run.commit(Version(name=params.name, build=build, inputs=inputs, identity={
-            "run": identity, "iteration": iteration, "config": to_dict(run) | {"dir": None}}))
+            "run": identity, "iteration": iteration, "config": recorded_config(run) | {"dir": None}}))
 
     def watch() -> None:
         tracker = save_dir / TRACKER_FILE
