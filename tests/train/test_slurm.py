@@ -182,3 +182,44 @@ def test_the_time_limit_signal_saves_requeues_and_resumes_exactly(slurm, store_i
     assert _losses(params, store) == _losses(straight, store)
     print(f"\nUSR1 at iteration {signalled['at']}: saved iteration {saved[0]}, requeued, resumed to 16; "
           "losses bitwise those of an uninterrupted run")
+
+
+@pytest.mark.prefect
+def test_a_node_losing_its_rank_fails_the_job_and_the_retry_resumes_exactly(prefect_harness, slurm, store_inputs,
+                                                                             tmp_path, monkeypatch):
+    """One slurmd node's rank killed after a checkpoint was committed: the job fails, the train task's
+    retry submits it again, and it resumes from the newest committed checkpoint with exact losses."""
+    import signal
+
+    from tests.train.test_stage import _train_with_fast_retry
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    store = store_inputs[0]
+    lost = _params("slurm-lost-node", store_inputs, tmp_path, {"kind": "slurm", "nodes": 2, "procs_per_node": 1})
+    killed = {}
+
+    def kill_a_rank_of_the_second_node():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(m.name == "slurm-lost-node" for m in store.list("train-checkpoint")):
+                for p in _rank_processes(str(tmp_path / "work")):
+                    try:
+                        if p.environ().get("RANK") == "1" and p.name() != "gptoss-guard":
+                            killed.update(pid=p.pid, iteration=max(_losses(lost, store), default=0))
+                            p.send_signal(signal.SIGKILL)
+                            return
+                    except psutil.Error:
+                        continue
+            time.sleep(0.1)
+
+    manifest = _train_with_fast_retry(lost, kill_a_rank_of_the_second_node)
+    assert killed and killed["iteration"] < 16, killed
+    assert manifest.parameters["iteration"] == 16
+    here = _params("slurm-lost-node-here", store_inputs, tmp_path, {"kind": "local", "nodes": 1, "procs_per_node": 2})
+    from tasks.train import run_train
+
+    run_train(here, store)
+    assert _losses(lost, store) == _losses(here, store)
+    assert slurm.queue() == []
+    print(f"\nrank 1 (node n2) killed at iteration {killed['iteration']}: the job failed, the task's retry "
+          "resubmitted it and it resumed to 16 with the losses of an uninterrupted run")
