@@ -174,7 +174,7 @@ class StageProgress:
     def __init__(self, description: str, sink: ProgressSink | None = None):
         self.description = description
         self.sink = sink if sink is not None else progress_sink()
-        self._total = 0
+        self._total, self._note = 0, ""
         self._ctx = contextvars.copy_context()
 
     def _call(self, fn, *args) -> None:
@@ -188,14 +188,14 @@ class StageProgress:
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
         """`note`: what the counts mean so far (documents, tokens/s), shown beside the description."""
-        self._total = total
+        self._total, self._note = total, note
         self._call(lambda: self.sink.set(done, total, self.description, note))
 
     def finish(self) -> None:
         sink = self.sink
         if sink is None:
             return
-        self._call(lambda: sink.set(self._total, self._total, self.description))
+        self._call(lambda: sink.set(self._total, self._total, self.description, self._note))
         self._call(sink.finish)
 
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -41,10 +40,6 @@ from tasks.store import ArtifactStore
 from tasks.store.manifest import FileEntry
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 from tasks.store.workspace import StoreWorkspace, open_store
-
-
-# (documents, tokens, input bytes done, input bytes total)
-ProgressFn = Callable[[int, int, int, int], None]
 
 
 class PreprocessParams(StageParams):
@@ -165,37 +160,8 @@ def tokenizer_dir(store: ArtifactStore, source, workdir: Path) -> Path:
     return store.download(wanted, workdir)
 
 
-class _Progress:
-    """Counts documents/tokens/bytes from the library; feeds the stage's progress artifact and a callback."""
-
-    def __init__(self, total_bytes: int, description: str, callback: ProgressFn | None):
-        self.total, self.callback = total_bytes, callback
-        self.documents = self.tokens = self.bytes = 0
-        self.started = time.monotonic()
-        self._lock = threading.Lock()
-        self.stage = StageProgress(description)
-
-    def __call__(self, documents: int, tokens: int, nbytes: int) -> None:
-        with self._lock:
-            self.documents += documents
-            self.tokens += tokens
-            self.bytes += nbytes
-            done, rate = self.bytes, self.tokens / max(time.monotonic() - self.started, 1e-9)
-            note = f"{self.documents:,} documents, {self.tokens:,} tokens, {rate:,.0f} tokens/s"
-        self.stage(done, max(self.total, 1), note)
-        if self.callback:
-            self.callback(self.documents, self.tokens, done, self.total)
-
-    def finish(self) -> None:
-        self.stage.finish()
-        if self.callback:
-            self.callback(self.documents, self.tokens, self.total, self.total)
-
-
 def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
-    """`run.options["progress"]`: a `(documents, tokens, bytes done, bytes total)` callback (the CLI's bar)."""
     params, store = run.params, run.store
-    progress: ProgressFn | None = run.options.get("progress")
     on_dask = params.dask_address is not None
     if on_dask and open_store(params.store).url != store.url:
         raise InvalidParameterError(f"store: the Dask workers would write to {params.store.url}, but this run "
@@ -207,14 +173,14 @@ def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
     def build(staging: Path, version_prefix: str | None = None):
         scratch_dirs.append(staging.with_name(staging.name + ".tokenizer"))
         checkpoint_dir = tokenizer_dir(store, source, scratch_dirs[-1])
-        meter = _Progress(sum(f["size"] for f in input_files), f"preprocess {params.name}", progress)
+        progress = StageProgress(f"preprocess {params.name}")  # bytes of input read; the note counts tokens
         started = time.monotonic()
         uploaded: list[FileEntry] = []
         if params.mode == "sft":
             metrics = build_sft_dataset(params.inputs, checkpoint_dir, staging, target_length=params.target_length,
                                         messages_key=params.messages_key, bad_input=params.bad_input,
                                         shard_samples=params.shard_samples, max_record_bytes=params.max_record_mb << 20,
-                                        storage_options=params.storage_options(), progress=meter)
+                                        storage_options=params.storage_options(), progress=progress)
         else:
             if on_dask:  # every worker reaches the store; this machine only plans and commits
                 out = StoreWorkspace(params.store, version_prefix)
@@ -229,12 +195,12 @@ def plan_preprocess(run: StageRun[PreprocessParams]) -> Version:
                                       max_record_bytes=params.max_record_mb << 20)
             metrics = build_pretraining_dataset(
                 params.inputs, tokenizer_spec(checkpoint_dir), out, parts, options, workers=params.workers,
-                map_fn=dask_map(params.dask_address, run.stage.name) if on_dask else None, progress=meter,
+                map_fn=dask_map(params.dask_address, run.stage.name) if on_dask else None, progress=progress,
                 storage_options=params.storage_options())
             output_files = metrics.pop("output_files")
             if on_dask:
                 uploaded = [FileEntry(**f) for f in output_files]
-        meter.finish()
+        progress.finish()
         seconds = time.monotonic() - started
         metrics.update(mode=params.mode, tokenizer=source.spec, tokenize_seconds=round(seconds, 3),
                        tokens_per_second=round(metrics["tokens"] / max(seconds, 1e-9)))

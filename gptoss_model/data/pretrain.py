@@ -46,10 +46,11 @@ from gptoss_model.data.sources import (
     expand_sources,
     plan_units,
 )
+from gptoss_model.data.progress import CorpusProgress, ProgressFn
 from gptoss_model.data.tokenizer import BatchEncoder, TokenizerSpec
 from gptoss_model.data.workspace import Workspace, as_workspace
 
-Progress = Callable[[int, int, int], None]  # (documents, tokens, input bytes) done since the last call
+Progress = Callable[[int, int, int], None]  # (documents, tokens, input bytes) done since the last call: a unit's
 # map_fn(function, jobs, on_done) -> results in job order; on_done(result) as each finishes
 MapFn = Callable[[Callable, list, Callable[[dict], None] | None], list]
 
@@ -325,9 +326,12 @@ def _init_worker(workers: int, parent_pid: int) -> None:
 
 def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, out: Workspace | str | os.PathLike,
                               parts: Workspace | str | os.PathLike, options: PretrainOptions = PretrainOptions(), *,
-                              workers: int = 1, map_fn: MapFn | None = None, progress: Progress | None = None,
+                              workers: int = 1, map_fn: MapFn | None = None, progress: ProgressFn | None = None,
                               storage_options: dict | None = None) -> dict:
     """Tokenise `sources` into shards in `out` (resuming what `parts` already holds).
+
+    `progress(bytes done, bytes in all, note)`: the input read so far, the note counting documents,
+    tokens and tokens/s.
 
     `out` and `parts` are workspaces (or local directories). Returns the metrics the dataset
     manifest carries, plus `output_files`: path, size and sha256 (None where `out` did not
@@ -340,16 +344,17 @@ def build_pretraining_dataset(sources: Sequence[str], tokenizer: TokenizerSpec, 
                                         else auto_unit_bytes(sum(f.size for f in files), workers))
     units = plan_units(files, unit_bytes)
     jobs = [UnitJob(u, tokenizer, options, parts, dict(storage_options or {})) for u in units]
+    meter = CorpusProgress(sum(f.size for f in files), progress)
     if map_fn is None and workers <= 1:
-        summaries = [tokenize_unit(job, progress) for job in jobs]
+        summaries = [tokenize_unit(job, meter) for job in jobs]
     else:
         sizes = {u.index: u.end - u.start for u in units}
 
         def unit_done(summary: dict) -> None:
-            if progress:
-                progress(summary["documents"], summary["tokens"], sizes[summary["unit"]])
+            meter(summary["documents"], summary["tokens"], sizes[summary["unit"]])
 
         summaries = (map_fn or local_map(workers))(tokenize_unit, jobs, unit_done)
+    meter.finish()
 
     bad = BadRecords()
     for s in summaries:

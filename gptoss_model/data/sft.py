@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from gptoss_model.data.packed_sft import PackedSample, write_packed_sft
+from gptoss_model.data.progress import CorpusProgress, ProgressFn
 from gptoss_model.data.sources import MAX_RECORD_BYTES, CorpusError, RecordReader, expand_sources, plan_units
 from gptoss_model.errors import PermanentError
 
@@ -82,8 +83,9 @@ def pack_best_fit_decreasing(lengths: Sequence[int], target_length: int) -> list
 def build_sft_dataset(sources: Sequence[str], checkpoint_dir: str | Path, out_dir: str | Path, *,
                       target_length: int, messages_key: str = "messages", bad_input: str = "fail",
                       shard_samples: int | None = None, storage_options: dict | None = None,
-                      progress=None, max_record_bytes: int = MAX_RECORD_BYTES) -> dict:
-    """Tokenise, mask and pack every conversation; write the shards and `sft.json`; return metrics."""
+                      progress: ProgressFn | None = None, max_record_bytes: int = MAX_RECORD_BYTES) -> dict:
+    """Tokenise, mask and pack every conversation; write the shards and `sft.json`; return metrics.
+    `progress(bytes done, bytes in all, note)` as for pretraining (data/progress.py)."""
     from gptoss_model.data.packed_sft import write_sft_metadata
     from gptoss_model.data.tokenizer import load_hf_tokenizer
 
@@ -94,6 +96,7 @@ def build_sft_dataset(sources: Sequence[str], checkpoint_dir: str | Path, out_di
     if pad_id is None:
         raise ChatTemplateError(f"{checkpoint_dir}: the tokenizer has neither a pad nor an eos token")
     files = expand_sources(sources, storage_options)
+    meter = CorpusProgress(sum(f.size for f in files), progress)
     conversations: list[Conversation] = []
     skipped = {}
     examples = {}
@@ -106,12 +109,13 @@ def build_sft_dataset(sources: Sequence[str], checkpoint_dir: str | Path, out_di
                 reader.reject("too_long", reader.last_line, f"{len(conversation.tokens)} tokens > target "
                               f"length {target_length}")
                 continue
-            if progress:
-                progress(1, len(conversation.tokens), 0)
+            meter(1, len(conversation.tokens), 0)
             conversations.append(conversation)
+        meter(0, 0, unit.end - unit.start)  # a chat file's bytes count once it is read whole
         for reason, n in reader.bad.counts.items():
             skipped[reason] = skipped.get(reason, 0) + n
             examples.setdefault(reason, []).extend(reader.bad.examples[reason])
+    meter.finish()
     if not conversations or not sum(int(c.loss_mask.sum()) for c in conversations):
         raise CorpusError(f"the corpus ({', '.join(sources)}) yields no trainable tokens"
                           + (f"; skipped records: {skipped}" if skipped else ""))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.common import StoreSettings
+from tasks.common import StoreSettings, progress_to
 from tasks.preprocess import PreprocessParams, run_preprocess
-from tasks.store import ArtifactStore
+from tasks.store import ArtifactStore, ProgressSink
 from tests.artifacts import commit_directory
 from tests.preprocess.fixtures import GOLDEN, U16_TOKENIZER, corpus_lines, write_split
 from tests.store.test_faults import silent_endpoint  # noqa: F401 - a fixture
@@ -50,14 +50,22 @@ def test_stage_on_file_store_cache_hit_and_cli(tmp_path):
     params = PreprocessParams(tokenizer=tok, name="docs", inputs=[str(GOLDEN / "corpus.jsonl")],
                               workdir=str(tmp_path / "work"), store=StoreSettings(url=store.url))
     seen = []
-    first = run_preprocess(params, store, progress=lambda *a: seen.append(a))
+
+    class Recorded(ProgressSink):
+        def render(self, force: bool) -> None:
+            seen.append((self.done, self.total, self.note))
+
+    with progress_to(Recorded()):  # what a progress bar or the run's progress artifact is shown
+        first = run_preprocess(params, store)
     m = first.manifest
     assert m.kind == "dataset" and not first.cache_hit
     assert m.metrics["data_prefixes"] == ["shard_00000_text_document"]
     assert m.metrics["shards"][0]["documents"] == len(corpus_lines())
     assert m.metrics["shards"][0]["bytes"] == sum(len(v) for v in _golden().values())
     assert _shard_bytes(store, m, tmp_path / "pulled") == _golden()
-    assert seen[-1][0] == len(corpus_lines()) and seen[-1][2] == seen[-1][3]
+    stage_progress = [s for s in seen if s[2]]  # the stage's own, beside the store's transfers
+    assert stage_progress[-1][0] == stage_progress[-1][1]
+    assert stage_progress[-1][2].startswith(f"{len(corpus_lines()):,} documents")
     assert m.inputs[0].kind == "hf-checkpoint"
     assert not list((tmp_path / "work").iterdir())  # staging and tokenised parts cleaned after commit
 
