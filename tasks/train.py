@@ -35,7 +35,7 @@ from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, Slurm
 from gptoss_model.training.recipes import RECIPES
 from tasks.common import StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run
 from tasks.kinds import Kind
-from tasks.stage import Input, Stage, StageRun, Version, resolve_input
+from tasks.stage import Input, ResolvedInputs, Stage, StageRun, Version
 from tasks.store import ArtifactStore, Manifest, StageResult
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 
@@ -102,8 +102,7 @@ def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool 
            else load_run_config(params.recipe, []))
     run = apply_overrides(run, params.overrides)
     if resolved is None:
-        resolved = {i.param: resolve_input(store, i.param, spec, i.kinds) if (spec := getattr(params, i.param))
-                    else None for i in INPUTS}
+        resolved = ResolvedInputs(INPUTS, params, store)
     base, data = resolved["base_checkpoint"], resolved["dataset"]
     inputs = []
     if base is not None:
