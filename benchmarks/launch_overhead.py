@@ -31,8 +31,11 @@ def inputs(root: Path):
 
     store = ArtifactStore((root / "store").as_uri())
     hf = write_tiny_checkpoint(root / "hf", dtype="float32", seed=0)
+    def convert(staging: Path) -> dict:
+        return {"params": convert_hf_to_megatron(hf, staging, dtype="float32")["params"]}
+
     base = run_stage(store, stage="convert", code_version="bench", kind="megatron-checkpoint", name="tiny", params={},
-                     build=lambda staging: convert_hf_to_megatron(hf, staging, dtype="float32") and {}).manifest
+                     build=convert).manifest
     prefixes = write_tiny_pretrain_dataset(root / "dataset")
 
     def dataset(staging: Path) -> dict:

@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from gptoss_model.system.processes import free_port
 from gptoss_model.settings import settings
 
 _PR_SET_PDEATHSIG = 1
@@ -33,11 +33,6 @@ def _stop_with_parent() -> None:
     except (OSError, AttributeError):  # not Linux: the `finally` below still stops it on a normal exit
         pass
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(api_url: str) -> bool:
@@ -69,7 +64,7 @@ def local_prefect_server(log_path: Path) -> Iterator[str]:
         yield env.prefect_api_url
         return
     timeout = env.prefect_startup_timeout
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

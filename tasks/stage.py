@@ -151,7 +151,7 @@ class Stage(Generic[P]):
 
     @property
     def summary(self) -> str:
-        return (self.params.__doc__ or "").strip().split("\n")[0] if self.params.__doc__ else self.name
+        return (self.params.__doc__ or self.name).strip().split("\n")[0]
 
     def run(self, params: P, store: ArtifactStore | None = None, **options) -> StageResult:
         """The whole stage in this process, without Prefect's task machinery (tests, the CLI)."""

@@ -31,7 +31,8 @@ from pydantic import Field, field_validator, model_validator
 from gptoss_model.training import launch
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from gptoss_model.training.launch import TrainingFailed, TrainingRefused
-from gptoss_model.training.launchers import KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems
+from gptoss_model.training.launchers import (KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems,
+                                             world_size)
 from gptoss_model.training.recipes import RECIPES
 from tasks.common import StageParams, StageProgress, StoreSettings, default_workdir, in_prefect_run
 from tasks.kinds import Kind
@@ -236,7 +237,7 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
     save_dir = run.save_dir()
     save_dir.mkdir(parents=True, exist_ok=True)
     _pull_newest(store, params.name, identity, save_dir)
-    world = launch_config.nodes * launch_config.procs_per_node
+    world = world_size(launch_config)
     print(preflight(run, world, local_world_size=launch_config.procs_per_node))  # before launch
     config_yaml = home / "run_config.yaml"
     save_yaml(run, config_yaml)

@@ -50,7 +50,7 @@ from gptoss_model.data.progress import CorpusProgress, ProgressFn
 from gptoss_model.data.tokenizer import BatchEncoder, TokenizerSpec
 from gptoss_model.data.workspace import Workspace, as_workspace
 
-Progress = Callable[[int, int, int], None]  # (documents, tokens, input bytes) done since the last call: a unit's
+Progress = Callable[[int, int, int], None]  # (documents, tokens, input bytes) since the last call (CorpusProgress)
 # map_fn(function, jobs, on_done) -> results in job order; on_done(result) as each finishes
 MapFn = Callable[[Callable, list, Callable[[dict], None] | None], list]
 

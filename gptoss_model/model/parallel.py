@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from gptoss_model.system.processes import free_port
 from gptoss_model.errors import PermanentError
 from gptoss_model.settings import settings
 
@@ -50,11 +50,6 @@ class ParallelLayout:
         return world_size // self.model_parallel_size()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -70,7 +65,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     if env.rank is None:  # plain python / pytest: a private world of one
         if backend == "nccl":
             torch.cuda.set_device(0)
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
         return
     if backend == "nccl":

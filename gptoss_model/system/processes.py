@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -40,3 +41,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now: for a child (a rendezvous, a server) to take."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from gptoss_model.system.processes import free_port
 from gptoss_model.errors import PermanentError
 from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError
@@ -69,14 +70,6 @@ def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: li
             "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
             "--rdzv-id", rdzv_id, "--max-restarts", str(max_restarts),
             "--tee", "3", "-m", "gptoss_model.train", str(config_yaml), *overrides]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # torchrun's own prefix is the *local* rank: with several nodes, each has a `[default0]`.
