@@ -41,6 +41,7 @@ class Settings:
     rank: int | None             # RANK
     world_size: int | None       # WORLD_SIZE
     local_rank: int              # LOCAL_RANK (0 outside torchrun)
+    group_rank: int              # GROUP_RANK: this rank's node (torchrun agent), 0 outside torchrun
     torchelastic_run_id: str | None  # TORCHELASTIC_RUN_ID: set for every rank torchrun starts
     omp_num_threads: int | None  # OMP_NUM_THREADS (OpenMP's; the benchmarks size torch's threads by it)
     # the Kubernetes launcher (the kubernetes client reads it once at its import)
@@ -77,6 +78,7 @@ class Settings:
             rank=number("RANK", int),
             world_size=number("WORLD_SIZE", int),
             local_rank=number("LOCAL_RANK", int) or 0,
+            group_rank=number("GROUP_RANK", int) or 0,
             torchelastic_run_id=get("TORCHELASTIC_RUN_ID"),
             omp_num_threads=number("OMP_NUM_THREADS", int),
             kubeconfig=get("KUBECONFIG"),

@@ -29,6 +29,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from gptoss_model.training import launch
+from gptoss_model.training.input_digests import DIGESTS_FILE
 from gptoss_model.training.config import ConfigError, RunConfig, apply_overrides, save_yaml, to_dict
 from gptoss_model.training.launch import TrainingFailed, TrainingRefused
 from gptoss_model.training.launchers import (KubernetesLaunch, LocalLaunch, SlurmLaunch, launch_problems,
@@ -130,9 +131,11 @@ def resolve_run(params: TrainParams, store: ArtifactStore, *, materialize: bool 
 
 def recorded_config(run: RunConfig) -> dict:
     """The run config as versions fingerprint and record it: without what only says how this attempt
-    is run (the stop file a launcher watches), so the same training is the same version anywhere."""
+    is run (the stop file a launcher watches, the input digest list the nodes check), so the same
+    training is the same version anywhere."""
     config = to_dict(run)
-    config["train"].pop("stop_file", None)
+    for how_run in ("stop_file", "input_digests"):
+        config["train"].pop(how_run, None)
     return config
 
 
@@ -237,6 +240,7 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
     save_dir = run.save_dir()
     save_dir.mkdir(parents=True, exist_ok=True)
     _pull_newest(store, params.name, identity, save_dir)
+    run.train.input_digests = str(_write_input_digests(store, inputs, home / DIGESTS_FILE))
     world = world_size(launch_config)
     print(preflight(run, world, local_world_size=launch_config.procs_per_node))  # before launch
     config_yaml = home / "run_config.yaml"
@@ -286,6 +290,16 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
             raise ConfigError("training finished without a checkpoint: set checkpoint.save_final=true")
         return StageResult(done[-1], cache_hit=True)
     return state["last"]
+
+
+def _write_input_digests(store: ArtifactStore, inputs: list[Manifest], path: Path) -> Path:
+    """The inputs' files as every node will read them, with their manifests' sha256: each node checks
+    them once before training (training/input_digests.py)."""
+    from gptoss_model.training.input_digests import InputFile, write_digests
+
+    write_digests(path, (InputFile(str(store.local_path(m) / f.path), f.size, f.sha256, m.spec)
+                         for m in inputs for f in m.files))
+    return path
 
 
 def publish_metrics(run: RunConfig) -> None:

@@ -91,6 +91,9 @@ class TrainConfig:
     # A file whose appearance (any rank seeing it) makes every rank save a checkpoint and exit with
     # EXIT_SAVED: how a scheduler's "time limit near" signal becomes a clean stop (infra/slurm).
     stop_file: str | None = None
+    # The input files' sha256 list (training/input_digests.py) the first rank of every node checks
+    # before the model is built; the train stage writes it beside the run config.
+    input_digests: str | None = None
 
 
 @dataclass

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -103,6 +104,8 @@ class Trainer:
         self.run = run
         parallel.init_distributed(timeout_minutes=run.train.collective_timeout_minutes)
         self.world = dist.get_world_size()
+        if run.train.input_digests:
+            self._verify_inputs(Path(run.train.input_digests))
         self.m = model_config(run)
         self.estimate = preflight(run, self.world, model=self.m)
         parallel.initialize(layout_of(run), seed=run.train.seed,
@@ -164,6 +167,17 @@ class Trainer:
         self.metrics = MetricsWriter(run.metrics_path(), run.tensorboard_dir(), enabled=self.rank0)
         self.flops_per_token = flops_per_token(self.m, run.data.seq_length, peft=bool(run.peft.method))
         self.tokens_per_step = gbs * run.data.seq_length
+
+    @staticmethod
+    def _verify_inputs(digest_file: Path) -> None:
+        from gptoss_model.settings import settings
+        from gptoss_model.training.input_digests import verify_once_per_node
+
+        env = settings()
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        summary = verify_once_per_node(digest_file, local_rank=env.local_rank, node=env.group_rank, device=device)
+        if dist.get_rank() == 0:
+            print(f"[gptoss train] {summary}", flush=True)
 
     # ------------------------------------------------------------ one step
     def _run_schedule(self, batches, forward_only: bool) -> list[dict]:

@@ -88,12 +88,13 @@ def test_two_agents_train_exactly_like_one_agent_with_two_processes(train_env, t
 
     steps = 8
     got = {}
+    digests = _input_digests(train_env, tmp_path / "inputs.sha256.json")
     for nodes, procs in ((1, 2), (2, 1)):
         run_dir = tmp_path / f"{nodes}x{procs}"
         config = tmp_path / f"{nodes}x{procs}.yaml"
         save_yaml(apply_overrides(load_yaml(train_env["config"]), [
             f"dir={run_dir}", f"train.train_iters={steps}", "train.eval_interval=0", "checkpoint.save_interval=0",
-            "checkpoint.save_final=false", *LAYOUTS[layout]]), config)
+            "checkpoint.save_final=false", f"train.input_digests={digests}", *LAYOUTS[layout]]), config)
         lines: list[str] = []
         rc = launch(config, nproc_per_node=procs, nnodes=nodes, pid_file=tmp_path / f"{nodes}x{procs}.pid",
                     on_line=lines.append, env={"PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}, cwd=REPO)
@@ -103,10 +104,52 @@ def test_two_agents_train_exactly_like_one_agent_with_two_processes(train_env, t
         # lines carry the global rank, so rank 0 (which speaks for the run) is one process on any node
         assert any(line.startswith("[default0]:") for line in lines), lines[-20:]
         assert any(line.startswith("[default1]:") for line in lines), lines[-20:]
+        # the first process of each node hashed the inputs, once per node: 2 agents, 2 checks; 1 agent, 1
+        checked = [line for line in lines if "inputs verified once per node" in line]
+        assert len(checked) == 1 and f"{nodes} node(s) x " in checked[0], checked or lines[-20:]
     assert len(got[2]) == steps and got[2] == got[1], (got[1], got[2])
     print(f"\n{layout}: 2 agents x 1 process == 1 agent x 2 processes over {steps} steps, bitwise "
           f"(last loss {got[2][-1][1]:.8f})")
     assert os.environ.get("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE") is None  # set for the children only
+
+
+def _input_digests(train_env, path: Path, *, spoil: str | None = None) -> Path:
+    """The digest list of the tiny dataset and checkpoint, as the train stage writes it; `spoil`
+    (a file name) gets a wrong sha256, as a node whose shared copy went stale would see it."""
+    import hashlib
+
+    from gptoss_model.training.input_digests import InputFile, write_digests
+
+    files = [Path(p + ext) for p in train_env["prefixes"] for ext in (".bin", ".idx")]
+    files += sorted(f for f in Path(train_env["ckpt"]).iterdir() if f.is_file())
+    write_digests(path, (InputFile(str(f), f.stat().st_size, "0" * 64 if f.name == spoil else
+                                   hashlib.sha256(f.read_bytes()).hexdigest(), "test/inputs@v1") for f in files))
+    return path
+
+
+@pytest.mark.distributed
+def test_every_node_refuses_inputs_that_differ_from_their_manifests(train_env, tmp_path):
+    """Both agents' first process hashes the inputs before building the model; the mismatch is
+    permanent (exit EXIT_PERMANENT) and rank 0 names every node's bad file."""
+    from gptoss_model.training.config import apply_overrides, load_yaml, save_yaml
+    from gptoss_model.training.exit_codes import EXIT_PERMANENT
+    from gptoss_model.training.launch import launch
+
+    spoiled = Path(train_env["prefixes"][0] + ".bin").name
+    digests = _input_digests(train_env, tmp_path / "inputs.sha256.json", spoil=spoiled)
+    config = tmp_path / "run.yaml"
+    save_yaml(apply_overrides(load_yaml(train_env["config"]), [f"dir={tmp_path / 'run'}",
+                                                                f"train.input_digests={digests}"]), config)
+    lines: list[str] = []
+    rc = launch(config, nproc_per_node=1, nnodes=2, pid_file=tmp_path / "run.pid", on_line=lines.append,
+                env={"PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}, cwd=REPO)
+    error = next((line for line in lines if "error: inputs differ" in line), None)
+    assert rc != 0 and error is not None, lines[-30:]
+    assert error.startswith("[default0]:") and "on 2 of 2 node(s)" in error, error
+    assert "node 0 (" in error and "node 1 (" in error and f"{spoiled} (test/inputs@v1): sha256" in error, error
+    assert any(f"exitcode  : {EXIT_PERMANENT}" in line for line in lines), lines[-30:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
+    print(f"\n{error.split('error: ', 1)[1]}")
 
 
 def _rank_process(marker: str, rank: int):
