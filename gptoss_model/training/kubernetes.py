@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from gptoss_model.errors import PermanentError
-from gptoss_model.training.launchers import KubernetesLaunch
+from gptoss_model.training.launchers import TORCHRUN_ENV, KubernetesLaunch
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -37,7 +37,7 @@ INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CANNOT_START = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
                 "CreateContainerConfigError", "CreateContainerError"}
 # Fixed, non-secret variables of every pod (rank-prefixed lines, one thread per rank by default).
-BASE_ENV = [{"name": "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "value": "[${role_name}${rank}]:"},
+BASE_ENV = [*({"name": k, "value": v} for k, v in TORCHRUN_ENV.items()),
             {"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
 
 

@@ -32,6 +32,7 @@ from gptoss_model.system.processes import free_port
 from gptoss_model.errors import PermanentError
 from gptoss_model.settings import settings
 from gptoss_model.training.config import ConfigError
+from gptoss_model.training.launchers import TORCHRUN_ENV
 from gptoss_model.training.exit_codes import (EXIT_CONFIG, EXIT_HANG, EXIT_NONFINITE, EXIT_PERMANENT,  # noqa: F401
                                              EXIT_REPLICAS, EXIT_SAVED)
 
@@ -72,9 +73,6 @@ def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: li
             "--tee", "3", "-m", "gptoss_model.train", str(config_yaml), *overrides]
 
 
-# torchrun's own prefix is the *local* rank: with several nodes, each has a `[default0]`.
-RANK_PREFIX = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[${role_name}${rank}]:"}
-
 
 def _devices_of_agent(env: dict, agent: int, nnodes: int, nproc_per_node: int) -> dict:
     """Several agents on one host each pick GPUs by LOCAL_RANK (0..n-1): give each its own GPUs."""
@@ -100,7 +98,7 @@ def launch(config_yaml: str | Path, *, nproc_per_node: int, pid_file: Path,
     import threading
     import uuid
 
-    env = {**os.environ, **RANK_PREFIX, **(env or {})}
+    env = {**os.environ, **TORCHRUN_ENV, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", "1")
     endpoint = "127.0.0.1:0" if nnodes == 1 else f"127.0.0.1:{free_port()}"
     rdzv_id = uuid.uuid4().hex[:12]

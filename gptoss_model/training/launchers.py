@@ -22,6 +22,18 @@ LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
+# What every torchrun agent's environment holds, whichever launcher starts it (the Slurm batch
+# script exports it, the Kubernetes pods get it as fixed variables):
+#  * lines prefixed by *global* rank: torchrun's own prefix is the local rank, and with several
+#    nodes each has a `[default0]`;
+#  * a fresh c10d store per rendezvous round, hosted by that round's rank 0: on the store the agents
+#    share (torch's default) every round's workers use the same keys, so workers restarted in place
+#    (`--max-restarts`) read the previous round's gloo addresses before they are overwritten and
+#    fail to connect (measured: "Gloo connectFullMesh failed ... Connection refused").
+TORCHRUN_ENV = {"TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[${role_name}${rank}]:",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 @dataclass
 class LocalLaunch:
     """Agents on this host: one (a single node), or several (`nodes` > 1: a multi-node run's
@@ -103,12 +115,7 @@ def launch_problems(launch: Launch, *, partitions: list[str] | None = None) -> l
                 f"{', '.join(LAUNCHERS)}"]
     need(launch.nodes >= 1, "nodes", f"{launch.nodes}: at least 1")
     need(launch.procs_per_node >= 1, "procs_per_node", f"{launch.procs_per_node}: at least 1")
-    # Restarted in place after losing a rank, the new workers never finished initialising here (CPU, gloo,
-    # megatron-core 0.16.1): until that is understood, a lost node is met by the train stage's retry,
-    # which resumes every node from the newest committed checkpoint (tests/train/test_launchers.py).
-    need(launch.max_restarts == 0, "max_restarts", f"{launch.max_restarts}: in-place restarts are not supported "
-         "yet (restarted workers hang re-initialising); leave 0: the train stage's retry resumes a lost node's "
-         "run from the newest committed checkpoint")
+    need(launch.max_restarts >= 0, "max_restarts", f"{launch.max_restarts}: 0 or more")
     for name in launch.env:
         if "=" in name:  # a value would be written into the batch script (and the run's parameters)
             need(False, "env", f"{name.split('=')[0]!r} given with a value: list names only; the job takes each "

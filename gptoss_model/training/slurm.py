@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import shutil
 import string
 import subprocess
@@ -21,7 +22,7 @@ from typing import Callable
 
 from gptoss_model.errors import PermanentError
 from gptoss_model.training.exit_codes import EXIT_SAVED
-from gptoss_model.training.launchers import SlurmLaunch
+from gptoss_model.training.launchers import TORCHRUN_ENV, SlurmLaunch
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def render(launch: SlurmLaunch, *, config_yaml: Path, log_file: Path, job_name: 
         log_file=log_file, export=",".join(dict.fromkeys([*BASE_EXPORT, *launch.env])),
         optional_directives="\n".join(optional), python=sys.executable, rdzv_port=launch.rdzv_port,
         max_restarts=launch.max_restarts, config_yaml=config_yaml, save_signal_seconds=launch.save_signal_seconds,
-        stop_file=stop_file, exit_saved=EXIT_SAVED)
+        stop_file=stop_file, exit_saved=EXIT_SAVED,
+        torchrun_env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items()))
 
 
 @dataclass

@@ -3,6 +3,7 @@ torchrun agents on this host (c10d on 127.0.0.1) train exactly like one agent wi
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ BAD = [
     (LocalLaunch(nodes=0), "launcher.nodes"),
     (LocalLaunch(procs_per_node=0), "launcher.procs_per_node"),
     (LocalLaunch(max_restarts=-1), "launcher.max_restarts"),
-    (LocalLaunch(max_restarts=1), "launcher.max_restarts: 1: in-place restarts are not supported"),
+    (SlurmLaunch(max_restarts=-2), "launcher.max_restarts: -2: 0 or more"),
     (LocalLaunch(env=["NOT A NAME"]), "launcher.env: 'NOT A NAME'"),
     (LocalLaunch(env=["HF_TOKEN=hf_abc"]), "launcher.env: 'HF_TOKEN' given with a value"),
     (SlurmLaunch(time_limit="two hours"), "launcher.time_limit"),
@@ -166,53 +167,81 @@ def _rank_process(marker: str, rank: int):
     return None
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_2x1(store_inputs, tmp_path_factory):
+    """Losses of the 2-agent EP2 run of the train stage, uninterrupted."""
+    from tasks.train import run_train
+
+    straight = _two_agent_params(store_inputs, tmp_path_factory.mktemp("straight"), "straight-2x1")
+    run_train(straight, store_inputs[0])
+    return _stage_losses(straight, store_inputs[0])
+
+
+def _two_agent_params(store_inputs, workdir: Path, name: str, max_restarts: int = 0):
+    from tasks.train import TrainParams
+    from tests.train.conftest import OVERRIDES
+
+    store, base, data = store_inputs
+    return TrainParams(recipe="tiny_pretrain", overrides={**OVERRIDES, "parallelism.expert_model_parallel_size": 2},
+                       base_checkpoint=base.spec, dataset=data.spec, name=name, workdir=str(workdir / name),
+                       launcher={"kind": "local", "nodes": 2, "procs_per_node": 1, "max_restarts": max_restarts},
+                       store={"url": store.url})
+
+
+def _stage_losses(params, store) -> dict:
+    from gptoss_model.training.metrics import read_metrics
+    from tasks.train import resolve_run, run_dir
+
+    _, _, identity = resolve_run(params, store)
+    return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in read_metrics(
+        run_dir(params, identity) / "metrics.jsonl") if "loss" in r}  # the last record of an iteration wins
+
+
 @pytest.mark.prefect
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_node_losing_its_rank_is_retried_and_resumes_exactly(prefect_harness, store_inputs, tmp_path):
-    """Two agents: the second node's rank is killed after a checkpoint was committed; the train task's
-    retry starts both nodes again from the newest committed checkpoint, and every loss equals an
-    uninterrupted run's."""
+@pytest.mark.parametrize("max_restarts", [0, 1], ids=["task-retry", "torchrun-restart"])
+def test_a_node_losing_its_rank_resumes_exactly(prefect_harness, store_inputs, uninterrupted_2x1, tmp_path,
+                                                max_restarts):
+    """Two agents: the second node's rank is killed after a checkpoint was committed. With
+    max_restarts=0 the train task's retry starts both nodes again; with max_restarts=1 torchrun
+    restarts both nodes' workers in place (a new rendezvous round) within the same attempt. Either
+    way training resumes from the newest complete checkpoint and every loss equals an uninterrupted
+    run's."""
     import signal
     import time
 
-    from tasks.train import resolve_run, run_dir, run_train
-    from tests.train.conftest import OVERRIDES
-    from tests.train.test_stage import _train_with_fast_retry
+    from tasks.train import run_train
+    from tests.train.test_stage import _stage_log_lines, _train_with_fast_retry
 
-    store, base, data = store_inputs
-
-    def params(name):
-        from tasks.train import TrainParams
-
-        return TrainParams(recipe="tiny_pretrain", overrides={**OVERRIDES, "parallelism.expert_model_parallel_size": 2},
-                           base_checkpoint=base.spec, dataset=data.spec, name=name, workdir=str(tmp_path / name),
-                           launcher={"kind": "local", "nodes": 2, "procs_per_node": 1}, store={"url": store.url})
-
-    def losses(p):
-        from gptoss_model.training.metrics import read_metrics
-
-        _, _, identity = resolve_run(p, store)
-        return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in read_metrics(
-            run_dir(p, identity) / "metrics.jsonl") if "loss" in r}  # the last record of an iteration wins
-
-    straight, lost = params("straight-2x1"), params("lost-node-2x1")
-    run_train(straight, store)
+    store = store_inputs[0]
+    name = f"lost-node-{max_restarts}"
+    lost = _two_agent_params(store_inputs, tmp_path, name, max_restarts)
     killed = {}
 
     def kill_second_node_rank():
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            committed = [m for m in store.list("train-checkpoint") if m.name == "lost-node-2x1"]
-            if committed and (rank := _rank_process(str(tmp_path / "lost-node-2x1"), 1)) is not None:
-                killed.update(pid=rank.pid, iteration=max(losses(lost), default=0))
+            committed = [m for m in store.list("train-checkpoint") if m.name == name]
+            if committed and (rank := _rank_process(str(tmp_path / name), 1)) is not None:
+                killed.update(pid=rank.pid, iteration=max(_stage_losses(lost, store), default=0))
                 rank.send_signal(signal.SIGKILL)
                 return
             time.sleep(0.1)
 
-    manifest = _train_with_fast_retry(lost, kill_second_node_rank)
+    if max_restarts:
+        killer = threading.Thread(target=kill_second_node_rank, daemon=True)
+        killer.start()
+        with _stage_log_lines() as lines:
+            manifest = run_train(lost, store).manifest  # one attempt: torchrun's restart, not a task retry
+        killer.join(timeout=60)
+        assert sum("inputs verified once per node" in line for line in lines) == 2, "not restarted in place"
+    else:
+        manifest = _train_with_fast_retry(lost, kill_second_node_rank)
     assert killed, "the rank was never killed"
     assert manifest.parameters["iteration"] == 16 and killed["iteration"] < 16
-    assert losses(lost) == losses(straight)
-    print(f"\nrank 1 (the second agent) killed at iteration {killed['iteration']}: the task's retry resumed both "
-          "nodes from the newest committed checkpoint; iterations 1-16 bitwise those of the uninterrupted run")
+    assert _stage_losses(lost, store) == uninterrupted_2x1
+    how = ("torchrun restarted both nodes' workers in place" if max_restarts
+           else "the task's retry started both nodes again")
+    print(f"\nrank 1 (the second agent) killed at iteration {killed['iteration']}: {how}, resuming from the "
+          "newest complete checkpoint; iterations 1-16 bitwise those of the uninterrupted run")
