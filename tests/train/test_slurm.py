@@ -84,46 +84,34 @@ def test_a_two_node_job_trains_streams_and_commits(prefect_harness, slurm, store
           "of the same run as one local agent with 2 processes")
 
 
-def test_cancelling_leaves_no_job_and_no_rank(slurm, store_inputs, tmp_path, monkeypatch):
-    from flows.train import train_flow
-    from gptoss_model.training.slurm import SlurmJobRefused
-    from tasks.train import pid_file, run_train
+@pytest.mark.prefect
+def test_cancelling_the_flow_run_leaves_no_job_and_no_rank(prefect_harness, slurm, store_inputs, tmp_path):
+    """`prefect flow-run cancel` of a served train flow run whose 2-node job is training: the runner
+    kills the flow run's process and runs its cancellation hook, which scancels the job named in the
+    pid file; no job stays in squeue and no rank process on either node."""
+    from tasks.train import pid_file
+    from tests.train.served import cancel_served_run
 
-    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     params = _params("cancelled-slurm", store_inputs, tmp_path, {"kind": "slurm", "nodes": 2, "procs_per_node": 1},
                      **{"train.train_iters": 1000, "checkpoint.save_interval": 1000})
-    outcome = []
-
-    def train():
-        try:
-            outcome.append(run_train(params, store_inputs[0]))
-        except Exception as e:  # noqa: BLE001 - the test inspects it
-            outcome.append(e)
-
-    runner = threading.Thread(target=train, daemon=True)
-    runner.start()
     marker = str(tmp_path / "work")
-    deadline = time.monotonic() + 180
-    while len(_rank_processes(marker)) < 2 or not pid_file(params).is_file():
-        assert runner.is_alive() and time.monotonic() < deadline, f"the job never ran its ranks: {outcome}"
-        time.sleep(0.5)
-    time.sleep(3)  # training
-    stop, = set(train_flow.on_cancellation_hooks)
-    cancelled_at = time.monotonic()
 
-    class FlowRun:
-        parameters = {"params": params.model_dump()}
+    def training() -> list[psutil.Process] | None:
+        try:
+            submitted = pid_file(params).read_text().startswith("slurm:")
+            ranks = _rank_processes(marker)
+            return ranks if submitted and len(ranks) >= 2 and _losses(params, store_inputs[0]) else None
+        except FileNotFoundError:  # not submitted, or no step trained yet
+            return None
 
-    stop(None, FlowRun, None)
+    cancelled = cancel_served_run(params, tmp_path, training, deployment="cancel-slurm",
+                                  env={"SLURM_CONF": str(slurm.conf)})
+    assert cancelled.state.is_cancelled(), cancelled.state
     assert slurm.queue() == [], slurm.queue()
-    deadline = time.monotonic() + 15
-    while _rank_processes(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _rank_processes(marker), [p.cmdline()[:4] for p in _rank_processes(marker)]
-    gone = time.monotonic() - cancelled_at
-    runner.join(timeout=60)
-    assert outcome and isinstance(outcome[0], SlurmJobRefused) and "CANCELLED" in str(outcome[0]), outcome
-    print(f"\nscancel from the flow's hook: no job in squeue, no rank process {gone:.1f} s later")
+    assert not cancelled.survivors and not _rank_processes(marker), [p.cmdline()[:4] for p in _rank_processes(marker)]
+    assert any(m.message.startswith("[gptoss train] ") for m in cancelled.logs), "rank 0's log never reached the run"
+    print(f"\nprefect flow-run cancel: no job in squeue, no rank process {cancelled.seconds_to_gone:.1f} s after "
+          f"Cancelling; flow run {cancelled.state.name}")
 
 
 def test_the_time_limit_signal_saves_requeues_and_resumes_exactly(slurm, store_inputs, tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ import re
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -185,81 +184,29 @@ def test_cancelling_the_flow_run_leaves_no_torchrun_or_rank_process(prefect_harn
     another process (the runner is what acts on Cancelling), the run is cancelled through the
     client while both torchrun ranks train, and every torchrun/rank PID must be gone. The
     flow run's log must carry rank 0's lines (they come from a reader thread)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
-    from prefect.states import Cancelling
-
     from tasks.train import pid_file
+    from tests.train.served import cancel_served_run
 
     params = _params("served", store_inputs, tmp_path, **{"train.train_iters": 1000}).model_copy(
         update={"nproc_per_node": 2})
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    started = time.monotonic()
-    runner_log = tmp_path / "runner.log"
-    runner = subprocess.Popen(
-        [sys.executable, "-c", "from flows.train import train_flow; train_flow.serve(name='cancel-test')"],
-        cwd=repo, env=env, stdout=runner_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    tree: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert runner.poll() is None, "the runner died"
-            try:
-                flow_run = run_deployment("train/cancel-test", parameters={"params": params.model_dump(mode="json")},
-                                          timeout=0)
-                break
-            except Exception:  # noqa: BLE001 - the deployment is not registered yet
-                assert time.monotonic() < deadline, "the served deployment never appeared"
-                time.sleep(1)
-        pidf = pid_file(params)
-        deadline = time.monotonic() + 120
-        while not tree:
-            assert time.monotonic() < deadline, "torchrun's ranks never started"
-            if pidf.is_file():
-                try:
-                    root = psutil.Process(int(pidf.read_text()))
-                    ranks = [p for p in root.children() if "gptoss_model.train" in p.cmdline()]  # not their guards
-                    if len(ranks) == 2 and _losses(params, store_inputs[0]):  # both up and training
-                        tree = [root, *root.children(recursive=True)]
-                except (psutil.NoSuchProcess, ValueError, FileNotFoundError):
-                    pass
-            time.sleep(0.5)
-        ranks_up = time.monotonic()
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)  # what `prefect flow-run cancel` does
-            _, alive = psutil.wait_procs(tree, timeout=60)
-            gone = time.monotonic()
-            assert not alive, f"survivors: {[(p.pid, p.cmdline()[:6]) for p in alive]}"
-            deadline = time.monotonic() + 60
-            while not (state := client.read_flow_run(flow_run.id).state).is_final():
-                assert time.monotonic() < deadline, f"flow run stuck in {state.name}"
-                time.sleep(1)
-            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-        assert state.is_cancelled(), state
-        assert any(m.message.startswith("[gptoss train] ") for m in logs), "rank 0's log never reached the run"
-        print(f"\ntorchrun {tree[0].pid} and {len(tree) - 1} descendants gone {gone - ranks_up:.1f} s after "
-              f"Cancelling; flow run {state.name}; {time.monotonic() - started:.1f} s in all")
-    finally:
-        print(f"runner log (tail):\n{runner_log.read_text()[-6000:]}")
-        os.killpg(runner.pid, signal.SIGTERM)
+    def training() -> list[psutil.Process] | None:
         try:
-            runner.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
-        for p in tree:  # only when the assertion above failed
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+            root = psutil.Process(int(pid_file(params).read_text()))
+            ranks = [p for p in root.children() if "gptoss_model.train" in p.cmdline()]  # not their guards
+            if len(ranks) == 2 and _losses(params, store_inputs[0]):  # both up and training
+                return [root, *root.children(recursive=True)]
+        except (psutil.NoSuchProcess, ValueError, FileNotFoundError):
+            pass
+        return None
+
+    cancelled = cancel_served_run(params, tmp_path, training, deployment="cancel-test")
+    assert not cancelled.survivors, f"survivors: {[(p.pid, p.cmdline()[:6]) for p in cancelled.survivors]}"
+    assert cancelled.state.is_cancelled(), cancelled.state
+    assert any(m.message.startswith("[gptoss train] ") for m in cancelled.logs), "rank 0's log never reached the run"
+    print(f"\ntorchrun {cancelled.processes[0].pid} and {len(cancelled.processes) - 1} descendants gone "
+          f"{cancelled.seconds_to_gone:.1f} s after Cancelling; flow run {cancelled.state.name}; "
+          f"{cancelled.seconds_in_all:.1f} s in all")
 
 
 @pytest.mark.slow
