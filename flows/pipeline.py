@@ -7,7 +7,11 @@
 
 preprocess, train and export run when their section is in the parameters. Every
 stage is a cache hit when its inputs did not change, so a rerun after a crash
-resumes at the first stage without a committed output.
+resumes at the first stage without a committed output. A stage runs here, as a subflow,
+unless its section names a deployment (`train: {deployment: train/gpu}`): then it runs
+there, on that deployment's work pool, and the pipeline waits for it (flows/routing.py).
+With `train: {continue_from_latest: true}` each run trains on from the newest
+train-checkpoint of its name: continued pretraining on each new dataset version.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from flows.convert import convert_flow
 from flows.download import download_flow
 from flows.export import export_flow
 from flows.preprocess import preprocess_flow
+from flows.routing import DEPLOYMENT_PATTERN, run_stage_deployment
 from flows.train import train_flow
 from flows.verify import verify_flow
 from tasks.common import StageParams, publish_lineage
@@ -31,26 +36,40 @@ from tasks.download import DownloadParams
 from tasks.export import ExportParams
 from tasks.kinds import Kind
 from tasks.preprocess import PreprocessParams
+from tasks.store import Manifest
 from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
-from tasks.train import TrainParams
+from tasks.train import TrainParams, continued_base
 from tasks.verify import VerifyParams
 
 _FROM_EARLIER = "default: what the earlier stage of this run produced"
 
 
-class PipelineConvertParams(ConvertParams):
+class Routable(BaseModel):
+    deployment: str | None = Field(None, pattern=DEPLOYMENT_PATTERN, description=(
+        "run this stage as that deployment, FLOW/DEPLOYMENT (e.g. train/gpu: its own work pool), and wait "
+        "for it; default: in the pipeline's process"))
+
+
+class PipelineDownloadParams(DownloadParams, Routable):
+    pass
+
+
+class PipelineConvertParams(ConvertParams, Routable):
     source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
 
 
-class PipelinePreprocessParams(PreprocessParams):
+class PipelinePreprocessParams(PreprocessParams, Routable):
     tokenizer: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
 
 
-class PipelineTrainParams(TrainParams):
+class PipelineTrainParams(TrainParams, Routable):
     name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="default: '<checkpoint name>-<recipe>'")
+    continue_from_latest: bool = Field(False, description=(
+        "continued pretraining: start from the newest train-checkpoint/<name> (the converted checkpoint the "
+        "first time), so each run with new data trains on from the last; unchanged data is a cache hit"))
 
 
-class PipelineExportParams(ExportParams):
+class PipelineExportParams(ExportParams, Routable):
     source: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description=_FROM_EARLIER)
 
 
@@ -62,7 +81,7 @@ class PipelineVerifyParams(StageParams):
 
 
 class PipelineParams(StageParams):
-    download: DownloadParams = Field(default_factory=DownloadParams)
+    download: PipelineDownloadParams = Field(default_factory=PipelineDownloadParams)
     convert: PipelineConvertParams = Field(default_factory=PipelineConvertParams)
     preprocess: PipelinePreprocessParams | None = Field(None, description="tokenise a corpus (omit: no dataset)")
     train: PipelineTrainParams | None = Field(None, description="train a recipe (omit: no training)")
@@ -83,10 +102,17 @@ class PipelineParams(StageParams):
 
 
 def _with(model: BaseModel, target: type[BaseModel], **defaults) -> BaseModel:
-    """`model` as the stage's own params type, with the fields it left unset taken from `defaults`."""
-    data = model.model_dump()
+    """`model` as the stage's own params type, with the fields it left unset taken from `defaults`
+    (and without the pipeline's own, such as `deployment`)."""
+    data = {k: v for k, v in model.model_dump().items() if k in target.model_fields}
     data.update({k: v for k, v in defaults.items() if data.get(k) is None})
     return target.model_validate(data)
+
+
+def _stage(stage_flow, section: BaseModel, params: StageParams, kind: Kind) -> Manifest:
+    """The stage here, as a subflow, or as the deployment its section names."""
+    deployment = getattr(section, "deployment", None)
+    return stage_flow(params) if deployment is None else run_stage_deployment(deployment, params, kind)
 
 
 @contextmanager
@@ -111,9 +137,11 @@ def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
 
 
 def _run_stages(params: PipelineParams) -> dict:
-    produced = {Kind.HF_CHECKPOINT: download_flow(params.download)}
+    produced = {Kind.HF_CHECKPOINT: _stage(download_flow, params.download, _with(params.download, DownloadParams),
+                                           Kind.HF_CHECKPOINT)}
     hf = produced[Kind.HF_CHECKPOINT].spec
-    megatron = convert_flow(_with(params.convert, ConvertParams, source=hf))
+    megatron = _stage(convert_flow, params.convert, _with(params.convert, ConvertParams, source=hf),
+                      Kind.MEGATRON_CHECKPOINT)
     produced[Kind.MEGATRON_CHECKPOINT] = megatron
     verify_options = {"whole_model_max_params": params.verify.whole_model_max_params}
     if params.verify.after_convert and "parity_skipped" in megatron.metrics and params.convert.parity:
@@ -121,15 +149,21 @@ def _run_stages(params: PipelineParams) -> dict:
                                                                        store=params.convert.store, **verify_options))
     trained = None
     if params.preprocess is not None:
-        produced[Kind.DATASET] = preprocess_flow(_with(params.preprocess, PreprocessParams, tokenizer=hf))
+        produced[Kind.DATASET] = _stage(preprocess_flow, params.preprocess,
+                                        _with(params.preprocess, PreprocessParams, tokenizer=hf), Kind.DATASET)
     if params.train is not None:
         name = params.train.name or f"{megatron.name}-{Path(params.train.recipe).stem}"
-        trained = train_flow(_with(params.train, TrainParams, name=name, base_checkpoint=megatron.spec,
-                                   dataset=produced[Kind.DATASET].spec if Kind.DATASET in produced else None))
+        dataset = produced.get(Kind.DATASET)
+        base = (continued_base(params.train.store.open(), name, dataset, megatron)
+                if params.train.continue_from_latest else megatron)
+        trained = _stage(train_flow, params.train, _with(
+            params.train, TrainParams, name=name, base_checkpoint=base.spec,
+            dataset=dataset.spec if dataset is not None else None), Kind.TRAIN_CHECKPOINT)
         produced[Kind.TRAIN_CHECKPOINT] = trained
     if params.export is not None:
         source = trained or megatron
-        export = export_flow(_with(params.export, ExportParams, source=source.spec, hf_source=hf))
+        export = _stage(export_flow, params.export, _with(params.export, ExportParams, source=source.spec, hf_source=hf),
+                        Kind.HF_EXPORT)
         produced[Kind.HF_EXPORT] = export
         if params.verify.after_export:
             produced[f"{Kind.VERIFY_REPORT} (export)"] = verify_flow(VerifyParams(

@@ -329,12 +329,29 @@ def stage_task(run: Callable[[P], StageResult], *, name: str, describe: Callable
 
     def stage(params: P) -> Manifest:
         with one_progress_artifact(), run_logs_forwarded():
-            return run(params).manifest
+            manifest = run(params).manifest
+        publish_output(manifest)
+        return manifest
 
     stage.__name__ = stage.__qualname__ = name.replace("-", "_")
     stage.__doc__ = f"Prefect task for {run.__module__}.{run.__name__}: {(run.__doc__ or '').strip()}"
     return task(stage, name=name, retries=retries, retry_delay_seconds=list(retry_delay_seconds),
                 retry_condition_fn=retry_worthwhile, task_run_name=run_name, timeout_seconds=timeout_seconds)
+
+
+# The keyed artifact naming what a stage run produced: how a pipeline that ran the stage as a
+# deployment elsewhere learns its result (read back as JSON through the API, never unpickled).
+OUTPUT_ARTIFACT_KEY = "gptoss-stage-output"
+
+
+def publish_output(manifest: Manifest) -> None:
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(key=OUTPUT_ARTIFACT_KEY, table=[{"kind": manifest.kind, "name": manifest.name,
+                                                           "version": manifest.version}],
+                          description=f"this stage run's output: {manifest.spec}")
 
 
 def publish_lineage(manifests: Iterable[Manifest], key: str = "gptoss-pipeline-lineage") -> None:

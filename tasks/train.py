@@ -44,7 +44,8 @@ from tasks.store.names import ARTIFACT_NAME_PATTERN, ARTIFACT_SPEC_PATTERN
 log = logging.getLogger(__name__)
 
 KIND = Kind.TRAIN_CHECKPOINT
-INPUTS = (Input("base_checkpoint", Kind.MEGATRON_CHECKPOINT), Input("dataset", Kind.DATASET))
+# A train-checkpoint is a base too: continued pretraining starts from the newest one (`continued_base`).
+INPUTS = (Input("base_checkpoint", Kind.MEGATRON_CHECKPOINT, Kind.TRAIN_CHECKPOINT), Input("dataset", Kind.DATASET))
 
 __all__ = ["TRAIN", "TrainParams", "TrainingFailed", "TrainingRefused", "pid_file", "run_train", "train_model"]
 
@@ -60,7 +61,8 @@ class TrainParams(StageParams):
                         description=f"a recipe ({', '.join(RECIPES)}) or the path of a YAML run config")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, e.g. "
                                       "{'train.train_iters': 100, 'optimizer.lr': 1e-4}")
-    base_checkpoint: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="megatron-checkpoint/NAME[@VERSION|@REF]: initial weights")
+    base_checkpoint: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="megatron-checkpoint/NAME[@VERSION|@REF] "
+                                        "or train-checkpoint/NAME[@VERSION|@REF]: initial weights")
     dataset: str | None = Field(None, pattern=ARTIFACT_SPEC_PATTERN, description="dataset/NAME[@VERSION|@REF]: its data_prefixes are trained on")
     name: str = Field(..., pattern=ARTIFACT_NAME_PATTERN, description="output artifact name (train-checkpoint/NAME)")
     nproc_per_node: int = Field(1, ge=1, le=64, description="torchrun processes on this host (without a launcher)")
@@ -152,6 +154,27 @@ def pid_file(params: TrainParams) -> Path:
 def stop_torchrun(params: TrainParams) -> None:
     """Cancelled or failed: no torchrun or rank may outlive the run (killed by process group)."""
     launch.kill_from_pid_file(pid_file(params))
+
+
+def continued_base(store: ArtifactStore, name: str, dataset: Manifest | None, first: Manifest) -> Manifest:
+    """The base of a continued-pretraining run of train-checkpoint/`name` on `dataset`: the newest
+    version of that name (its `latest`), or `first` (the converted checkpoint) before there is one.
+
+    Where the newest version was itself trained on this very dataset, that training is this one
+    again: its own base is returned, so the run's identity, hence its versions, are the same and
+    a rerun without new data is a cache hit instead of training once more on the same data."""
+    from tasks.store import ArtifactNotFound
+
+    try:
+        newest = store.resolve(str(KIND), name)
+    except ArtifactNotFound:
+        return first
+    inputs = {i.kind: i for i in newest.inputs}
+    trained_on = inputs.get(str(Kind.DATASET))
+    if dataset is None or trained_on is None or trained_on.version != dataset.version:
+        return newest
+    base = inputs.get(str(Kind.TRAIN_CHECKPOINT)) or inputs.get(str(Kind.MEGATRON_CHECKPOINT))
+    return store.resolve(base.kind, base.name, base.version) if base is not None else first
 
 
 def _committed(store: ArtifactStore, name: str, identity: str) -> list:

@@ -107,3 +107,41 @@ def test_cli_ls_show_gc(tmp_path):
     assert "removed 1 incomplete version" in out.output
     assert store.get_manifest("megatron-checkpoint", "org/m", child.version) is not None
     assert parse_duration("24h") == 86400 and parse_duration("90") == 90
+
+
+@pytest.mark.prefect
+def test_s3_credentials_from_a_secret_block_alone(prefect_harness, s3_endpoint, s3_bucket, tmp_path, monkeypatch):
+    """A worker with no AWS credentials of its own reaches the S3 store with the keys of the Secret
+    block its parameters name (docs/operate.md); the keys appear in no manifest, parameter or log."""
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    block_key, block_secret = "AKIABLOCKONLY0001", "bLoCk-SeCrEt-kEy-0123456789"
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    url = f"s3://{s3_bucket}/team"
+    with pytest.raises(Exception, match="(?i)credentials"):  # nothing else to sign requests with
+        StoreSettings(url=url, s3_endpoint_url=s3_endpoint).open().list("hf-checkpoint")
+
+    Secret(value={"aws_access_key_id": block_key, "aws_secret_access_key": block_secret}).save("team-s3", overwrite=True)
+    params = DemoParams(store=StoreSettings(url=url, s3_endpoint_url=s3_endpoint, credentials_block="team-s3"))
+    state = secret_probe(params, return_state=True)
+    manifest = state.result()
+    store = params.store.open()
+    assert [m.version for m in store.list("hf-checkpoint")] == [manifest["version"]]
+    raw = store.backend.get_bytes(f"{store.prefix('hf-checkpoint', 'org/model', manifest['version'])}/MANIFEST.json")
+
+    async def fetch():
+        async with get_client() as client:
+            run = await client.read_flow_run(state.state_details.flow_run_id)
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            return run, logs
+
+    run, logs = asyncio.run(fetch())
+    assert run.parameters["params"]["store"]["credentials_block"] == "team-s3"
+    visible = raw.decode() + str(run.parameters) + " ".join(l.message for l in logs)
+    assert block_secret not in visible and block_key not in visible
