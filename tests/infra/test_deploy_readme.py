@@ -97,8 +97,19 @@ def _flow_runs_in(url: str) -> int:
     return asyncio.run(count())
 
 
+def _put_corpus(endpoint: str, bucket: str, key: str) -> None:
+    import boto3
+    import zstandard
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=bucket)
+    text = (ROOT / "configs" / "demo-corpus.jsonl").read_bytes()
+    s3.put_object(Bucket=bucket, Key=key, Body=zstandard.ZstdCompressor().compress(text))
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoint, s3_bucket, prefect_database):
     from gptoss_model.checkpoint.tiny import write_tiny_checkpoint
     from tasks.store import ArtifactStore
@@ -116,6 +127,7 @@ def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoin
     env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
     if prefect_database is not None:  # what docs/operate.md has the server's terminal export
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database
+    _put_corpus(s3_endpoint, "corpora", "web/part-000.jsonl.zst")  # what the preprocess deployment reads
     background: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -155,6 +167,8 @@ def test_readme_deployment_steps_run_the_nightly_deployment(tmp_path, s3_endpoin
     assert {"config.json", "model.safetensors.index.json"} <= {f.path for f in checkpoint.files}
     megatron = store.resolve("megatron-checkpoint", "openai/gpt-oss-20b")
     assert [i.version for i in megatron.inputs] == [checkpoint.version]
+    dataset = store.resolve("dataset", "web")  # preprocess's deployment run alone
+    assert [i.version for i in dataset.inputs] == [checkpoint.version] and dataset.metrics.get("data_prefixes")
     assert "Completed" in done.stdout + done.stderr
     if prefect_database is not None:  # the runs live in PostgreSQL, and no SQLite file was made
         assert _flow_runs_in(prefect_database) >= 3  # the watched pipeline run and its two stage subflows

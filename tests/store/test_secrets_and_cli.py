@@ -145,3 +145,16 @@ def test_s3_credentials_from_a_secret_block_alone(prefect_harness, s3_endpoint, 
     assert run.parameters["params"]["store"]["credentials_block"] == "team-s3"
     visible = raw.decode() + str(run.parameters) + " ".join(l.message for l in logs)
     assert block_secret not in visible and block_key not in visible
+    # the server's database holds the block (encrypted) and the run, never the key in clear
+    db_files = _prefect_database_files()
+    assert any(str(run.id).replace("-", "").encode() in f.read_bytes() or str(run.id).encode() in f.read_bytes()
+               for f in db_files), f"flow run {run.id} is not in {db_files}: not the server's database"
+    assert not any(block_secret.encode() in f.read_bytes() for f in db_files), db_files
+
+
+def _prefect_database_files() -> list[Path]:
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    db = Path(url.split(":///", 1)[1])
+    return [f for f in (db, db.with_name(db.name + "-wal")) if f.is_file()]
