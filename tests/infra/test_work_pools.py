@@ -20,6 +20,7 @@ import psutil
 import pytest
 import yaml
 
+from tasks.store import ArtifactStore
 from tests.infra.test_deploy_readme import _free_port, _stop, _wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,25 +92,32 @@ def client(team):
 
 
 def _kinds_in(store_dir: Path) -> set[str]:
-    from tasks.store import ArtifactStore
-
     store = ArtifactStore(store_dir.as_uri())
     return {kind for kind in ("hf-checkpoint", "megatron-checkpoint", "dataset", "train-checkpoint", "hf-export",
                               "verify-report") if store.list(kind)}
 
 
 def test_the_demo_deployment_runs_all_six_stages_and_each_stage_deployment_alone(team):
+    """Each stage's `demo` deployment, run alone after the pipeline's, is a cache hit: its defaults
+    are exactly what the demo pipeline ran."""
     started = time.monotonic()
     done = team["run"]("prefect", "deployment", "run", "gptoss-pipeline/demo", "--watch")
     assert "Completed" in done.stdout + done.stderr
     assert _kinds_in(team["store"]) == {"hf-checkpoint", "megatron-checkpoint", "dataset", "train-checkpoint",
                                         "hf-export", "verify-report"}
     took = {"gptoss-pipeline/demo": time.monotonic() - started}
-    for alone in ("train/demo", "export/demo", "verify/demo"):  # their defaults name the demo's artifacts
+    for alone in ("download/demo", "convert/demo", "preprocess/demo", "train/demo", "export/demo",
+                  "verify/demo"):  # each stage alone: their defaults name the demo's source and artifacts
         started = time.monotonic()
         done = team["run"]("prefect", "deployment", "run", alone, "--watch")
         assert "Completed" in done.stdout + done.stderr, done.stdout[-2000:]
         took[alone] = time.monotonic() - started
+    kinds = ("hf-checkpoint", "megatron-checkpoint", "dataset", "train-checkpoint", "hf-export", "verify-report")
+    store = ArtifactStore(team["store"].as_uri())
+    versions = {kind: sorted({m.spec for m in store.list(kind)}) for kind in kinds}
+    saves = 2  # train: one version per checkpoint, iterations 6 and 12
+    assert {k: len(v) for k, v in versions.items()} == {k: saves if k == "train-checkpoint" else 1 for k in kinds}, \
+        versions  # nothing new: each stage alone was a cache hit
     print("\n" + "\n".join(f"{name}: completed in {s:.1f} s" for name, s in took.items()))
 
 
@@ -191,3 +199,17 @@ def test_cancelling_the_pipeline_cancels_its_train_run_on_the_other_pool(team, c
     assert _wait_final(client, pipeline.id, timeout=60).state.is_cancelled()
     print(f"\npipeline cancelled: its train run on gptoss-gpu {train.state.name} {train_gone:.1f} s later "
           f"({train.state.message!r}), no torchrun or rank left")
+
+
+def test_the_continued_pretraining_smoke_deployment_runs_offline(team):
+    """Its defaults: the demo's tiny checkpoint and configs/nightly-smoke/*.jsonl, nothing from the
+    network; download and convert are the demo's (cache hits), training starts from the converted
+    base the first time (tests/e2e/test_continued_pretraining.py follows it over several nights)."""
+    started = time.monotonic()
+    done = team["run"]("prefect", "deployment", "run", "gptoss-pipeline/continued-pretraining-smoke", "--watch")
+    assert "Completed" in done.stdout + done.stderr
+    store = ArtifactStore(team["store"].as_uri())
+    trained = store.resolve("train-checkpoint", "demo/tiny-gpt-oss-continued")
+    assert {i.kind for i in trained.inputs} == {"megatron-checkpoint", "dataset"}
+    assert len({m.version for m in store.list("megatron-checkpoint")}) == 1  # convert: the demo's, a cache hit
+    print(f"\ncontinued-pretraining-smoke: {trained.spec} in {time.monotonic() - started:.1f} s")
