@@ -1,7 +1,7 @@
 """A cached rerun of the `gptoss-pipeline/demo` deployment, from run creation to completion.
 
 Sets up what the README's deploy section does (a Prefect server on a free port, a process
-work pool `gptoss-cpu` and its worker, `prefect deploy --all`) with a fresh local store, runs
+work pools `gptoss-cpu` (with its worker) and `gptoss-gpu`, `prefect deploy --all`) with a fresh local store, runs
 the demo deployment once to fill the store, then `--repeat` more times, each a cache hit in
 all six stages. Each run's state history gives the breakdown:
   pick-up   created -> Pending (the worker's poll interval decides most of it)
@@ -69,7 +69,8 @@ def main() -> None:
         demo_params(Path("configs/demo.yaml"))  # the demo deployment's source, written as `make demo` does
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                "PREFECT_WORKER_QUERY_SECONDS": str(args.poll)}
-        _prefect("work-pool", "create", "gptoss-cpu", "--type", "process", env=env)
+        for pool in ("gptoss-cpu", "gptoss-gpu"):  # as the README's block: deploy --all needs both to exist
+            _prefect("work-pool", "create", pool, "--type", "process", env=env)
         with open(work / "worker.log", "w") as log:
             worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gptoss-cpu"],
                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
