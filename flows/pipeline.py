@@ -66,7 +66,8 @@ class PipelineTrainParams(TrainParams, Routable):
     name: str | None = Field(None, pattern=ARTIFACT_NAME_PATTERN, description="default: '<checkpoint name>-<recipe>'")
     continue_from_latest: bool = Field(False, description=(
         "continued pretraining: start from the newest train-checkpoint/<name> (the converted checkpoint the "
-        "first time), so each run with new data trains on from the last; unchanged data is a cache hit"))
+        "first time), so each run with new data trains on from the last; unchanged data is a cache hit. "
+        "Full-weight recipes only: a LoRA/DoRA run's checkpoints hold adapters, which pre-flight refuses as a base"))
 
 
 class PipelineExportParams(ExportParams, Routable):
