@@ -73,7 +73,6 @@ def torchrun_command(config_yaml: str | Path, nproc_per_node: int, overrides: li
             "--tee", "3", "-m", "gptoss_model.train", str(config_yaml), *overrides]
 
 
-
 def _devices_of_agent(env: dict, agent: int, nnodes: int, nproc_per_node: int) -> dict:
     """Several agents on one host each pick GPUs by LOCAL_RANK (0..n-1): give each its own GPUs."""
     if nnodes == 1:
