@@ -27,7 +27,7 @@ from flows.convert import convert_flow
 from flows.download import download_flow
 from flows.export import export_flow
 from flows.preprocess import preprocess_flow
-from flows.routing import DEPLOYMENT_PATTERN, run_stage_deployment
+from flows.routing import DEPLOYMENT_PATTERN, check_deployments, run_stage_deployment
 from flows.train import train_flow
 from flows.verify import verify_flow
 from tasks.common import StageParams, publish_lineage
@@ -48,6 +48,9 @@ class Routable(BaseModel):
     deployment: str | None = Field(None, pattern=DEPLOYMENT_PATTERN, description=(
         "run this stage as that deployment, FLOW/DEPLOYMENT (e.g. train/gpu: its own work pool), and wait "
         "for it; default: in the pipeline's process"))
+
+
+ROUTABLE = ("download", "convert", "preprocess", "train", "export")  # sections that may name a deployment
 
 
 class PipelineDownloadParams(DownloadParams, Routable):
@@ -131,6 +134,10 @@ def _stages_in_this_process():
 def gptoss_pipeline(params: PipelineParams | None = None) -> dict[str, str]:
     """Run every configured stage in order and return the artifact spec each produced."""
     params = params or PipelineParams()
+    routed = {section: getattr(params, section).deployment for section in ROUTABLE
+              if getattr(getattr(params, section), "deployment", None)}
+    if routed:
+        check_deployments(routed)
     with _stages_in_this_process():
         produced = _run_stages(params)
     publish_lineage(produced.values())

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 
+from gptoss_model.errors import PermanentError
 from tasks.common import OUTPUT_ARTIFACT_KEY, StageParams
 from tasks.kinds import Kind
 from tasks.store import Manifest
@@ -39,8 +40,31 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
 DEPLOYMENT_PATTERN = r"^[^/\s]+/[^/\s]+$"
 
 
-class StageDeploymentFailed(RuntimeError):
-    """The stage's deployment run did not complete; the message names the run and its state."""
+class StageDeploymentFailed(PermanentError, RuntimeError):
+    """A stage's deployment is not there, or its run did not complete (the message names the run
+    and its state; the run had its own retries)."""
+
+
+def check_deployments(named: dict[str, str]) -> None:
+    """Before any stage runs: each section's deployment (`{"train": "train/gpu"}`) is a deployment of
+    that stage's flow that the server knows, so a typo fails the pipeline at once, not after the
+    stages before it ran for hours."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    problems = [f"{section}.deployment: {name!r} is not a {section} deployment (FLOW/DEPLOYMENT, FLOW = {section})"
+                for section, name in named.items() if name.split("/")[0] != section]
+    with get_client(sync_client=True) as client:
+        for section, name in named.items():
+            if name.split("/")[0] != section:
+                continue
+            try:
+                client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                problems.append(f"{section}.deployment: no deployment {name!r} on this Prefect server "
+                                "(`prefect deployment ls` lists them; `prefect deploy` creates them)")
+    if problems:
+        raise StageDeploymentFailed("; ".join(problems))
 
 
 def run_stage_deployment(deployment: str, params: StageParams, kind: Kind, *, poll_s: float = 2.0) -> Manifest:

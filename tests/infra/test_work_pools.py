@@ -213,3 +213,20 @@ def test_the_continued_pretraining_smoke_deployment_runs_offline(team):
     assert {i.kind for i in trained.inputs} == {"megatron-checkpoint", "dataset"}
     assert len({m.version for m in store.list("megatron-checkpoint")}) == 1  # convert: the demo's, a cache hit
     print(f"\ncontinued-pretraining-smoke: {trained.spec} in {time.monotonic() - started:.1f} s")
+
+
+def test_a_wrong_deployment_fails_the_pipeline_before_any_stage_runs(team, client, tmp_path):
+    from flows.pipeline import PipelineParams, gptoss_pipeline
+    from flows.routing import StageDeploymentFailed
+
+    params = _pipeline_params()["params"]
+    params["train"]["deployment"] = "export/demo"  # another stage's deployment
+    params["export"]["deployment"] = "export/nightly-gpu"  # not deployed
+    for section in ("download", "convert", "preprocess", "train", "export"):
+        params[section]["store"] = {"url": (tmp_path / "store").as_uri()}
+    with pytest.raises(StageDeploymentFailed) as refused:
+        gptoss_pipeline(PipelineParams.model_validate(params))
+    message = str(refused.value)
+    assert "train.deployment: 'export/demo' is not a train deployment" in message, message
+    assert "export.deployment: no deployment 'export/nightly-gpu' on this Prefect server" in message, message
+    assert not (tmp_path / "store").exists()  # no stage ran
