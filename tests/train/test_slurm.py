@@ -211,3 +211,28 @@ def test_a_node_losing_its_rank_fails_the_job_and_the_retry_resumes_exactly(pref
     assert slurm.queue() == []
     print(f"\nrank 1 (node n2) killed at iteration {killed['iteration']}: the job failed, the task's retry "
           "resubmitted it and it resumed to 16 with the losses of an uninterrupted run")
+
+
+def test_a_job_that_cannot_start_fails_at_once_with_the_schedulers_reason(slurm, store_inputs, tmp_path,
+                                                                          monkeypatch):
+    """The partition exists (pre-flight's sinfo lists it) but is down: the job would pend forever.
+    The launcher reads Slurm's reason, cancels the job and fails permanently, in seconds."""
+    from gptoss_model.errors import is_permanent
+    from gptoss_model.training.slurm import SlurmJobRefused
+    from tasks.train import run_train
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    params = _params("never-starts", store_inputs, tmp_path, {"kind": "slurm", "nodes": 2, "procs_per_node": 1,
+                                                              "partition": "debug"})
+    slurm.run("scontrol", "update", "PartitionName=debug", "State=DOWN")
+    try:
+        started = time.monotonic()
+        with pytest.raises(SlurmJobRefused, match="cannot start: PartitionDown") as refused:
+            run_train(params, store_inputs[0])
+        took = time.monotonic() - started
+    finally:
+        slurm.run("scontrol", "update", "PartitionName=debug", "State=UP")
+    assert is_permanent(refused.value)
+    assert slurm.queue() == [], slurm.queue()  # cancelled, not left pending
+    assert took < 60, took
+    print(f"\npartition down: {refused.value} ({took:.2f} s from the stage call), the job cancelled")
