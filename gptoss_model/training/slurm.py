@@ -78,6 +78,23 @@ def render(launch: SlurmLaunch, *, config_yaml: Path, log_file: Path, job_name: 
         torchrun_env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items()))
 
 
+def _settled(job_id: str, seen: "JobState | None", within_s: float = 5.0) -> "JobState | None":
+    """The job's state once a requeue had time to land. A job that requeues itself (the batch
+    script after its ranks saved) can be read in an end state (FAILED, as its step failed) just
+    before the controller turns it back into PENDING: look again for a few seconds before
+    concluding that it ended."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = job_state(job_id)
+        if state is not None and not state.finished:
+            log.info("Slurm job %s: %s was a requeue on its way (now %s)", job_id,
+                     seen.state if seen else "gone", state.state)
+            return state
+        seen = state if state is not None else seen
+    return seen
+
+
 @dataclass
 class JobState:
     state: str
@@ -168,7 +185,10 @@ def run_job(launch: SlurmLaunch, config_yaml: Path, *, run_dir: Path, job_name: 
             if poll is not None:
                 poll()
             if state is None or state.finished:
-                break
+                if launch.requeue and state is not None and state.state != "COMPLETED":
+                    state = _settled(job_id, state)
+                if state is None or state.finished:
+                    break
             if state.state == "PENDING" and state.reason in ("PartitionDown", "InvalidAccount", "InvalidQOS",
                                                             "PartitionNodeLimit", "BadConstraints"):
                 raise SlurmJobRefused(f"Slurm job {job_id} cannot start: {state.reason}")
