@@ -143,7 +143,6 @@ def _wait_final(client, flow_run_id, timeout: float = 300):
 
 
 def test_the_pipeline_sends_train_to_the_gpu_pool(team, client):
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
 
     pipeline = run_deployment("gptoss-pipeline/demo-train-on-gpu-pool", timeout=0)
@@ -156,14 +155,31 @@ def test_the_pipeline_sends_train_to_the_gpu_pool(team, client):
     gpu_log, cpu_log = ((team["logs"] / f"{p}.log").read_text() for p in ("gptoss-gpu", "gptoss-cpu"))
     assert str(train.id) in gpu_log and str(train.id) not in cpu_log  # the second pool's worker ran it
     assert str(pipeline.id) in cpu_log
-    lines = [m.message for m in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[pipeline.id])),
-                                                 limit=200)]
-    assert any(m.startswith("train/gpu: train-checkpoint/demo/tiny-gpt-oss-tiny_pretrain@") for m in lines), lines
-    assert any("train: train-checkpoint/" in m for m in lines), lines  # the stage's own key line, relayed
+    def relayed(lines: list[str]) -> bool:
+        return (any(m.startswith("train/gpu: train-checkpoint/demo/tiny-gpt-oss-tiny_pretrain@") for m in lines)
+                and any("train: train-checkpoint/" in m for m in lines))  # the stage's own key line, relayed
+
+    deadline = time.monotonic() + 30  # a finished run's last log batch may still be on its way
+    while not relayed(lines := _all_log_lines(client, pipeline.id)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert relayed(lines), lines[-40:]
     lineage = client.read_artifacts(key="gptoss-pipeline-lineage")
     assert any("train-checkpoint/demo/tiny-gpt-oss-tiny_pretrain" in str(a.data) for a in lineage
                if a.flow_run_id == pipeline.id)
     print(f"\ntrain ran as {train.name} on gptoss-gpu (its worker), the rest on gptoss-cpu; the pipeline completed")
+
+
+def _all_log_lines(client, flow_run_id, page: int = 200) -> list[str]:
+    """Every log line of a flow run, page by page (the API returns at most `page` a call)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    lines: list[str] = []
+    while True:
+        batch = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=page,
+                                 offset=len(lines))
+        lines += [m.message for m in batch]
+        if len(batch) < page:
+            return lines
 
 
 def _ranks_under(work: Path) -> list[psutil.Process]:
