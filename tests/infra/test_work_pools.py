@@ -242,6 +242,9 @@ def test_a_wrong_deployment_fails_the_pipeline_before_any_stage_runs(team, clien
         params[section]["store"] = {"url": (tmp_path / "store").as_uri()}
     with pytest.raises(StageDeploymentFailed) as refused:
         gptoss_pipeline(PipelineParams.model_validate(params))
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()  # while the team's server is up: nothing left to send to it once it stops
     message = str(refused.value)
     assert "train.deployment: 'export/demo' is not a train deployment" in message, message
     assert "export.deployment: no deployment 'export/nightly-gpu' on this Prefect server" in message, message
