@@ -244,7 +244,7 @@ def test_a_wrong_deployment_fails_the_pipeline_before_any_stage_runs(team, clien
         gptoss_pipeline(PipelineParams.model_validate(params))
     from prefect.logging.handlers import APILogHandler
 
-    APILogHandler.flush()  # while the team's server is up: nothing left to send to it once it stops
+    APILogHandler().flush()  # while the team's server is up: nothing left to send to it once it stops
     message = str(refused.value)
     assert "train.deployment: 'export/demo' is not a train deployment" in message, message
     assert "export.deployment: no deployment 'export/nightly-gpu' on this Prefect server" in message, message
