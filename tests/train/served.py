@@ -68,7 +68,13 @@ def cancel_served_run(params, tmp_path: Path, ready: Callable[[], list[psutil.Pr
             while not (state := client.read_flow_run(flow_run.id).state).is_final():
                 assert time.monotonic() < deadline, f"flow run stuck in {state.name}"
                 time.sleep(1)
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+            # a killed flow process's last log batch may land after its final state: wait for it a little
+            deadline = time.monotonic() + 20
+            while True:
+                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+                if any(m.message.startswith("[gptoss train] ") for m in logs) or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
         return Cancelled(state, logs, processes, alive, gone - training, time.monotonic() - started)
     finally:
         print(f"runner log (tail):\n{runner_log.read_text()[-6000:]}")
