@@ -52,11 +52,12 @@ def check_deployments(named: dict[str, str]) -> None:
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    problems = [f"{section}.deployment: {name!r} is not a {section} deployment (FLOW/DEPLOYMENT, FLOW = {section})"
-                for section, name in named.items() if name.split("/")[0] != section]
+    problems = []
     with get_client(sync_client=True) as client:
         for section, name in named.items():
             if name.split("/")[0] != section:
+                problems.append(f"{section}.deployment: {name!r} is not a {section} deployment "
+                                f"(FLOW/DEPLOYMENT, FLOW = {section})")
                 continue
             try:
                 client.read_deployment_by_name(name)
