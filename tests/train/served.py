@@ -31,7 +31,6 @@ class Cancelled:
 def cancel_served_run(params, tmp_path: Path, ready: Callable[[], list[psutil.Process] | None], *,
                       deployment: str, env: dict | None = None, ready_within_s: float = 180) -> Cancelled:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelling
@@ -59,8 +58,13 @@ def cancel_served_run(params, tmp_path: Path, ready: Callable[[], list[psutil.Pr
         while not (processes := ready() or []):
             assert time.monotonic() < deadline, "the run never started training"
             time.sleep(0.5)
-        training = time.monotonic()
         with get_client(sync_client=True) as client:
+            # streaming is part of what is tested: cancel only once rank 0's lines reach the run while it
+            # trains (a kill right after the first step could land before the flow process read or sent them)
+            while not _rank0_lines(client, flow_run.id):
+                assert time.monotonic() < deadline, "rank 0's log never reached the run while it trained"
+                time.sleep(0.5)
+            training = time.monotonic()
             client.set_flow_run_state(flow_run.id, Cancelling(), force=True)  # what `prefect flow-run cancel` does
             _, alive = psutil.wait_procs(processes, timeout=60)
             gone = time.monotonic()
@@ -68,13 +72,7 @@ def cancel_served_run(params, tmp_path: Path, ready: Callable[[], list[psutil.Pr
             while not (state := client.read_flow_run(flow_run.id).state).is_final():
                 assert time.monotonic() < deadline, f"flow run stuck in {state.name}"
                 time.sleep(1)
-            # a killed flow process's last log batch may land after its final state: wait for it a little
-            deadline = time.monotonic() + 20
-            while True:
-                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-                if any(m.message.startswith("[gptoss train] ") for m in logs) or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
+            logs = _all_logs(client, flow_run.id)
         return Cancelled(state, logs, processes, alive, gone - training, time.monotonic() - started)
     finally:
         print(f"runner log (tail):\n{runner_log.read_text()[-6000:]}")
@@ -87,3 +85,16 @@ def cancel_served_run(params, tmp_path: Path, ready: Callable[[], list[psutil.Pr
         for p in processes:  # only where the caller's assertions will fail
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def _all_logs(client, flow_run_id) -> list:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs: list = []
+    while page := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=len(logs)):
+        logs += page
+    return logs
+
+
+def _rank0_lines(client, flow_run_id) -> list:
+    return [m for m in _all_logs(client, flow_run_id) if m.message.startswith("[gptoss train] ")]
