@@ -263,7 +263,10 @@ def _train(stage_run: StageRun[TrainParams], identity: str) -> StageResult:
     save_dir = run.save_dir()
     save_dir.mkdir(parents=True, exist_ok=True)
     _pull_newest(store, params.name, identity, save_dir)
-    run.train.input_digests = str(_write_input_digests(store, inputs, home / DIGESTS_FILE))
+    if launch_config.nodes > 1 or not isinstance(launch_config, LocalLaunch):
+        # other nodes read what this host verified: each checks its own view once (a lone agent here
+        # reads the very files the store has just verified, so hashing them again would be work twice)
+        run.train.input_digests = str(_write_input_digests(store, inputs, home / DIGESTS_FILE))
     world = world_size(launch_config)
     print(preflight(run, world, local_world_size=launch_config.procs_per_node))  # before launch
     config_yaml = home / "run_config.yaml"
