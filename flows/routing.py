@@ -24,6 +24,8 @@ from tasks.common import OUTPUT_ARTIFACT_KEY, StageParams
 from tasks.kinds import Kind
 from tasks.store import Manifest
 
+# FLOW/DEPLOYMENT as `prefect deployment run` takes it (Prefect's flow and deployment names).
+DEPLOYMENT_PATTERN = r"^[^/\s]+/[^/\s]+$"
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
@@ -35,9 +37,6 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger(__name__)
-
-# FLOW/DEPLOYMENT as `prefect deployment run` takes it (Prefect's flow and deployment names).
-DEPLOYMENT_PATTERN = r"^[^/\s]+/[^/\s]+$"
 
 
 class StageDeploymentFailed(PermanentError, RuntimeError):
