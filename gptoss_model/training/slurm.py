@@ -78,23 +78,6 @@ def render(launch: SlurmLaunch, *, config_yaml: Path, log_file: Path, job_name: 
         torchrun_env="\n".join(f"export {k}={shlex.quote(v)}" for k, v in TORCHRUN_ENV.items()))
 
 
-def _settled(job_id: str, seen: "JobState | None", within_s: float = 5.0) -> "JobState | None":
-    """The job's state once a requeue had time to land. A job that requeues itself (the batch
-    script after its ranks saved) can be read in an end state (FAILED, as its step failed) just
-    before the controller turns it back into PENDING: look again for a few seconds before
-    concluding that it ended."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        state = job_state(job_id)
-        if state is not None and not state.finished:
-            log.info("Slurm job %s: %s was a requeue on its way (now %s)", job_id,
-                     seen.state if seen else "gone", state.state)
-            return state
-        seen = state if state is not None else seen
-    return seen
-
-
 @dataclass
 class JobState:
     state: str
@@ -104,6 +87,10 @@ class JobState:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+    def describe(self) -> str:
+        return self.state + (f" ({self.reason})" if self.reason != "None" else "") + (
+            f", exit {self.exit_code}" if self.finished else "")
 
 
 def job_state(job_id: str) -> JobState | None:
@@ -178,17 +165,18 @@ def run_job(launch: SlurmLaunch, config_yaml: Path, *, run_dir: Path, job_name: 
              launch.procs_per_node, log_file)
     follow = LogFollower(log_file, on_line)
     done = False
+    said = None
     try:
         while True:
             state = job_state(job_id)
+            if state != said:  # each change once in the run's log: PENDING (BeginTime), RUNNING, ...
+                log.info("Slurm job %s: %s", job_id, state.describe() if state else "no longer known")
+                said = state
             follow()
             if poll is not None:
                 poll()
             if state is None or state.finished:
-                if launch.requeue and state is not None and state.state != "COMPLETED":
-                    state = _settled(job_id, state)
-                if state is None or state.finished:
-                    break
+                break
             if state.state == "PENDING" and state.reason in ("PartitionDown", "InvalidAccount", "InvalidQOS",
                                                             "PartitionNodeLimit", "BadConstraints"):
                 raise SlurmJobRefused(f"Slurm job {job_id} cannot start: {state.reason}")

@@ -145,10 +145,14 @@ def test_the_time_limit_signal_saves_requeues_and_resumes_exactly(slurm, store_i
                 signalled.update(job=job, at=trained)
                 break
             time.sleep(0.2)
-        # Slurm holds a requeued job ~2 minutes (its BeginTime); the test does not need to wait them out
+        # Slurm holds a requeued job ~2 minutes (its BeginTime); the test need not wait them out, but a
+        # restart within the second of the requeue is refused ("Job credential revoked": the nodes
+        # compare whole seconds) and fails the job: release it 2 s on (a start time in the future would
+        # wait for the scheduler's next pass instead, ~40 s here)
         while signalled and time.monotonic() < deadline:
             state = slurm.run("squeue", "-h", "-j", signalled["job"], "-o", "%T %r").split()
             if state[:2] == ["PENDING", "BeginTime"]:
+                time.sleep(2)
                 slurm.run("scontrol", "update", f"JobId={signalled['job']}", "StartTime=now")
                 return
             time.sleep(0.5)
